@@ -1,0 +1,448 @@
+//! Server configuration: one serde tree with every knob, its defaults in one place.
+//!
+//! The file format is TOML (`config/default.toml` documents every key). A config is built from
+//! the built-in defaults, then an optional file, then `--set key=value` overrides applied in
+//! order on the parsed tree, so every key can be set the same way from the command line.
+//! Unknown keys and bad values fail at start with the key's dotted path and the reason.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Everything the server reads at start.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners, limits and the addresses handed out to devices.
+    pub server: ServerConfig,
+    /// Per-session timers.
+    pub session: SessionConfig,
+    /// Core plan and executor tuning.
+    pub runtime: RuntimeConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Listeners, device-facing URLs, auth and per-connection limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address both listeners bind to.
+    pub ip: String,
+    /// WebSocket port (devices).
+    pub port: u16,
+    /// HTTP port (OTA, health, readiness, metrics).
+    pub http_port: u16,
+    /// WebSocket URL the OTA endpoint hands out; empty = `ws://<Host of the OTA request>:<port>/xiaozhi/v1/`.
+    pub public_ws_url: String,
+    /// Hours east of UTC reported to devices in the OTA `server_time.timezone_offset` (as minutes).
+    pub timezone_offset_hours: f64,
+    /// Most WebSocket connections one shard holds; further ones are refused with a message.
+    pub max_connections_per_shard: usize,
+    /// Largest WebSocket message accepted from a device, bytes.
+    pub max_message_bytes: usize,
+    /// WebSocket read buffer per connection, bytes (the main term of idle memory per device).
+    pub read_buffer_bytes: usize,
+    /// Largest HTTP request head on the WebSocket port, bytes.
+    pub max_request_head_bytes: usize,
+    /// Time a client has to finish the HTTP upgrade request, ms.
+    pub handshake_timeout_ms: u64,
+    /// Time a device has to send `hello` after the upgrade, ms.
+    pub hello_timeout_ms: u64,
+    /// A send that cannot complete in this time means the device stopped reading: disconnect, ms.
+    pub write_timeout_ms: u64,
+    /// Most messages queued for one device before it counts as not reading and is disconnected.
+    pub outbound_queue_messages: usize,
+    /// Device token authentication.
+    pub auth: AuthConfig,
+    /// Firmware offered by the OTA endpoint.
+    pub firmware: FirmwareConfig,
+    /// Graceful shutdown.
+    pub drain: DrainConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            ip: "0.0.0.0".into(),
+            port: 8000,
+            http_port: 8003,
+            public_ws_url: String::new(),
+            timezone_offset_hours: 8.0,
+            max_connections_per_shard: 10_000,
+            max_message_bytes: 64 * 1024,
+            read_buffer_bytes: 4096,
+            max_request_head_bytes: 8192,
+            handshake_timeout_ms: 10_000,
+            hello_timeout_ms: 10_000,
+            write_timeout_ms: 5_000,
+            outbound_queue_messages: 128,
+            auth: AuthConfig::default(),
+            firmware: FirmwareConfig::default(),
+            drain: DrainConfig::default(),
+        }
+    }
+}
+
+/// Device token authentication (reference-compatible HMAC-SHA256 `sig.ts` tokens).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Off by default: every device is accepted.
+    pub enabled: bool,
+    /// Shared secrets; the first signs new tokens, all verify (rotation). The environment
+    /// variable `XIAOZHI_AUTH_SECRETS` (comma separated) overrides this list.
+    pub secrets: Vec<String>,
+    /// Token lifetime, seconds (reference default: 30 days).
+    pub expire_seconds: u64,
+    /// Devices that need no token.
+    pub allowed_devices: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            secrets: Vec::new(),
+            expire_seconds: 30 * 24 * 3600,
+            allowed_devices: Vec::new(),
+        }
+    }
+}
+
+/// Firmware offered by the OTA endpoint; empty version = no update (the device's own version is echoed).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirmwareConfig {
+    /// Newest firmware version, e.g. "1.7.2"; empty = none offered.
+    pub version: String,
+    /// Download URL of that firmware.
+    pub url: String,
+}
+
+/// Graceful shutdown on SIGTERM/SIGINT.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// Time in-flight replies get to finish before sessions are closed, ms.
+    pub grace_ms: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self { grace_ms: 10_000 }
+    }
+}
+
+/// Per-session timers (reference: `close_connection_no_voice_time` = 120 s, hard close 60 s later).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Seconds without voice after which the device is told goodbye and closed.
+    pub no_voice_close_s: u64,
+    /// Seconds without any activity after which the connection is closed without ceremony.
+    pub idle_close_s: u64,
+    /// Answer `ping` with `pong` (the reference's `enable_websocket_ping`).
+    pub answer_ping: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            no_voice_close_s: 120,
+            idle_close_s: 180,
+            answer_ping: true,
+        }
+    }
+}
+
+/// Which cores shard and which infer, and executor tuning.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// CPU ids that run shard executors; empty = automatic plan.
+    pub shard_cores: Vec<usize>,
+    /// CPU ids that run inference workers; empty = automatic plan.
+    pub inference_cores: Vec<usize>,
+    /// io_uring registered buffer per executor, KiB (512 lets it start without root under an 8 MiB memlock).
+    pub io_memory_kib: usize,
+    /// glommio preempt timer, µs: bounds how long a busy task delays a cross-core wake.
+    pub preempt_timer_us: u64,
+    /// Period of each shard's watchdog tick, ms (guards against a lost foreign wake-up).
+    pub tick_ms: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            shard_cores: Vec::new(),
+            inference_cores: Vec::new(),
+            io_memory_kib: 512,
+            preempt_timer_us: 500,
+            tick_ms: 50,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. "info" or "xiaozhi_tpc=debug,info"; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration that could not be loaded, with the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: String,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// File path.
+        path: String,
+        /// Parser message.
+        message: String,
+    },
+    /// A `--set` argument is not `key=value`.
+    #[error("--set {0:?}: expected key=value, e.g. --set server.port=18000")]
+    SetSyntax(String),
+    /// A `--set` key walks through something that is not a table.
+    #[error("--set {key}: `{at}` is not a table")]
+    SetPath {
+        /// Full key.
+        key: String,
+        /// The prefix that is not a table.
+        at: String,
+    },
+    /// A key is unknown or its value has the wrong type.
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// Dotted key path.
+        key: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Builds the config: defaults, then `file` (if any), then each `key=value` override in order.
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+        let mut tree = match file {
+            Some(path) => {
+                let p = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        path: p,
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        for item in overrides {
+            apply_override(&mut tree, item)?;
+        }
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                ConfigError::Invalid {
+                    key,
+                    reason: e.into_inner().to_string(),
+                }
+            })?;
+        if let Ok(secrets) = std::env::var("XIAOZHI_AUTH_SECRETS") {
+            config.server.auth.secrets = secrets
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                reason: reason.into(),
+            })
+        };
+        let s = &self.server;
+        if s.ip.parse::<std::net::IpAddr>().is_err() {
+            return bad("server.ip", "not an IP address (e.g. 0.0.0.0 or 127.0.0.1)");
+        }
+        if s.port != 0 && s.port == s.http_port {
+            return bad("server.http_port", "must differ from server.port");
+        }
+        if s.max_connections_per_shard == 0 {
+            return bad("server.max_connections_per_shard", "must be at least 1");
+        }
+        if s.max_message_bytes < 1024 {
+            return bad("server.max_message_bytes", "must be at least 1024");
+        }
+        if !(256..=1 << 20).contains(&s.read_buffer_bytes) {
+            return bad(
+                "server.read_buffer_bytes",
+                "must be between 256 and 1048576",
+            );
+        }
+        if s.max_request_head_bytes < 1024 {
+            return bad("server.max_request_head_bytes", "must be at least 1024");
+        }
+        if s.outbound_queue_messages < 8 {
+            return bad("server.outbound_queue_messages", "must be at least 8");
+        }
+        let url = &s.public_ws_url;
+        if !(url.is_empty() || url.starts_with("ws://") || url.starts_with("wss://")) {
+            return bad("server.public_ws_url", "must start with ws:// or wss://");
+        }
+        if s.auth.enabled && s.auth.secrets.iter().all(|k| k.is_empty()) {
+            return bad(
+                "server.auth.secrets",
+                "auth is enabled but no secret is set (config or XIAOZHI_AUTH_SECRETS)",
+            );
+        }
+        if self.session.idle_close_s == 0 || self.session.no_voice_close_s == 0 {
+            return bad("session", "timeouts must be at least 1 s");
+        }
+        if self.runtime.io_memory_kib < 64 {
+            return bad("runtime.io_memory_kib", "must be at least 64");
+        }
+        if self.runtime.tick_ms == 0 {
+            return bad("runtime.tick_ms", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Applies one `a.b.c=value` override to the tree. The value is read as a TOML value
+/// (`18000`, `true`, `["a","b"]`, `"text"`), falling back to a bare string.
+fn apply_override(tree: &mut toml::Table, item: &str) -> Result<(), ConfigError> {
+    let (key, raw) = item
+        .split_once('=')
+        .ok_or_else(|| ConfigError::SetSyntax(item.to_string()))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(ConfigError::SetSyntax(item.to_string()));
+    }
+    let value = parse_value(raw.trim());
+    let parts: Vec<&str> = key.split('.').collect();
+    let (last, parents) = parts
+        .split_last()
+        .ok_or(ConfigError::SetSyntax(item.into()))?;
+    let mut table = tree;
+    for (i, part) in parents.iter().enumerate() {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| ConfigError::SetPath {
+            key: key.into(),
+            at: parts[..=i].join("."),
+        })?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(sets: &[&str]) -> Result<Config, ConfigError> {
+        let v: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::load(None, &v)
+    }
+
+    #[test]
+    fn defaults_match_the_reference_ports() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.server.port, 8000);
+        assert_eq!(c.server.http_port, 8003);
+        assert_eq!(c.server.ip, "0.0.0.0");
+        assert!(!c.server.auth.enabled);
+    }
+
+    #[test]
+    fn set_overrides_any_key_with_typed_values() {
+        let c = load(&[
+            "server.port=18000",
+            "server.auth.allowed_devices=[\"aa:bb\"]",
+            "server.public_ws_url=ws://lb.example:80/xiaozhi/v1/",
+            "runtime.shard_cores=[0,1]",
+        ])
+        .unwrap();
+        assert_eq!(c.server.port, 18000);
+        assert_eq!(c.server.auth.allowed_devices, vec!["aa:bb".to_string()]);
+        assert_eq!(c.server.public_ws_url, "ws://lb.example:80/xiaozhi/v1/");
+        assert_eq!(c.runtime.shard_cores, vec![0, 1]);
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let err = load(&["server.prot=1"]).unwrap_err().to_string();
+        assert!(err.contains("server.prot"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let err = load(&["server.port=\"eighty\""]).unwrap_err().to_string();
+        assert!(err.contains("server.port"), "{err}");
+    }
+
+    #[test]
+    fn auth_without_secret_is_refused() {
+        let err = load(&["server.auth.enabled=true"]).unwrap_err().to_string();
+        assert!(err.contains("server.auth.secrets"), "{err}");
+    }
+
+    #[test]
+    fn set_without_equals_is_refused() {
+        assert!(matches!(
+            load(&["server.port"]),
+            Err(ConfigError::SetSyntax(_))
+        ));
+    }
+
+    #[test]
+    fn default_toml_file_parses_and_equals_builtin_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let from_file = Config::load(Some(&path), &[]).unwrap();
+        let builtin = load(&[]).unwrap();
+        assert_eq!(
+            toml::to_string(&from_file).unwrap(),
+            toml::to_string(&builtin).unwrap()
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! xiaozhi-tpc: a thread-per-core voice-assistant server for xiaozhi ESP32 devices.
+//!
+//! Dependencies point one way: `session` uses `protocol` and the runtime (`shards`); `protocol`
+//! is pure (no I/O); `http` serves the HTTP port; `shard` owns one core's state and wires the
+//! rest together.
+
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod session;
+pub mod shard;
+pub mod ws;

@@ -1,0 +1,145 @@
+//! Prometheus text for the counters every shard keeps (merged on request over the shards'
+//! control channels; no shared atomics).
+
+use std::fmt::Write;
+
+use crate::shard::ShardStats;
+
+/// Renders per-shard gauges and instance-wide counters in the Prometheus text format.
+pub fn render(shards: &[ShardStats]) -> String {
+    let mut total = ShardStats::default();
+    for s in shards {
+        total.merge(s);
+    }
+    let mut out = String::with_capacity(4096);
+    let _ = writeln!(
+        out,
+        "# HELP xiaozhi_sessions Open device sessions per shard."
+    );
+    let _ = writeln!(out, "# TYPE xiaozhi_sessions gauge");
+    for s in shards {
+        let _ = writeln!(
+            out,
+            "xiaozhi_sessions{{shard=\"{}\"}} {}",
+            s.shard, s.sessions
+        );
+    }
+    let counters: [(&str, &str, u64); 17] = [
+        (
+            "xiaozhi_sessions_accepted_total",
+            "WebSocket sessions accepted.",
+            total.accepted,
+        ),
+        (
+            "xiaozhi_refused_full_total",
+            "Upgrades refused because a shard was full.",
+            total.refused_full,
+        ),
+        (
+            "xiaozhi_refused_draining_total",
+            "Upgrades refused while draining.",
+            total.refused_draining,
+        ),
+        (
+            "xiaozhi_handshake_errors_total",
+            "Connections that failed in the HTTP handshake.",
+            total.handshake_errors,
+        ),
+        (
+            "xiaozhi_plain_http_total",
+            "Plain HTTP requests answered on the WebSocket port.",
+            total.plain_http,
+        ),
+        (
+            "xiaozhi_identity_errors_total",
+            "Connections refused for a missing or invalid identity.",
+            total.identity_errors,
+        ),
+        (
+            "xiaozhi_auth_failures_total",
+            "Connections refused by token authentication.",
+            total.auth_failures,
+        ),
+        (
+            "xiaozhi_slow_consumer_disconnects_total",
+            "Sessions closed because the device stopped reading.",
+            total.slow_consumers,
+        ),
+        (
+            "xiaozhi_oversized_messages_total",
+            "Sessions closed for an oversized message.",
+            total.oversized,
+        ),
+        (
+            "xiaozhi_protocol_errors_total",
+            "Sessions closed by a WebSocket protocol error.",
+            total.protocol_errors,
+        ),
+        (
+            "xiaozhi_hello_timeouts_total",
+            "Sessions closed because no hello arrived in time.",
+            total.hello_timeouts,
+        ),
+        (
+            "xiaozhi_idle_closes_total",
+            "Sessions closed by idle or no-voice timeouts.",
+            total.idle_closes,
+        ),
+        (
+            "xiaozhi_malformed_messages_total",
+            "Malformed text messages (answered with an error).",
+            total.ended.malformed,
+        ),
+        (
+            "xiaozhi_unknown_messages_total",
+            "Text messages of unknown type (ignored).",
+            total.ended.unknown,
+        ),
+        (
+            "xiaozhi_bad_frames_total",
+            "Binary frames with invalid framing (dropped).",
+            total.ended.bad_frames,
+        ),
+        (
+            "xiaozhi_audio_frames_total",
+            "Audio frames received (ended sessions).",
+            total.ended.audio_frames,
+        ),
+        (
+            "xiaozhi_early_frames_total",
+            "Binary frames received before hello (dropped).",
+            total.ended.early_frames,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {value}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_summed_across_shards_and_gauges_kept_per_shard() {
+        let a = ShardStats {
+            shard: 0,
+            sessions: 2,
+            accepted: 5,
+            ..Default::default()
+        };
+        let b = ShardStats {
+            shard: 1,
+            sessions: 1,
+            accepted: 7,
+            ..Default::default()
+        };
+        let text = render(&[a, b]);
+        assert!(text.contains("xiaozhi_sessions{shard=\"0\"} 2\n"));
+        assert!(text.contains("xiaozhi_sessions{shard=\"1\"} 1\n"));
+        assert!(text.contains("xiaozhi_sessions_accepted_total 12\n"));
+    }
+}

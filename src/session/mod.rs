@@ -1,0 +1,528 @@
+//! A device session: the state machine, with no I/O.
+//!
+//! The connection loop ([`connection`]) feeds it what arrives (text, binary, timer expiries,
+//! shard events) and writes what it returns. Keeping the decisions here lets them be tested
+//! without sockets and keeps the wire format (in `protocol`) out of the I/O code.
+//!
+//! States: `AwaitingHello` → `Idle` (hello answered) → `Listening` / `Speaking` → `Closing`.
+
+pub mod connection;
+
+use std::time::{Duration, Instant};
+
+use crate::protocol::{
+    parse_client_message, AudioParams, BinaryProtocol, ClientMessage, DeviceIdentity, ListenMode,
+    ListenState, ServerMessage, Transport,
+};
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Upgraded, waiting for the device's `hello`.
+    AwaitingHello,
+    /// Hello answered; not listening.
+    Idle,
+    /// The device streams audio for recognition.
+    Listening,
+    /// The server is sending an answer (between `tts start` and `tts stop`).
+    Speaking,
+    /// A close has been decided; nothing more is processed.
+    Closing,
+}
+
+/// Session timers (from config).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionTimers {
+    /// Time the device has to send `hello`.
+    pub hello_timeout: Duration,
+    /// Time without voice before goodbye.
+    pub no_voice_close: Duration,
+    /// Time without any activity before close.
+    pub idle_close: Duration,
+}
+
+/// Something the connection loop must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    /// A JSON text message.
+    Text(String),
+    /// A binary (audio) message.
+    Binary(Vec<u8>),
+    /// Close the WebSocket with this code and reason, after sending what is queued.
+    Close {
+        /// WebSocket close code (1000 normal, 1001 going away, 1008 policy, 1009 too big).
+        code: u16,
+        /// Human-readable reason (≤ 123 bytes).
+        reason: String,
+    },
+}
+
+/// Events a shard delivers to a session's mailbox.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// The instance is draining: finish the current answer by `deadline`, then say goodbye.
+    Drain {
+        /// When the session must be closed at the latest.
+        deadline: Instant,
+    },
+}
+
+/// Per-session counters the shard adds to its totals when the session ends.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCounters {
+    /// Text messages that were not valid JSON or not a valid message.
+    pub malformed: u64,
+    /// Text messages of an unknown type (ignored).
+    pub unknown: u64,
+    /// Binary frames whose framing was invalid.
+    pub bad_frames: u64,
+    /// Audio frames received after hello.
+    pub audio_frames: u64,
+    /// Binary frames received before hello (dropped).
+    pub early_frames: u64,
+}
+
+/// The state of one device connection.
+pub struct Session {
+    /// Our session id (uuid4), sent in hello and every message.
+    pub id: String,
+    /// Who the device says it is.
+    pub identity: DeviceIdentity,
+    state: SessionState,
+    protocol: BinaryProtocol,
+    transport: Transport,
+    uplink: AudioParams,
+    downlink: AudioParams,
+    mode: ListenMode,
+    mcp: bool,
+    timers: SessionTimers,
+    started: Instant,
+    last_activity: Instant,
+    last_voice: Instant,
+    drain_deadline: Option<Instant>,
+    answer_ping: bool,
+    /// Counters of what this session saw.
+    pub counters: SessionCounters,
+}
+
+impl Session {
+    /// A session for an upgraded connection, before hello.
+    pub fn new(
+        id: String,
+        identity: DeviceIdentity,
+        downlink: AudioParams,
+        timers: SessionTimers,
+        answer_ping: bool,
+        now: Instant,
+    ) -> Session {
+        // Framing follows the Protocol-Version header; hello's `version` is the fallback.
+        let protocol = identity
+            .protocol_version
+            .and_then(|v| BinaryProtocol::from_version(v).ok())
+            .unwrap_or(BinaryProtocol::V1);
+        Session {
+            id,
+            identity,
+            state: SessionState::AwaitingHello,
+            protocol,
+            transport: Transport::Websocket,
+            uplink: AudioParams::device_default(),
+            downlink,
+            mode: ListenMode::Auto,
+            mcp: false,
+            timers,
+            started: now,
+            last_activity: now,
+            last_voice: now,
+            drain_deadline: None,
+            answer_ping,
+            counters: SessionCounters::default(),
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> SessionState {
+        self.state
+    }
+
+    /// Binary framing in use.
+    pub fn protocol(&self) -> BinaryProtocol {
+        self.protocol
+    }
+
+    /// Uplink audio parameters announced by the device (defaults until hello).
+    pub fn uplink(&self) -> &AudioParams {
+        &self.uplink
+    }
+
+    /// Listening mode last announced.
+    pub fn mode(&self) -> ListenMode {
+        self.mode
+    }
+
+    /// Whether the device announced an MCP server.
+    pub fn has_mcp(&self) -> bool {
+        self.mcp
+    }
+
+    fn send(&self, out: &mut Vec<Outgoing>, msg: ServerMessage<'_>) {
+        out.push(Outgoing::Text(msg.to_json(&self.id)));
+    }
+
+    fn close(&mut self, out: &mut Vec<Outgoing>, code: u16, reason: impl Into<String>) {
+        self.state = SessionState::Closing;
+        let mut reason = reason.into();
+        truncate_utf8(&mut reason, 123);
+        out.push(Outgoing::Close { code, reason });
+    }
+
+    /// Handles a text frame.
+    pub fn on_text(&mut self, text: &str, now: Instant, out: &mut Vec<Outgoing>) {
+        if self.state == SessionState::Closing {
+            return;
+        }
+        let msg = match parse_client_message(text) {
+            Ok(m) => m,
+            Err(e) => {
+                self.counters.malformed += 1;
+                let message = e.to_string();
+                tracing::debug!(session = %self.id, error = %message, "malformed message");
+                self.send(out, ServerMessage::Error { message: &message });
+                return;
+            }
+        };
+        match msg {
+            ClientMessage::Hello(hello) => {
+                self.last_activity = now;
+                if self.identity.protocol_version.is_none() {
+                    if let Some(p) = hello
+                        .version
+                        .and_then(|v| BinaryProtocol::from_version(v).ok())
+                    {
+                        self.protocol = p;
+                    }
+                }
+                if hello.transport.as_deref() == Some("udp") {
+                    self.transport = Transport::Udp;
+                }
+                if let Some(params) = hello.audio_params {
+                    self.uplink = params;
+                }
+                self.mcp = hello.features.mcp;
+                if self.state == SessionState::AwaitingHello {
+                    self.state = SessionState::Idle;
+                }
+                self.send(
+                    out,
+                    ServerMessage::Hello {
+                        version: self.protocol.version(),
+                        transport: self.transport,
+                        audio_params: &self.downlink,
+                        udp: None,
+                    },
+                );
+            }
+            _ if self.state == SessionState::AwaitingHello => {
+                let message = "send hello first";
+                self.send(out, ServerMessage::Error { message });
+            }
+            ClientMessage::Listen(listen) => {
+                self.last_activity = now;
+                if let Some(mode) = listen.mode {
+                    self.mode = mode;
+                }
+                match listen.state {
+                    ListenState::Start => self.state = SessionState::Listening,
+                    ListenState::Stop => {
+                        if self.state == SessionState::Listening {
+                            self.state = SessionState::Idle;
+                        }
+                    }
+                    ListenState::Detect => {
+                        // The wake word: counts as voice (the device is in use).
+                        self.last_voice = now;
+                    }
+                }
+            }
+            ClientMessage::Abort { .. } => {
+                self.last_activity = now;
+                if self.state == SessionState::Speaking {
+                    self.state = SessionState::Listening;
+                }
+                // The reference always answers abort with an immediate tts stop.
+                self.send(out, ServerMessage::TtsStop);
+            }
+            ClientMessage::Ping => {
+                self.last_activity = now;
+                if self.answer_ping {
+                    let ts = crate::clock::local_timestamp();
+                    self.send(out, ServerMessage::Pong { timestamp: &ts });
+                }
+            }
+            ClientMessage::Goodbye => {
+                self.close(out, 1000, "goodbye");
+            }
+            ClientMessage::Mcp { .. } | ClientMessage::Iot(_) => {
+                // Device tools arrive with the tools issue; accepted and ignored for now.
+                self.last_activity = now;
+            }
+            ClientMessage::Server { action, .. } => {
+                self.send(
+                    out,
+                    ServerMessage::AdminReply {
+                        status: "error",
+                        message: "admin commands are not accepted on device connections",
+                        action: &action,
+                    },
+                );
+            }
+            ClientMessage::Unknown { kind } => {
+                self.counters.unknown += 1;
+                tracing::info!(session = %self.id, kind = %kind, "unknown message type ignored");
+            }
+        }
+    }
+
+    /// Handles a binary frame; returns the Opus payload when it is audio to process.
+    pub fn on_binary<'f>(&mut self, frame: &'f [u8], now: Instant) -> Option<&'f [u8]> {
+        match self.state {
+            SessionState::Closing => return None,
+            SessionState::AwaitingHello => {
+                self.counters.early_frames += 1;
+                return None;
+            }
+            _ => {}
+        }
+        match self.protocol.decode(frame) {
+            Ok(audio) => {
+                self.counters.audio_frames += 1;
+                self.last_activity = now;
+                // Until server VAD decides voice, a non-DTX packet (DTX silence is 1–3 bytes)
+                // counts as voice for the no-voice timer.
+                if audio.payload.len() > 3 {
+                    self.last_voice = now;
+                }
+                Some(audio.payload)
+            }
+            Err(e) => {
+                self.counters.bad_frames += 1;
+                tracing::debug!(session = %self.id, error = %e, "bad binary frame dropped");
+                None
+            }
+        }
+    }
+
+    /// The next instant at which [`Session::on_timer`] has something to check.
+    pub fn next_deadline(&self) -> Instant {
+        let mut d = if self.state == SessionState::AwaitingHello {
+            self.started + self.timers.hello_timeout
+        } else {
+            (self.last_voice + self.timers.no_voice_close)
+                .min(self.last_activity + self.timers.idle_close)
+        };
+        if let Some(drain) = self.drain_deadline {
+            d = d.min(drain);
+        }
+        d
+    }
+
+    /// Checks timers at `now`.
+    pub fn on_timer(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        if self.state == SessionState::Closing {
+            return;
+        }
+        if self.state == SessionState::AwaitingHello {
+            if now >= self.started + self.timers.hello_timeout {
+                self.close(out, 1008, "no hello received in time");
+            }
+            return;
+        }
+        if self.drain_deadline.is_some_and(|d| now >= d) {
+            self.goodbye(out, 1001, "server shutting down");
+        } else if now >= self.last_activity + self.timers.idle_close {
+            self.close(out, 1000, "idle timeout");
+        } else if now >= self.last_voice + self.timers.no_voice_close {
+            self.goodbye(out, 1000, "no voice detected for a while");
+        }
+    }
+
+    /// The instance is draining: close now unless an answer is being spoken.
+    pub fn on_drain(&mut self, deadline: Instant, now: Instant, out: &mut Vec<Outgoing>) {
+        self.drain_deadline = Some(deadline);
+        match self.state {
+            SessionState::Closing => {}
+            SessionState::Speaking => {}
+            _ => {
+                let _ = now;
+                self.goodbye(out, 1001, "server shutting down");
+            }
+        }
+    }
+
+    fn goodbye(&mut self, out: &mut Vec<Outgoing>, code: u16, reason: &str) {
+        self.send(out, ServerMessage::Goodbye);
+        self.close(out, code, reason);
+    }
+}
+
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(version: Option<u8>) -> DeviceIdentity {
+        DeviceIdentity {
+            device_id: "aa:bb:cc:dd:ee:ff".into(),
+            client_id: Some("c".into()),
+            authorization: None,
+            protocol_version: version,
+            from_mqtt_gateway: false,
+        }
+    }
+
+    fn timers() -> SessionTimers {
+        SessionTimers {
+            hello_timeout: Duration::from_secs(10),
+            no_voice_close: Duration::from_secs(120),
+            idle_close: Duration::from_secs(180),
+        }
+    }
+
+    fn session(version: Option<u8>, now: Instant) -> Session {
+        Session::new(
+            "sid".into(),
+            identity(version),
+            AudioParams::downlink_default(),
+            timers(),
+            true,
+            now,
+        )
+    }
+
+    fn json(o: &Outgoing) -> serde_json::Value {
+        match o {
+            Outgoing::Text(t) => serde_json::from_str(t).unwrap(),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hello_is_answered_with_session_id_and_our_downlink_params() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        let mut out = vec![];
+        s.on_text(r#"{"type":"hello","version":1,"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#, now, &mut out);
+        assert_eq!(out.len(), 1);
+        let v = json(&out[0]);
+        assert_eq!(v["type"], "hello");
+        assert_eq!(v["session_id"], "sid");
+        assert_eq!(v["transport"], "websocket");
+        assert_eq!(v["audio_params"]["sample_rate"], 24000);
+        assert_eq!(v["audio_params"]["frame_duration"], 60);
+        assert_eq!(s.state(), SessionState::Idle);
+    }
+
+    #[test]
+    fn hello_version_sets_framing_only_without_protocol_header() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.on_text(r#"{"type":"hello","version":3}"#, now, &mut vec![]);
+        assert_eq!(s.protocol(), BinaryProtocol::V3);
+        let mut s = session(Some(2), now);
+        s.on_text(r#"{"type":"hello","version":3}"#, now, &mut vec![]);
+        assert_eq!(s.protocol(), BinaryProtocol::V2);
+    }
+
+    #[test]
+    fn malformed_json_gets_an_error_and_the_session_stays_open() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        let mut out = vec![];
+        s.on_text("{not json", now, &mut out);
+        let v = json(&out[0]);
+        assert_eq!(v["type"], "error");
+        assert!(v["message"].as_str().unwrap().contains("JSON"), "{v}");
+        assert_eq!(s.state(), SessionState::AwaitingHello);
+        assert_eq!(s.counters.malformed, 1);
+    }
+
+    #[test]
+    fn unknown_type_is_ignored_silently() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        let mut out = vec![];
+        s.on_text(r#"{"type":"hello"}"#, now, &mut out);
+        out.clear();
+        s.on_text(r#"{"type":"teleport","to":"mars"}"#, now, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(s.counters.unknown, 1);
+    }
+
+    #[test]
+    fn audio_before_hello_is_dropped_and_counted() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        assert!(s.on_binary(&[1, 2, 3, 4], now).is_none());
+        assert_eq!(s.counters.early_frames, 1);
+    }
+
+    #[test]
+    fn no_hello_in_time_closes_with_policy_code() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        let mut out = vec![];
+        s.on_timer(now + Duration::from_secs(11), &mut out);
+        assert!(matches!(&out[0], Outgoing::Close { code: 1008, .. }));
+        assert_eq!(s.state(), SessionState::Closing);
+    }
+
+    #[test]
+    fn no_voice_timeout_says_goodbye_then_closes() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        assert_eq!(s.next_deadline(), now + Duration::from_secs(120));
+        let mut out = vec![];
+        s.on_timer(now + Duration::from_secs(120), &mut out);
+        assert_eq!(json(&out[0])["type"], "goodbye");
+        assert!(matches!(&out[1], Outgoing::Close { code: 1000, .. }));
+    }
+
+    #[test]
+    fn abort_answers_tts_stop_at_once() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"abort","reason":"wake_word_detected"}"#,
+            now,
+            &mut out,
+        );
+        let v = json(&out[0]);
+        assert_eq!(
+            (v["type"].as_str(), v["state"].as_str()),
+            (Some("tts"), Some("stop"))
+        );
+    }
+
+    #[test]
+    fn drain_closes_an_idle_session_with_goodbye() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        let mut out = vec![];
+        s.on_drain(now + Duration::from_secs(5), now, &mut out);
+        assert_eq!(json(&out[0])["type"], "goodbye");
+        assert!(matches!(&out[1], Outgoing::Close { code: 1001, .. }));
+    }
+}

@@ -1,0 +1,360 @@
+//! One shard of the server: the state a core owns and its main loop.
+//!
+//! A [`Shard`] lives on one executor (`Rc`, `Cell`, `RefCell`: it is `!Send` by construction,
+//! so no other core can reach it). It owns its listeners on the WebSocket and HTTP ports
+//! (SO_REUSEPORT: the kernel spreads connections across shards), the registry of its sessions
+//! (their mailboxes), its counters, and its drain state. Other shards and threads talk to it
+//! only through [`ShardRequest`] messages on its control channel.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use shards::{Control, Mailbox, ShardContext, ShardMesh};
+
+use crate::config::Config;
+use crate::http::{HttpContext, OtaSettings};
+use crate::protocol::TokenSigner;
+use crate::session::{SessionCounters, SessionEvent};
+
+/// Cross-shard requests carried by `shards::Control::User`.
+pub enum ShardRequest {
+    /// Reply with this shard's counters.
+    Stats(flume::Sender<ShardStats>),
+}
+
+/// A shard's counters (plain numbers; snapshot by value).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShardStats {
+    /// Shard index.
+    pub shard: usize,
+    /// Sessions currently open.
+    pub sessions: u64,
+    /// WebSocket sessions accepted (upgraded).
+    pub accepted: u64,
+    /// Upgrades refused because the shard was full.
+    pub refused_full: u64,
+    /// Upgrades refused because the instance was draining.
+    pub refused_draining: u64,
+    /// Connections that failed before or during the HTTP handshake.
+    pub handshake_errors: u64,
+    /// Plain HTTP requests answered on the WebSocket port.
+    pub plain_http: u64,
+    /// Connections refused for a missing or invalid identity.
+    pub identity_errors: u64,
+    /// Connections refused by token authentication.
+    pub auth_failures: u64,
+    /// Sessions closed because the device stopped reading.
+    pub slow_consumers: u64,
+    /// Sessions closed for an oversized message.
+    pub oversized: u64,
+    /// Sessions closed by a WebSocket protocol error.
+    pub protocol_errors: u64,
+    /// Sessions closed by the hello timeout.
+    pub hello_timeouts: u64,
+    /// Sessions closed by idle / no-voice timeouts.
+    pub idle_closes: u64,
+    /// Per-session counters summed over ended sessions.
+    pub ended: SessionCounters,
+}
+
+impl ShardStats {
+    /// Adds `other` into `self` (for a merged view across shards).
+    pub fn merge(&mut self, o: &ShardStats) {
+        self.sessions += o.sessions;
+        self.accepted += o.accepted;
+        self.refused_full += o.refused_full;
+        self.refused_draining += o.refused_draining;
+        self.handshake_errors += o.handshake_errors;
+        self.plain_http += o.plain_http;
+        self.identity_errors += o.identity_errors;
+        self.auth_failures += o.auth_failures;
+        self.slow_consumers += o.slow_consumers;
+        self.oversized += o.oversized;
+        self.protocol_errors += o.protocol_errors;
+        self.hello_timeouts += o.hello_timeouts;
+        self.idle_closes += o.idle_closes;
+        self.ended.malformed += o.ended.malformed;
+        self.ended.unknown += o.ended.unknown;
+        self.ended.bad_frames += o.ended.bad_frames;
+        self.ended.audio_frames += o.ended.audio_frames;
+        self.ended.early_frames += o.ended.early_frames;
+    }
+}
+
+/// Everything a shard owns.
+pub struct Shard {
+    /// Shard index.
+    pub id: usize,
+    /// The configuration (each shard has its own copy).
+    pub config: Config,
+    /// Token signer/verifier when auth is on.
+    pub signer: Option<TokenSigner>,
+    sessions: RefCell<HashMap<u64, Rc<Mailbox<SessionEvent>>>>,
+    next_key: Cell<u64>,
+    /// False while draining (`/readyz`).
+    pub ready: Rc<Cell<bool>>,
+    drain_deadline: Cell<Option<Instant>>,
+    /// Counters.
+    pub stats: RefCell<ShardStats>,
+    mesh: ShardMesh<ShardRequest>,
+}
+
+/// A registered session; dropping it unregisters the session (its memory goes with it).
+pub struct SessionSlot {
+    shard: Rc<Shard>,
+    key: u64,
+    /// The session's inbox.
+    pub mailbox: Rc<Mailbox<SessionEvent>>,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.shard.sessions.borrow_mut().remove(&self.key);
+    }
+}
+
+/// Why a new session was not admitted.
+pub enum Refusal {
+    /// At `max_connections_per_shard`.
+    Full(usize),
+    /// Draining.
+    Draining,
+}
+
+impl Shard {
+    /// Number of open sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    /// When draining, the deadline for in-flight answers.
+    pub fn drain_deadline(&self) -> Option<Instant> {
+        self.drain_deadline.get()
+    }
+
+    /// Admits a new session, or says why not.
+    pub fn admit(self: &Rc<Self>) -> Result<SessionSlot, Refusal> {
+        if self.drain_deadline.get().is_some() {
+            self.stats.borrow_mut().refused_draining += 1;
+            return Err(Refusal::Draining);
+        }
+        let max = self.config.server.max_connections_per_shard;
+        if self.session_count() >= max {
+            self.stats.borrow_mut().refused_full += 1;
+            return Err(Refusal::Full(max));
+        }
+        let key = self.next_key.get();
+        self.next_key.set(key + 1);
+        // Only shard-originated control events (drain) arrive here for now.
+        let mailbox = Rc::new(Mailbox::new(16));
+        self.sessions.borrow_mut().insert(key, mailbox.clone());
+        self.stats.borrow_mut().accepted += 1;
+        Ok(SessionSlot {
+            shard: self.clone(),
+            key,
+            mailbox,
+        })
+    }
+
+    /// A snapshot of this shard's counters.
+    pub fn snapshot(&self) -> ShardStats {
+        let mut s = *self.stats.borrow();
+        s.shard = self.id;
+        s.sessions = self.session_count() as u64;
+        s
+    }
+
+    /// Merged counters of every shard, asked over the control channels.
+    pub async fn collect_stats(&self) -> Vec<ShardStats> {
+        let (tx, rx) = flume::bounded(self.mesh.len().max(1));
+        let mut asked = 0;
+        for shard in 0..self.mesh.len() {
+            if shard == self.id {
+                let _ = tx.try_send(self.snapshot());
+                asked += 1;
+            } else if self
+                .mesh
+                .try_send(shard, Control::User(ShardRequest::Stats(tx.clone())))
+                .is_ok()
+            {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        let mut all = Vec::with_capacity(asked);
+        let deadline = glommio::timer::sleep(Duration::from_secs(2));
+        let gather = async {
+            while all.len() < asked {
+                match rx.recv_async().await {
+                    Ok(s) => all.push(s),
+                    Err(_) => break,
+                }
+            }
+        };
+        futures_lite::future::or(gather, deadline).await;
+        all.sort_by_key(|s| s.shard);
+        all
+    }
+}
+
+/// The process-wide inputs each shard copies at start.
+#[derive(Clone)]
+pub struct ServerEnv {
+    /// Configuration.
+    pub config: Config,
+    /// Reports each shard's bind result to the main thread.
+    pub startup: flume::Sender<Result<(usize, SocketAddr, SocketAddr), String>>,
+}
+
+/// A shard's main future: bind, accept, serve, and on `Control::Drain` drain and return.
+pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
+    let config = env.config;
+    let signer = if config.server.auth.enabled {
+        let mut secrets = config.server.auth.secrets.iter().filter(|s| !s.is_empty());
+        secrets.next().map(|first| {
+            secrets.fold(TokenSigner::new(first.clone()), |s, k| {
+                s.also_accepting(k.clone())
+            })
+        })
+    } else {
+        None
+    };
+    let shard = Rc::new(Shard {
+        id: ctx.id,
+        signer,
+        sessions: RefCell::new(HashMap::new()),
+        next_key: Cell::new(0),
+        ready: Rc::new(Cell::new(true)),
+        drain_deadline: Cell::new(None),
+        stats: RefCell::new(ShardStats::default()),
+        mesh: ctx.mesh.clone(),
+        config,
+    });
+
+    let ip = shard.config.server.ip.clone();
+    let bind = |port: u16| -> Result<glommio::net::TcpListener, String> {
+        let addr: SocketAddr = format!("{ip}:{port}")
+            .parse()
+            .map_err(|e| format!("bad listen address {ip}:{port}: {e}"))?;
+        glommio::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let (ws_listener, http_listener) = match (
+        bind(shard.config.server.port),
+        bind(shard.config.server.http_port),
+    ) {
+        (Ok(w), Ok(h)) => (w, h),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = env.startup.send(Err(format!("shard {}: {e}", ctx.id)));
+            return;
+        }
+    };
+    let ws_addr = ws_listener
+        .local_addr()
+        .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+    let http_addr = http_listener
+        .local_addr()
+        .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+    let _ = env.startup.send(Ok((ctx.id, ws_addr, http_addr)));
+
+    let http_ctx = Rc::new(HttpContext {
+        ota: OtaSettings {
+            public_ws_url: shard.config.server.public_ws_url.clone(),
+            ws_port: ws_addr.port(),
+            timezone_offset_minutes: (shard.config.server.timezone_offset_hours * 60.0).round()
+                as i64,
+            firmware_version: shard.config.server.firmware.version.clone(),
+            firmware_url: shard.config.server.firmware.url.clone(),
+            signer: shard.signer.clone(),
+            allowed_devices: shard.config.server.auth.allowed_devices.clone(),
+        },
+        ready: shard.ready.clone(),
+        metrics: {
+            let shard = shard.clone();
+            Rc::new(move || {
+                let shard = shard.clone();
+                Box::pin(async move { crate::metrics::render(&shard.collect_stats().await) })
+            })
+        },
+    });
+
+    let ws_accept = glommio::spawn_local({
+        let shard = shard.clone();
+        async move {
+            loop {
+                match ws_listener.accept().await {
+                    Ok(stream) => {
+                        let shard = shard.clone();
+                        glommio::spawn_local(crate::session::connection::serve(stream, shard))
+                            .detach();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed on the WebSocket port");
+                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }
+    });
+    let http_accept = glommio::spawn_local(async move {
+        loop {
+            match http_listener.accept().await {
+                Ok(stream) => {
+                    glommio::spawn_local(crate::http::serve_connection(stream, http_ctx.clone()))
+                        .detach();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed on the HTTP port");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    });
+
+    // Control loop: answer other shards until asked to drain.
+    while let Ok(msg) = ctx.control.recv_async().await {
+        match msg {
+            Control::User(ShardRequest::Stats(reply)) => {
+                let _ = reply.try_send(shard.snapshot());
+            }
+            Control::Drain => break,
+        }
+    }
+
+    // Drain: not ready, stop accepting new devices, let sessions finish, then return.
+    let grace = Duration::from_millis(shard.config.server.drain.grace_ms);
+    let deadline = Instant::now() + grace;
+    shard.ready.set(false);
+    shard.drain_deadline.set(Some(deadline));
+    drop(ws_accept);
+    let open = shard.session_count();
+    tracing::info!(
+        shard = shard.id,
+        sessions = open,
+        grace_ms = grace.as_millis() as u64,
+        "draining"
+    );
+    let mailboxes: Vec<_> = shard.sessions.borrow().values().cloned().collect();
+    for m in mailboxes {
+        m.push_control(SessionEvent::Drain { deadline });
+    }
+    // Sessions close themselves by the deadline; allow a little extra for close handshakes.
+    let hard_stop = deadline + Duration::from_secs(2);
+    let control_during_drain = async {
+        while let Ok(msg) = ctx.control.recv_async().await {
+            if let Control::User(ShardRequest::Stats(reply)) = msg {
+                let _ = reply.try_send(shard.snapshot());
+            }
+        }
+    };
+    let wait_sessions = async {
+        while shard.session_count() > 0 && Instant::now() < hard_stop {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    futures_lite::future::or(wait_sessions, control_during_drain).await;
+    drop(http_accept);
+    tracing::info!(shard = shard.id, left = shard.session_count(), "drained");
+}

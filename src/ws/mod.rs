@@ -1,0 +1,9 @@
+//! The WebSocket front door: reads the HTTP request head on the device port, answers plain
+//! GETs and refusals itself, and hands upgraded sockets to tungstenite.
+//!
+//! Parsing the head ourselves (with `httparse`) instead of letting tungstenite do the
+//! handshake lets one port answer a plain `GET` with 200 like the reference, refuse with a
+//! proper HTTP status before upgrading (full shard, draining), and read identity from headers
+//! or the query string.
+
+pub mod handshake;
