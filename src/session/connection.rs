@@ -12,7 +12,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::Message;
 
-use super::{Outgoing, Session, SessionEvent, SessionState, SessionTimers};
+use super::{CloseCause, Outgoing, Session, SessionEvent, SessionTimers};
 use crate::protocol::token::MISSING_CLIENT_ID;
 use crate::protocol::{identify, AudioParams};
 use crate::shard::{Refusal, Shard};
@@ -279,12 +279,11 @@ async fn run(
             break;
         }
         if let Some((code, reason)) = closing {
-            if session.state() == SessionState::Closing && code == 1008 && reason.contains("hello")
-            {
-                end = End::HelloTimeout;
-            } else if code == 1000 && reason.contains("timeout") || reason.contains("no voice") {
-                end = End::Timeout;
-            }
+            end = match session.close_cause() {
+                Some(CloseCause::HelloTimeout) => End::HelloTimeout,
+                Some(CloseCause::IdleTimeout | CloseCause::NoVoice) => End::Timeout,
+                _ => End::Normal,
+            };
             close_gracefully(ws, code, reason, write_timeout).await;
             break;
         }
@@ -325,7 +324,9 @@ async fn run(
                         End::Oversized,
                     ),
                     E::Capacity(c) => (1009, format!("message too big: {c}"), End::Oversized),
-                    E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
+                    E::Protocol(
+                        tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                    ) => {
                         // The device vanished (power loss, Wi-Fi drop): not an error of ours.
                         return finish(session, End::Normal);
                     }

@@ -57,6 +57,21 @@ pub enum Outgoing {
     },
 }
 
+/// Why the session decided to close (for counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCause {
+    /// The device said goodbye.
+    DeviceGoodbye,
+    /// No hello in time.
+    HelloTimeout,
+    /// No activity at all for `idle_close`.
+    IdleTimeout,
+    /// No voice for `no_voice_close`.
+    NoVoice,
+    /// The instance is draining.
+    Drain,
+}
+
 /// Events a shard delivers to a session's mailbox.
 #[derive(Debug)]
 pub enum SessionEvent {
@@ -101,6 +116,7 @@ pub struct Session {
     last_voice: Instant,
     drain_deadline: Option<Instant>,
     answer_ping: bool,
+    close_cause: Option<CloseCause>,
     /// Counters of what this session saw.
     pub counters: SessionCounters,
 }
@@ -136,6 +152,7 @@ impl Session {
             last_voice: now,
             drain_deadline: None,
             answer_ping,
+            close_cause: None,
             counters: SessionCounters::default(),
         }
     }
@@ -160,6 +177,11 @@ impl Session {
         self.mode
     }
 
+    /// Why the session decided to close, once it has.
+    pub fn close_cause(&self) -> Option<CloseCause> {
+        self.close_cause
+    }
+
     /// Whether the device announced an MCP server.
     pub fn has_mcp(&self) -> bool {
         self.mcp
@@ -169,8 +191,15 @@ impl Session {
         out.push(Outgoing::Text(msg.to_json(&self.id)));
     }
 
-    fn close(&mut self, out: &mut Vec<Outgoing>, code: u16, reason: impl Into<String>) {
+    fn close(
+        &mut self,
+        out: &mut Vec<Outgoing>,
+        cause: CloseCause,
+        code: u16,
+        reason: impl Into<String>,
+    ) {
         self.state = SessionState::Closing;
+        self.close_cause = Some(cause);
         let mut reason = reason.into();
         truncate_utf8(&mut reason, 123);
         out.push(Outgoing::Close { code, reason });
@@ -260,7 +289,7 @@ impl Session {
                 }
             }
             ClientMessage::Goodbye => {
-                self.close(out, 1000, "goodbye");
+                self.close(out, CloseCause::DeviceGoodbye, 1000, "goodbye");
             }
             ClientMessage::Mcp { .. } | ClientMessage::Iot(_) => {
                 // Device tools arrive with the tools issue; accepted and ignored for now.
@@ -333,16 +362,26 @@ impl Session {
         }
         if self.state == SessionState::AwaitingHello {
             if now >= self.started + self.timers.hello_timeout {
-                self.close(out, 1008, "no hello received in time");
+                self.close(
+                    out,
+                    CloseCause::HelloTimeout,
+                    1008,
+                    "no hello received in time",
+                );
             }
             return;
         }
         if self.drain_deadline.is_some_and(|d| now >= d) {
-            self.goodbye(out, 1001, "server shutting down");
+            self.goodbye(out, CloseCause::Drain, 1001, "server shutting down");
         } else if now >= self.last_activity + self.timers.idle_close {
-            self.close(out, 1000, "idle timeout");
+            self.close(out, CloseCause::IdleTimeout, 1000, "idle timeout");
         } else if now >= self.last_voice + self.timers.no_voice_close {
-            self.goodbye(out, 1000, "no voice detected for a while");
+            self.goodbye(
+                out,
+                CloseCause::NoVoice,
+                1000,
+                "no voice detected for a while",
+            );
         }
     }
 
@@ -354,14 +393,14 @@ impl Session {
             SessionState::Speaking => {}
             _ => {
                 let _ = now;
-                self.goodbye(out, 1001, "server shutting down");
+                self.goodbye(out, CloseCause::Drain, 1001, "server shutting down");
             }
         }
     }
 
-    fn goodbye(&mut self, out: &mut Vec<Outgoing>, code: u16, reason: &str) {
+    fn goodbye(&mut self, out: &mut Vec<Outgoing>, cause: CloseCause, code: u16, reason: &str) {
         self.send(out, ServerMessage::Goodbye);
-        self.close(out, code, reason);
+        self.close(out, cause, code, reason);
     }
 }
 

@@ -1,0 +1,263 @@
+//! Test harness: runs the real `xiaozhi-tpc` binary on free loopback ports and talks to it
+//! with real clients (tungstenite for WebSocket, raw TCP for HTTP).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tungstenite::client::IntoClientRequest;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running server process, stopped (SIGKILL) when dropped.
+pub struct Server {
+    pub child: Child,
+    pub ws_port: u16,
+    pub http_port: u16,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts the server with `--set` overrides on free ports and waits until it answers.
+    pub fn start(sets: &[&str]) -> Server {
+        Self::start_with_env(sets, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(sets: &[&str], env: &[(&str, &str)]) -> Server {
+        let ws_port = free_port();
+        let http_port = free_port();
+        let log = std::env::temp_dir().join(format!("xiaozhi-test-{ws_port}.log"));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xiaozhi-tpc"));
+        cmd.arg("serve")
+            .arg("--set")
+            .arg("server.ip=127.0.0.1")
+            .arg("--set")
+            .arg(format!("server.port={ws_port}"))
+            .arg("--set")
+            .arg(format!("server.http_port={http_port}"));
+        for s in sets {
+            cmd.arg("--set").arg(s);
+        }
+        cmd.env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = cmd.spawn().expect("spawn xiaozhi-tpc");
+        let mut server = Server {
+            child,
+            ws_port,
+            http_port,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(resp) = http_request(http_port, "GET", "/healthz", &[], "") {
+                if resp.status == 200 {
+                    break;
+                }
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("server exited early ({status}):\n{}", server.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not become healthy:\n{}",
+                server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{}", self.ws_port, path)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit in {limit:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Value of a Prometheus metric (no labels) from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let resp = http_request(self.http_port, "GET", "/metrics", &[], "").expect("metrics");
+        resp.body
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing in:\n{}", resp.body))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 response.
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`).
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpResponse> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok(HttpResponse {
+        status,
+        head: head.to_string(),
+        body,
+    })
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Opens a WebSocket with the given extra headers.
+pub fn connect(url: &str, headers: &[(&str, &str)]) -> Ws {
+    let mut req = url.into_client_request().expect("request");
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+            v.parse().expect("header value"),
+        );
+    }
+    let (ws, _resp) = tungstenite::connect(req).expect("websocket connect");
+    set_timeout(&ws, Duration::from_secs(10));
+    ws
+}
+
+pub fn set_timeout(ws: &Ws, d: Duration) {
+    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(d)).expect("timeout");
+        s.set_write_timeout(Some(d)).expect("timeout");
+    }
+}
+
+/// Device headers as firmware sends them.
+pub fn device_headers<'a>(device: &'a str, version: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("Device-Id", device),
+        ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+        ("Protocol-Version", version),
+    ]
+}
+
+pub const HELLO: &str = r#"{"type":"hello","version":1,"features":{"mcp":true},"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
+
+/// Reads the next text message as JSON (skipping pings/pongs).
+pub fn next_json(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("server sent JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+/// Sends hello and returns the server's hello.
+pub fn hello(ws: &mut Ws, text: &str) -> serde_json::Value {
+    ws.send(Message::text(text)).expect("send hello");
+    let v = next_json(ws);
+    assert_eq!(v["type"], "hello", "{v}");
+    v
+}
+
+/// Reads until the server's close frame; returns (code, reason).
+pub fn expect_close(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(frame))) => {
+                return (frame.code.into(), frame.reason.to_string())
+            }
+            Ok(Message::Close(None)) => return (1005, String::new()),
+            Ok(_) => continue,
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! The WebSocket front door, sessions, HTTP endpoints and shutdown, over real loopback sockets
+//! against the real binary.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use tungstenite::Message;
+
+#[test]
+fn hello_via_headers_is_answered_with_session_id_and_downlink_params() {
+    let server = Server::start(&[]);
+    let mut ws = connect(
+        &server.ws_url("/xiaozhi/v1/"),
+        &device_headers("aa:bb:cc:dd:ee:01", "1"),
+    );
+    let reply = hello(&mut ws, HELLO);
+    assert_eq!(reply["transport"], "websocket");
+    assert_eq!(reply["audio_params"]["format"], "opus");
+    assert_eq!(reply["audio_params"]["sample_rate"], 24000);
+    assert_eq!(reply["audio_params"]["frame_duration"], 60);
+    let sid = reply["session_id"].as_str().expect("session_id");
+    assert_eq!(sid.len(), 36, "uuid4 with dashes: {sid}");
+}
+
+#[test]
+fn hello_via_query_parameters_on_any_path() {
+    let server = Server::start(&[]);
+    let url = server.ws_url("/some/other/path?device-id=aa%3Abb%3Acc%3Add%3Aee%3A02&client-id=web");
+    let mut ws = connect(&url, &[]);
+    let reply = hello(
+        &mut ws,
+        r#"{"type":"hello","version":1,"transport":"websocket"}"#,
+    );
+    assert!(reply["session_id"].is_string());
+}
+
+#[test]
+fn hello_with_camel_case_audio_params_or_none_is_accepted() {
+    let server = Server::start(&[]);
+    let headers = device_headers("aa:bb:cc:dd:ee:03", "1");
+    let mut ws = connect(&server.ws_url("/"), &headers);
+    hello(
+        &mut ws,
+        r#"{"type":"hello","transport":"websocket","audioParams":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#,
+    );
+    let mut ws = connect(&server.ws_url("/"), &headers);
+    hello(&mut ws, r#"{"type":"hello"}"#);
+}
+
+#[test]
+fn missing_device_id_is_refused_with_the_reference_text_and_a_reason() {
+    let server = Server::start(&[]);
+    let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &[]);
+    match ws.read().expect("read") {
+        Message::Text(t) => assert!(t.as_str().contains("digital-human"), "{t}"),
+        other => panic!("expected the reference's text, got {other:?}"),
+    }
+    let (code, reason) = expect_close(&mut ws);
+    assert_eq!(code, 1008);
+    assert!(reason.contains("missing device id"), "{reason}");
+}
+
+#[test]
+fn auth_accepts_valid_tokens_and_refuses_bad_expired_and_missing_ones() {
+    let server = Server::start_with_env(
+        &[
+            "server.auth.enabled=true",
+            "server.auth.expire_seconds=3600",
+            "server.auth.allowed_devices=[\"aa:bb:cc:dd:ee:99\"]",
+        ],
+        &[("XIAOZHI_AUTH_SECRETS", "new-secret,old-secret")],
+    );
+    let device = "aa:bb:cc:dd:ee:04";
+    let client = "7b94d69a-9808-4c59-9c9b-704333b38aff";
+
+    // A token handed out by our OTA endpoint.
+    let ota = http_request(
+        server.http_port,
+        "POST",
+        "/xiaozhi/ota/",
+        &[
+            ("Device-Id", device),
+            ("Client-Id", client),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"application":{"version":"1.0.0"}}"#,
+    )
+    .expect("ota");
+    let body: serde_json::Value = serde_json::from_str(&ota.body).expect("ota json");
+    let token = body["websocket"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    assert!(token.contains('.'), "{token}");
+    let bearer = format!("Bearer {token}");
+    let mut headers = device_headers(device, "1");
+    headers.push(("Authorization", &bearer));
+    let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &headers);
+    hello(&mut ws, HELLO);
+
+    // A token signed with the previous secret (rotation) is accepted too.
+    let old = sign("old-secret", client, device, unix_now());
+    let old_bearer = format!("Bearer {old}");
+    let mut headers = device_headers(device, "1");
+    headers.push(("Authorization", &old_bearer));
+    let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &headers);
+    hello(&mut ws, HELLO);
+
+    // The same token via the query string (browser clients).
+    let url = server.ws_url(&format!(
+        "/xiaozhi/v1/?device-id={device}&client-id={client}&authorization=Bearer%20{token}"
+    ));
+    let mut ws = connect(&url, &[]);
+    hello(&mut ws, HELLO);
+
+    let refused = |auth: Option<String>, expect: &str| {
+        let mut headers = device_headers(device, "1");
+        let value;
+        if let Some(a) = auth {
+            value = a;
+            headers.push(("Authorization", &value));
+        }
+        let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &headers);
+        match ws.read().expect("read") {
+            Message::Text(t) => assert_eq!(t.as_str(), "认证失败"),
+            other => panic!("expected the reference's auth failure text, got {other:?}"),
+        }
+        let (code, reason) = expect_close(&mut ws);
+        assert_eq!(code, 1008);
+        assert!(reason.contains(expect), "{reason} should mention {expect}");
+    };
+    refused(
+        Some(format!(
+            "Bearer {}",
+            sign("wrong", client, device, unix_now())
+        )),
+        "signature",
+    );
+    refused(
+        Some(format!(
+            "Bearer {}",
+            sign("new-secret", client, device, unix_now() - 7200)
+        )),
+        "expired",
+    );
+    refused(None, "missing");
+
+    // Allowed devices need no token.
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:99", "1"),
+    );
+    hello(&mut ws, HELLO);
+    assert_eq!(server.metric("xiaozhi_auth_failures_total"), 3);
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// Issues a token with the server binary's own `token` command (same code path as OTA).
+fn sign(secret: &str, client: &str, device: &str, ts: u64) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xiaozhi-tpc"))
+        .args([
+            "token",
+            "--device-id",
+            device,
+            "--client-id",
+            client,
+            "--issued-at",
+        ])
+        .arg(ts.to_string())
+        .env("XIAOZHI_AUTH_SECRETS", secret)
+        .output()
+        .expect("token command");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn v2_and_v3_framed_audio_is_parsed_and_bad_frames_are_counted() {
+    let server = Server::start(&[]);
+    for (version, frame, bad) in [
+        (
+            "2",
+            v2_frame(&[0xfc; 40], 1234),
+            vec![0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        ),
+        ("3", v3_frame(&[0xfc; 40]), vec![0, 0, 0, 200, 1, 2, 3]),
+    ] {
+        let mut ws = connect(
+            &server.ws_url("/"),
+            &device_headers("aa:bb:cc:dd:ee:05", version),
+        );
+        hello(
+            &mut ws,
+            &HELLO.replace("\"version\":1", &format!("\"version\":{version}")),
+        );
+        for _ in 0..3 {
+            ws.send(Message::binary(frame.clone())).expect("send audio");
+        }
+        ws.send(Message::binary(bad)).expect("send bad frame");
+        // The connection stays usable after a bad frame.
+        ws.send(Message::text(r#"{"type":"ping"}"#)).expect("ping");
+        assert_eq!(next_json(&mut ws)["type"], "pong");
+        ws.close(None).expect("close");
+        let _ = expect_close(&mut ws);
+    }
+    // Counters of ended sessions are folded in when each session's task finishes.
+    wait_until(|| server.metric("xiaozhi_audio_frames_total") == 6);
+    assert_eq!(server.metric("xiaozhi_bad_frames_total"), 2);
+}
+
+fn v2_frame(payload: &[u8], ts: u32) -> Vec<u8> {
+    let mut f = vec![0, 2, 0, 0, 0, 0, 0, 0];
+    f.extend_from_slice(&ts.to_be_bytes());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn v3_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0, 0];
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn wait_until(mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached in 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn malformed_and_unknown_messages_get_errors_or_are_ignored_without_dropping_the_connection() {
+    let server = Server::start(&[]);
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:06", "1"),
+    );
+    ws.send(Message::text("{this is not json")).expect("send");
+    let err = next_json(&mut ws);
+    assert_eq!(err["type"], "error");
+    assert!(
+        err["message"].as_str().unwrap_or("").contains("JSON"),
+        "{err}"
+    );
+    ws.send(Message::text(r#"{"type":"listen","state":"jump"}"#))
+        .expect("send");
+    // Before hello every message other than hello is answered with an error.
+    let err = next_json(&mut ws);
+    assert_eq!(err["type"], "error");
+    hello(&mut ws, HELLO);
+    ws.send(Message::text(r#"{"type":"listen","state":"jump"}"#))
+        .expect("send");
+    let err = next_json(&mut ws);
+    assert!(
+        err["message"].as_str().unwrap_or("").contains("state"),
+        "{err}"
+    );
+    ws.send(Message::text(r#"{"type":"teleport"}"#))
+        .expect("send");
+    ws.send(Message::text("42")).expect("send");
+    let err = next_json(&mut ws);
+    assert_eq!(
+        err["type"], "error",
+        "a JSON number is not a message: {err}"
+    );
+    ws.send(Message::text(r#"{"type":"ping"}"#)).expect("send");
+    // The unknown type produced no reply: the next message is the pong.
+    assert_eq!(next_json(&mut ws)["type"], "pong");
+}
+
+#[test]
+fn oversized_message_closes_with_1009_and_a_reason() {
+    let server = Server::start(&["server.max_message_bytes=4096"]);
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:07", "1"),
+    );
+    hello(&mut ws, HELLO);
+    ws.send(Message::binary(vec![0u8; 10_000])).expect("send");
+    let (code, reason) = expect_close(&mut ws);
+    assert_eq!(code, 1009);
+    assert!(reason.contains("too big"), "{reason}");
+    drop(ws);
+    wait_until(|| server.metric("xiaozhi_oversized_messages_total") == 1);
+}
+
+#[test]
+fn no_voice_timeout_says_goodbye_and_closes() {
+    let server = Server::start(&["session.no_voice_close_s=1"]);
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:08", "1"),
+    );
+    hello(&mut ws, HELLO);
+    assert_eq!(next_json(&mut ws)["type"], "goodbye");
+    let (code, _reason) = expect_close(&mut ws);
+    assert_eq!(code, 1000);
+}
+
+#[test]
+fn missing_hello_closes_with_policy_violation() {
+    let server = Server::start(&["server.hello_timeout_ms=300"]);
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:09", "1"),
+    );
+    let (code, reason) = expect_close(&mut ws);
+    assert_eq!(code, 1008);
+    assert!(reason.contains("hello"), "{reason}");
+    drop(ws);
+    wait_until(|| server.metric("xiaozhi_hello_timeouts_total") == 1);
+}
+
+#[test]
+fn a_client_that_never_reads_is_disconnected_and_forgotten() {
+    let server = Server::start(&["server.write_timeout_ms=300"]);
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:0a", "1"),
+    );
+    hello(&mut ws, HELLO);
+    set_timeout(&ws, Duration::from_secs(5));
+    // Every ping makes the server write a pong we never read: its send buffer fills up.
+    let mut sent = 0u64;
+    let failed = loop {
+        match ws.send(Message::text(r#"{"type":"ping"}"#)) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(
+            sent < 5_000_000,
+            "server never gave up on a client that does not read"
+        );
+    };
+    eprintln!("client write failed after {sent} pings: {failed}");
+    wait_until(|| server.metric("xiaozhi_slow_consumer_disconnects_total") == 1);
+    let metrics = http_request(server.http_port, "GET", "/metrics", &[], "").expect("metrics");
+    assert!(
+        metrics.body.contains("xiaozhi_sessions{shard=\"0\"} 0"),
+        "{}",
+        metrics.body
+    );
+}
+
+#[test]
+fn full_shard_refuses_new_devices_with_503() {
+    let server = Server::start(&[
+        "server.max_connections_per_shard=1",
+        "runtime.shard_cores=[0]",
+    ]);
+    let mut first = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:0b", "1"),
+    );
+    hello(&mut first, HELLO);
+    let mut s = TcpStream::connect(("127.0.0.1", server.ws_port)).expect("connect");
+    s.write_all(b"GET /xiaozhi/v1/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nDevice-Id: aa:bb:cc:dd:ee:0c\r\n\r\n").expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert!(resp.contains("server full"), "{resp}");
+    assert_eq!(server.metric("xiaozhi_refused_full_total"), 1);
+}
+
+#[test]
+fn plain_get_on_the_websocket_port_answers_200() {
+    let server = Server::start(&[]);
+    let resp = http_request(server.ws_port, "GET", "/xiaozhi/v1/", &[], "").expect("get");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, "Server is running\n");
+}
+
+#[test]
+fn ota_answers_in_the_reference_shape_and_health_endpoints_answer() {
+    let server = Server::start(&["server.public_ws_url=ws://lb.example:8080/xiaozhi/v1/"]);
+    let resp = http_request(
+        server.http_port,
+        "POST",
+        "/xiaozhi/ota/",
+        &[("Device-Id", "aa:bb:cc:dd:ee:0d"), ("Client-Id", "c1"), ("Content-Type", "application/json")],
+        r#"{"version":2,"application":{"name":"xiaozhi","version":"1.6.2"},"board":{"type":"bread-compact-wifi"}}"#,
+    )
+    .expect("ota");
+    assert_eq!(resp.status, 200);
+    assert!(resp
+        .head
+        .to_ascii_lowercase()
+        .contains("access-control-allow-origin: *"));
+    let v: serde_json::Value = serde_json::from_str(&resp.body).expect("json");
+    assert_eq!(v["websocket"]["url"], "ws://lb.example:8080/xiaozhi/v1/");
+    assert_eq!(v["websocket"]["token"], "");
+    assert_eq!(v["firmware"]["version"], "1.6.2");
+    assert_eq!(v["server_time"]["timezone_offset"], 480);
+    assert!(v["server_time"]["timestamp"].as_u64().unwrap_or(0) > 1_700_000_000_000);
+
+    let missing = http_request(server.http_port, "POST", "/xiaozhi/ota/", &[], "{}").expect("ota");
+    assert_eq!(
+        missing.body,
+        r#"{"message":"request error.","success":false}"#
+    );
+    let get = http_request(server.http_port, "GET", "/xiaozhi/ota/", &[], "").expect("get");
+    assert!(
+        get.body.contains("ws://lb.example:8080/xiaozhi/v1/"),
+        "{}",
+        get.body
+    );
+    assert_eq!(
+        http_request(server.http_port, "GET", "/healthz", &[], "")
+            .expect("h")
+            .status,
+        200
+    );
+    assert_eq!(
+        http_request(server.http_port, "GET", "/readyz", &[], "")
+            .expect("r")
+            .status,
+        200
+    );
+    assert_eq!(
+        http_request(server.http_port, "GET", "/nope", &[], "")
+            .expect("n")
+            .status,
+        404
+    );
+}
+
+#[test]
+fn sigterm_says_goodbye_closes_cleanly_and_exits_zero() {
+    let mut server = Server::start(&["server.drain.grace_ms=3000"]);
+    let mut devices: Vec<_> = (0..3)
+        .map(|i| {
+            let mut ws = connect(
+                &server.ws_url("/"),
+                &device_headers(&format!("aa:bb:cc:dd:ef:0{i}"), "1"),
+            );
+            hello(&mut ws, HELLO);
+            ws
+        })
+        .collect();
+    server.terminate();
+    for ws in &mut devices {
+        assert_eq!(next_json(ws)["type"], "goodbye");
+        let (code, reason) = expect_close(ws);
+        assert_eq!(code, 1001);
+        assert!(reason.contains("shutting down"), "{reason}");
+    }
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        server.log_text()
+    );
+}
+
+#[test]
+fn readiness_turns_false_while_draining() {
+    let mut server = Server::start(&["server.drain.grace_ms=3000"]);
+    // A device that does not answer the close handshake keeps the drain going for a moment.
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:0e", "1"),
+    );
+    hello(&mut ws, HELLO);
+    server.terminate();
+    wait_until(|| {
+        http_request(server.http_port, "GET", "/readyz", &[], "")
+            .map(|r| r.status == 503)
+            .unwrap_or(false)
+    });
+    drop(ws);
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn invalid_config_fails_at_start_naming_the_key() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xiaozhi-tpc"))
+        .args(["serve", "--set", "server.prot=8000"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.prot") && err.contains("unknown field"),
+        "{err}"
+    );
+}
