@@ -18,6 +18,10 @@ pub struct Config {
     pub session: SessionConfig,
     /// Core plan and executor tuning.
     pub runtime: RuntimeConfig,
+    /// Inference workers: models, queues, batching, load shedding.
+    pub inference: InferenceConfig,
+    /// Voice activity detection and utterance segmentation.
+    pub vad: VadConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -143,6 +147,9 @@ pub struct SessionConfig {
     pub idle_close_s: u64,
     /// Answer `ping` with `pong` (the reference's `enable_websocket_ping`).
     pub answer_ping: bool,
+    /// Send `{"type":"vad",...}` messages when server VAD finds speech start/end (our
+    /// extension; firmware ignores it; useful for clients and benchmarks).
+    pub vad_events: bool,
 }
 
 impl Default for SessionConfig {
@@ -151,6 +158,7 @@ impl Default for SessionConfig {
             no_voice_close_s: 120,
             idle_close_s: 180,
             answer_ping: true,
+            vad_events: false,
         }
     }
 }
@@ -179,6 +187,125 @@ impl Default for RuntimeConfig {
             io_memory_kib: 512,
             preempt_timer_us: 500,
             tick_ms: 50,
+        }
+    }
+}
+
+/// Inference workers (pinned to `runtime.inference_cores`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Folder with the models the set-up installed (`XIAOZHI_MODELS` overrides).
+    pub models_dir: String,
+    /// ONNX Runtime shared library (`ORT_DYLIB_PATH` overrides).
+    pub onnxruntime: String,
+    /// Bound of each worker's job queue.
+    pub queue_capacity: usize,
+    /// Most jobs in one batched forward pass.
+    pub max_batch: usize,
+    /// How long a worker waits to fill a batch after the first job, µs.
+    pub batch_deadline_us: u64,
+    /// Most 32 ms chunks one session sends in one VAD job.
+    pub max_chunks_per_job: usize,
+    /// Longest a session's audio may wait for VAD before its turn is shed, ms (the sign that
+    /// inference cannot keep up; a burst processed promptly is fine).
+    pub max_wait_ms: u64,
+    /// A new turn is refused ("busy") when its worker's queue is fuller than this fraction.
+    pub busy_watermark: f64,
+    /// Bound of each shard's reply channel.
+    pub reply_capacity: usize,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            models_dir: "models".into(),
+            onnxruntime: "models/onnxruntime/libonnxruntime.so.1.31.1".into(),
+            queue_capacity: 1024,
+            max_batch: 64,
+            batch_deadline_us: 500,
+            max_chunks_per_job: 16,
+            max_wait_ms: 1500,
+            busy_watermark: 0.75,
+            reply_capacity: 4096,
+        }
+    }
+}
+
+impl InferenceConfig {
+    /// The models folder, honouring `XIAOZHI_MODELS`.
+    pub fn models_path(&self) -> std::path::PathBuf {
+        std::env::var_os("XIAOZHI_MODELS")
+            .map(Into::into)
+            .unwrap_or_else(|| self.models_dir.clone().into())
+    }
+
+    /// The ONNX Runtime library, honouring `ORT_DYLIB_PATH`.
+    pub fn onnxruntime_path(&self) -> std::path::PathBuf {
+        std::env::var_os("ORT_DYLIB_PATH")
+            .map(Into::into)
+            .unwrap_or_else(|| self.onnxruntime.clone().into())
+    }
+}
+
+/// Server VAD (Silero) and how its decisions become utterances. Times are audio time.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VadConfig {
+    /// Silero model file inside `inference.models_dir`.
+    pub model: String,
+    /// Probability at or above which a chunk is voiced.
+    pub threshold: f32,
+    /// Probability at or below which a chunk is silent (between: previous decision repeats).
+    pub threshold_low: f32,
+    /// Silence after the last voiced chunk that ends an utterance, ms.
+    pub min_silence_ms: u32,
+    /// Shorter speech is dropped as noise, ms.
+    pub min_speech_ms: u32,
+    /// Audio kept before speech starts, ms.
+    pub pre_roll_ms: u32,
+    /// Silence kept after speech ends, ms.
+    pub post_pad_ms: u32,
+    /// Longest utterance; a longer one is cut and continued, ms.
+    pub max_utterance_ms: u32,
+    /// Manual mode: silence that ends the turn without `listen stop`, ms.
+    pub manual_max_silence_ms: u32,
+    /// Utterances with less audio than this are not sent to ASR, ms.
+    pub min_utterance_ms: u32,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        let d = crate::pipeline::segmenter::SegmenterConfig::default();
+        Self {
+            model: "silero_vad.onnx".into(),
+            threshold: d.threshold,
+            threshold_low: d.threshold_low,
+            min_silence_ms: d.min_silence_ms,
+            min_speech_ms: d.min_speech_ms,
+            pre_roll_ms: d.pre_roll_ms,
+            post_pad_ms: d.post_pad_ms,
+            max_utterance_ms: d.max_utterance_ms,
+            manual_max_silence_ms: d.manual_max_silence_ms,
+            min_utterance_ms: d.min_utterance_ms_for_asr,
+        }
+    }
+}
+
+impl VadConfig {
+    /// The segmenter settings.
+    pub fn segmenter(&self) -> crate::pipeline::segmenter::SegmenterConfig {
+        crate::pipeline::segmenter::SegmenterConfig {
+            threshold: self.threshold,
+            threshold_low: self.threshold_low,
+            min_silence_ms: self.min_silence_ms,
+            min_speech_ms: self.min_speech_ms,
+            pre_roll_ms: self.pre_roll_ms,
+            post_pad_ms: self.post_pad_ms,
+            max_utterance_ms: self.max_utterance_ms,
+            manual_max_silence_ms: self.manual_max_silence_ms,
+            min_utterance_ms_for_asr: self.min_utterance_ms,
+            ..Default::default()
         }
     }
 }
@@ -328,6 +455,22 @@ impl Config {
         }
         if self.runtime.io_memory_kib < 64 {
             return bad("runtime.io_memory_kib", "must be at least 64");
+        }
+        if let Err(e) = self.vad.segmenter().validate() {
+            return bad("vad", e.0);
+        }
+        let inf = &self.inference;
+        if inf.queue_capacity == 0 || inf.max_batch == 0 || inf.max_chunks_per_job == 0 {
+            return bad(
+                "inference",
+                "queue_capacity, max_batch and max_chunks_per_job must be at least 1",
+            );
+        }
+        if !(0.0..=1.0).contains(&inf.busy_watermark) {
+            return bad("inference.busy_watermark", "must be between 0 and 1");
+        }
+        if inf.max_wait_ms < 100 {
+            return bad("inference.max_wait_ms", "must be at least 100");
         }
         if self.runtime.tick_ms == 0 {
             return bad("runtime.tick_ms", "must be at least 1");

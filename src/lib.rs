@@ -4,11 +4,16 @@
 //! is pure (no I/O); `http` serves the HTTP port; `shard` owns one core's state and wires the
 //! rest together.
 
+pub mod audio;
 pub mod clock;
 pub mod config;
 pub mod http;
+pub mod inference;
 pub mod metrics;
+pub mod models;
+pub mod pipeline;
 pub mod protocol;
+pub mod providers;
 pub mod session;
 pub mod shard;
 pub mod ws;

@@ -143,9 +143,25 @@ fn serve(config: Config) -> ExitCode {
         tick: Duration::from_millis(config.runtime.tick_ms),
         ..Default::default()
     };
+    let inference =
+        match xiaozhi_tpc::inference::start(&config, &plan.inference_cores, plan.shard_cores.len())
+        {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("xiaozhi-tpc: {e}");
+                return ExitCode::from(1);
+            }
+        };
+    tracing::info!(
+        workers = inference.vad.workers(),
+        model = %config.vad.model,
+        "VAD workers ready"
+    );
     let (startup_tx, startup_rx) = flume::unbounded();
     let env = ServerEnv {
         config: config.clone(),
+        vad: inference.vad.clone(),
+        vad_replies: inference.vad_replies.clone(),
         startup: startup_tx,
     };
     let handle =

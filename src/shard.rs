@@ -12,17 +12,29 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use shards::{Control, Mailbox, ShardContext, ShardMesh};
+use glommio::{Latency, Shares};
+use shards::{Control, Mailbox, Routed, ShardContext, ShardMesh, WorkerPool};
 
 use crate::config::Config;
 use crate::http::{HttpContext, OtaSettings};
+use crate::metrics::{Stage, StageHistograms};
 use crate::protocol::TokenSigner;
+use crate::providers::vad::{VadJob, VadResult};
 use crate::session::{SessionCounters, SessionEvent};
 
 /// Cross-shard requests carried by `shards::Control::User`.
 pub enum ShardRequest {
-    /// Reply with this shard's counters.
-    Stats(flume::Sender<ShardStats>),
+    /// Reply with this shard's counters and histograms.
+    Stats(flume::Sender<ShardSnapshot>),
+}
+
+/// A shard's counters and latency histograms, sent to whoever asked.
+#[derive(Clone)]
+pub struct ShardSnapshot {
+    /// Counters.
+    pub stats: ShardStats,
+    /// Stage histograms.
+    pub hist: StageHistograms,
 }
 
 /// A shard's counters (plain numbers; snapshot by value).
@@ -56,6 +68,10 @@ pub struct ShardStats {
     pub hello_timeouts: u64,
     /// Sessions closed by idle / no-voice timeouts.
     pub idle_closes: u64,
+    /// VAD results whose session had already ended.
+    pub orphan_results: u64,
+    /// Jobs waiting in the VAD workers' queues (gauge; same view from every shard).
+    pub vad_queue_depth: u64,
     /// Per-session counters summed over ended sessions.
     pub ended: SessionCounters,
 }
@@ -76,11 +92,9 @@ impl ShardStats {
         self.protocol_errors += o.protocol_errors;
         self.hello_timeouts += o.hello_timeouts;
         self.idle_closes += o.idle_closes;
-        self.ended.malformed += o.ended.malformed;
-        self.ended.unknown += o.ended.unknown;
-        self.ended.bad_frames += o.ended.bad_frames;
-        self.ended.audio_frames += o.ended.audio_frames;
-        self.ended.early_frames += o.ended.early_frames;
+        self.orphan_results += o.orphan_results;
+        self.vad_queue_depth = self.vad_queue_depth.max(o.vad_queue_depth);
+        self.ended.add(&o.ended);
     }
 }
 
@@ -99,6 +113,10 @@ pub struct Shard {
     drain_deadline: Cell<Option<Instant>>,
     /// Counters.
     pub stats: RefCell<ShardStats>,
+    /// Latency histograms.
+    pub hist: RefCell<StageHistograms>,
+    /// VAD job queues on the inference cores.
+    pub vad: WorkerPool<VadJob>,
     mesh: ShardMesh<ShardRequest>,
 }
 
@@ -108,6 +126,13 @@ pub struct SessionSlot {
     key: u64,
     /// The session's inbox.
     pub mailbox: Rc<Mailbox<SessionEvent>>,
+}
+
+impl SessionSlot {
+    /// The session's key on this shard.
+    pub fn key(&self) -> u64 {
+        self.key
+    }
 }
 
 impl Drop for SessionSlot {
@@ -159,16 +184,25 @@ impl Shard {
         })
     }
 
-    /// A snapshot of this shard's counters.
-    pub fn snapshot(&self) -> ShardStats {
+    /// A snapshot of this shard's counters and histograms.
+    pub fn snapshot(&self) -> ShardSnapshot {
         let mut s = *self.stats.borrow();
         s.shard = self.id;
         s.sessions = self.session_count() as u64;
-        s
+        s.vad_queue_depth = self.vad.queue_depths().iter().sum::<usize>() as u64;
+        ShardSnapshot {
+            stats: s,
+            hist: self.hist.borrow().clone(),
+        }
     }
 
-    /// Merged counters of every shard, asked over the control channels.
-    pub async fn collect_stats(&self) -> Vec<ShardStats> {
+    /// The mailbox of session `key`, if it is still open.
+    fn mailbox(&self, key: u64) -> Option<Rc<Mailbox<SessionEvent>>> {
+        self.sessions.borrow().get(&key).cloned()
+    }
+
+    /// Snapshots of every shard, asked over the control channels.
+    pub async fn collect_stats(&self) -> Vec<ShardSnapshot> {
         let (tx, rx) = flume::bounded(self.mesh.len().max(1));
         let mut asked = 0;
         for shard in 0..self.mesh.len() {
@@ -195,8 +229,39 @@ impl Shard {
             }
         };
         futures_lite::future::or(gather, deadline).await;
-        all.sort_by_key(|s| s.shard);
+        all.sort_by_key(|s| s.stats.shard);
         all
+    }
+}
+
+/// Receives this shard's VAD results from the inference cores and hands each to its session.
+/// Runs in a latency-sensitive task queue so a busy shard still picks results up promptly.
+async fn route_vad_results(shard: Rc<Shard>, rx: flume::Receiver<Routed<VadResult>>) {
+    while let Ok(Routed { item, .. }) = rx.recv_async().await {
+        let received = Instant::now();
+        {
+            let mut h = shard.hist.borrow_mut();
+            h.record(
+                Stage::VadReplyWake,
+                received.saturating_duration_since(item.done).as_micros() as u64,
+            );
+            h.record(Stage::VadQueueWait, item.queue_wait.as_micros() as u64);
+            if !item.probs.is_empty() {
+                h.record(
+                    Stage::VadPerChunk,
+                    (item.compute.as_micros() as u64) / item.probs.len() as u64,
+                );
+            }
+            h.record(Stage::VadBatchSize, item.batch_size as u64);
+        }
+        match shard.mailbox(item.session) {
+            Some(mb) => {
+                if let Err(SessionEvent::Vad(_)) = mb.try_push(SessionEvent::Vad(Box::new(item))) {
+                    shard.stats.borrow_mut().orphan_results += 1;
+                }
+            }
+            None => shard.stats.borrow_mut().orphan_results += 1,
+        }
     }
 }
 
@@ -205,6 +270,10 @@ impl Shard {
 pub struct ServerEnv {
     /// Configuration.
     pub config: Config,
+    /// VAD job queues.
+    pub vad: WorkerPool<VadJob>,
+    /// VAD result receivers, by shard id.
+    pub vad_replies: Vec<flume::Receiver<Routed<VadResult>>>,
     /// Reports each shard's bind result to the main thread.
     pub startup: flume::Sender<Result<(usize, SocketAddr, SocketAddr), String>>,
 }
@@ -230,9 +299,22 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
         ready: Rc::new(Cell::new(true)),
         drain_deadline: Cell::new(None),
         stats: RefCell::new(ShardStats::default()),
+        hist: RefCell::new(StageHistograms::default()),
+        vad: env.vad.clone(),
         mesh: ctx.mesh.clone(),
         config,
     });
+    let replies_tq = glommio::executor().create_task_queue(
+        Shares::default(),
+        Latency::Matters(Duration::from_millis(1)),
+        "inference-replies",
+    );
+    let _router = match env.vad_replies.get(ctx.id).cloned() {
+        Some(rx) => {
+            glommio::spawn_local_into(route_vad_results(shard.clone(), rx), replies_tq).ok()
+        }
+        None => None,
+    };
 
     let ip = shard.config.server.ip.clone();
     let bind = |port: u16| -> Result<glommio::net::TcpListener, String> {
@@ -275,7 +357,9 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             let shard = shard.clone();
             Rc::new(move || {
                 let shard = shard.clone();
-                Box::pin(async move { crate::metrics::render(&shard.collect_stats().await) })
+                Box::pin(
+                    async move { crate::metrics::render_snapshots(&shard.collect_stats().await) },
+                )
             })
         },
     });

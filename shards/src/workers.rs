@@ -139,17 +139,24 @@ impl<J: Send + 'static> WorkerPool<J> {
         (key % self.queues.len().max(1) as u64) as usize
     }
 
-    /// Queues a job for `key`'s worker without blocking.
-    pub fn submit(&self, key: u64, shard: usize, job: J) -> Result<(), SubmitError> {
-        let q = self
-            .queues
-            .get(self.worker_for(key))
-            .ok_or(SubmitError::Stopped)?;
+    /// Queues a job for `key`'s worker without blocking; a refused job is handed back.
+    pub fn submit(&self, key: u64, shard: usize, job: J) -> Result<(), (SubmitError, J)> {
+        let Some(q) = self.queues.get(self.worker_for(key)) else {
+            return Err((SubmitError::Stopped, job));
+        };
         q.try_send(Routed { shard, item: job })
             .map_err(|e| match e {
-                flume::TrySendError::Full(_) => SubmitError::Full,
-                flume::TrySendError::Disconnected(_) => SubmitError::Stopped,
+                flume::TrySendError::Full(r) => (SubmitError::Full, r.item),
+                flume::TrySendError::Disconnected(r) => (SubmitError::Stopped, r.item),
             })
+    }
+
+    /// Jobs waiting in the queue of `key`'s worker, and that queue's bound.
+    pub fn depth_for(&self, key: u64) -> (usize, usize) {
+        self.queues
+            .get(self.worker_for(key))
+            .map(|q| (q.len(), q.capacity().unwrap_or(usize::MAX)))
+            .unwrap_or((0, 0))
     }
 
     /// Jobs waiting in each worker's queue.
@@ -283,7 +290,9 @@ mod tests {
             }
         }
         let pool = WorkerPool::spawn(&cfg, |_| Ok::<_, String>(Slow), vec![tx]).unwrap();
-        let results: Vec<_> = (0..10).map(|_| pool.submit(1, 0, ())).collect();
+        let results: Vec<_> = (0..10)
+            .map(|_| pool.submit(1, 0, ()).map_err(|(e, ())| e))
+            .collect();
         assert!(results.contains(&Err(SubmitError::Full)));
         assert!(pool.queue_depths()[0] <= 2);
     }

@@ -1,9 +1,46 @@
 //! Prometheus text for the counters every shard keeps (merged on request over the shards'
 //! control channels; no shared atomics).
 
+pub mod hist;
+
 use std::fmt::Write;
 
-use crate::shard::ShardStats;
+pub use hist::{Stage, StageHistograms};
+
+use crate::shard::{ShardSnapshot, ShardStats};
+
+/// Renders counters of every shard plus the merged histograms.
+pub fn render_snapshots(snapshots: &[ShardSnapshot]) -> String {
+    let stats: Vec<ShardStats> = snapshots.iter().map(|s| s.stats).collect();
+    let mut out = render(&stats);
+    let mut merged = StageHistograms::default();
+    for s in snapshots {
+        merged.merge(&s.hist);
+    }
+    render_histograms(&mut out, &merged);
+    out
+}
+
+/// Renders stage histograms as Prometheus summaries (quantiles, sum, count).
+pub fn render_histograms(out: &mut String, h: &StageHistograms) {
+    for stage in Stage::ALL {
+        let hist = h.get(stage);
+        let name = format!("xiaozhi_{}", stage.name());
+        let _ = writeln!(out, "# HELP {name} {}", stage.help());
+        let _ = writeln!(out, "# TYPE {name} summary");
+        for q in [0.5, 0.9, 0.99, 0.999] {
+            let v = if hist.is_empty() {
+                0
+            } else {
+                hist.value_at_quantile(q)
+            };
+            let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {v}");
+        }
+        let sum = (hist.mean() * hist.len() as f64).round() as u64;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {}", hist.len());
+    }
+}
 
 /// Renders per-shard gauges and instance-wide counters in the Prometheus text format.
 pub fn render(shards: &[ShardStats]) -> String {
@@ -24,7 +61,14 @@ pub fn render(shards: &[ShardStats]) -> String {
             s.shard, s.sessions
         );
     }
-    let counters: [(&str, &str, u64); 17] = [
+    let _ = writeln!(
+        out,
+        "# HELP xiaozhi_vad_queue_depth Jobs waiting in the VAD workers' queues."
+    );
+    let _ = writeln!(out, "# TYPE xiaozhi_vad_queue_depth gauge");
+    let _ = writeln!(out, "xiaozhi_vad_queue_depth {}", total.vad_queue_depth);
+    let e = &total.ended;
+    let counters: [(&str, &str, u64); 27] = [
         (
             "xiaozhi_sessions_accepted_total",
             "WebSocket sessions accepted.",
@@ -109,6 +153,56 @@ pub fn render(shards: &[ShardStats]) -> String {
             "xiaozhi_early_frames_total",
             "Binary frames received before hello (dropped).",
             total.ended.early_frames,
+        ),
+        (
+            "xiaozhi_opus_decoded_total",
+            "Uplink Opus packets decoded (ended sessions).",
+            e.audio.decoded,
+        ),
+        (
+            "xiaozhi_opus_garbage_total",
+            "Uplink packets that did not decode, skipped (ended sessions).",
+            e.audio.garbage,
+        ),
+        (
+            "xiaozhi_vad_jobs_total",
+            "VAD jobs sent to inference cores (ended sessions).",
+            e.audio.jobs,
+        ),
+        (
+            "xiaozhi_vad_stale_results_total",
+            "VAD results dropped because their turn had ended (ended sessions).",
+            e.audio.stale_results,
+        ),
+        (
+            "xiaozhi_vad_errors_total",
+            "VAD results carrying a model error (ended sessions).",
+            e.audio.vad_errors,
+        ),
+        (
+            "xiaozhi_utterances_total",
+            "Utterances segmented (ended sessions).",
+            e.audio.utterances,
+        ),
+        (
+            "xiaozhi_turns_refused_busy_total",
+            "Turns refused at listen start because inference was busy (ended sessions).",
+            e.turns_refused,
+        ),
+        (
+            "xiaozhi_turns_shed_total",
+            "Turns shed because their VAD backlog passed its bound (ended sessions).",
+            e.turns_shed,
+        ),
+        (
+            "xiaozhi_vad_queue_full_total",
+            "VAD jobs refused by a full inference queue, retried (ended sessions).",
+            e.vad_queue_full,
+        ),
+        (
+            "xiaozhi_vad_orphan_results_total",
+            "VAD results whose session had ended.",
+            total.orphan_results,
         ),
     ];
     for (name, help, value) in counters {

@@ -135,6 +135,19 @@ pub enum ServerMessage<'a> {
         /// What was wrong, e.g. a [`ParseError`](super::ParseError) rendered with `to_string`.
         message: &'a str,
     },
+    /// `vad` (ours, off by default): where server VAD found speech, in audio time since the
+    /// listen started. Firmware ignores unknown types; clients and benchmarks use it to see
+    /// endpointing decisions.
+    Vad {
+        /// `start` (speech began) or `end` (utterance complete).
+        state: &'a str,
+        /// Audio time of the first voiced chunk, ms.
+        start_ms: u64,
+        /// Audio time where speech ended (`end` only; 0 on `start`), ms.
+        end_ms: u64,
+        /// Audio time at which the end was decided (`end` only), ms.
+        decided_ms: u64,
+    },
 }
 
 impl ServerMessage<'_> {
@@ -156,6 +169,7 @@ impl ServerMessage<'_> {
             ServerMessage::Pong { .. } => "pong",
             ServerMessage::AdminReply { .. } => "server",
             ServerMessage::Error { .. } => "error",
+            ServerMessage::Vad { .. } => "vad",
         }
     }
 
@@ -251,6 +265,19 @@ impl Serialize for Envelope<'_, '_> {
                 map.serialize_entry("content", &ActionWire { action })?;
             }
             ServerMessage::Error { message } => map.serialize_entry("message", message)?,
+            ServerMessage::Vad {
+                state,
+                start_ms,
+                end_ms,
+                decided_ms,
+            } => {
+                map.serialize_entry("state", state)?;
+                map.serialize_entry("start_ms", &start_ms)?;
+                if state == "end" {
+                    map.serialize_entry("end_ms", &end_ms)?;
+                    map.serialize_entry("decided_ms", &decided_ms)?;
+                }
+            }
         }
         map.serialize_entry("session_id", self.session_id)?;
         map.end()

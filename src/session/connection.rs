@@ -12,7 +12,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::Message;
 
-use super::{CloseCause, Outgoing, Session, SessionEvent, SessionTimers};
+use super::{CloseCause, Outgoing, Session, SessionEvent, SessionSettings, SessionTimers};
+use crate::pipeline::audio_in::AudioInLimits;
 use crate::protocol::token::MISSING_CLIENT_ID;
 use crate::protocol::{identify, AudioParams};
 use crate::shard::{Refusal, Shard};
@@ -163,16 +164,27 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
     }
 
     let now = Instant::now();
+    let inference = &shard.config.inference;
     let session = Session::new(
         uuid::Uuid::new_v4().to_string(),
+        slot.key(),
         identity,
         AudioParams::downlink_default(),
-        SessionTimers {
-            hello_timeout: Duration::from_millis(cfg.hello_timeout_ms),
-            no_voice_close: Duration::from_secs(shard.config.session.no_voice_close_s),
-            idle_close: Duration::from_secs(shard.config.session.idle_close_s),
+        SessionSettings {
+            timers: SessionTimers {
+                hello_timeout: Duration::from_millis(cfg.hello_timeout_ms),
+                no_voice_close: Duration::from_secs(shard.config.session.no_voice_close_s),
+                idle_close: Duration::from_secs(shard.config.session.idle_close_s),
+            },
+            answer_ping: shard.config.session.answer_ping,
+            vad_events: shard.config.session.vad_events,
+            segmenter: shard.config.vad.segmenter(),
+            limits: AudioInLimits {
+                max_wait: Duration::from_millis(inference.max_wait_ms),
+                max_backlog_chunks: (shard.config.vad.max_utterance_ms / 32) as usize,
+                max_chunks_per_job: inference.max_chunks_per_job,
+            },
         },
-        shard.config.session.answer_ping,
         now,
     );
     tracing::debug!(session = %session.id, device = %session.identity.device_id, "connected");
@@ -187,12 +199,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
         End::Timeout => stats.idle_closes += 1,
         End::Normal => {}
     }
-    let c = outcome.counters;
-    stats.ended.malformed += c.malformed;
-    stats.ended.unknown += c.unknown;
-    stats.ended.bad_frames += c.bad_frames;
-    stats.ended.audio_frames += c.audio_frames;
-    stats.ended.early_frames += c.early_frames;
+    stats.ended.add(&outcome.counters);
     drop(stats);
     drop(slot);
 }
@@ -304,10 +311,16 @@ async fn run(
         let now = Instant::now();
         match wake {
             Wake::Incoming(Some(Ok(msg))) => match msg {
-                Message::Text(t) => session.on_text(t.as_str(), now, &mut out),
+                Message::Text(t) => {
+                    let (depth, cap) = shard.vad.depth_for(session.key);
+                    let watermark = shard.config.inference.busy_watermark;
+                    session.set_inference_busy(depth as f64 > watermark * cap as f64);
+                    session.on_text(t.as_str(), now, &mut out)
+                }
                 Message::Binary(b) => {
-                    // Audio decode and VAD plug in here (inference issue); framing is checked now.
-                    let _payload = session.on_binary(&b, now);
+                    if let Some(payload) = session.on_binary(&b, now) {
+                        session.on_audio(payload, now, &mut out);
+                    }
                 }
                 Message::Close(_) => {
                     // tungstenite queues the close reply; keep polling until the stream ends.
@@ -347,18 +360,31 @@ async fn run(
             Wake::Event(Some(SessionEvent::Drain { deadline })) => {
                 session.on_drain(deadline, now, &mut out)
             }
+            Wake::Event(Some(SessionEvent::Vad(result))) => {
+                session.on_vad_result(*result, now, &mut out)
+            }
             Wake::Event(None) => break,
             Wake::Timer => session.on_timer(now, &mut out),
         }
+        submit_vad(&mut session, shard, now);
     }
     finish(session, end)
+}
+
+/// Hands the session's next VAD job to its inference worker; a full queue gives it back.
+fn submit_vad(session: &mut Session, shard: &Shard, now: Instant) {
+    if let Some(job) = session.take_vad_job(now) {
+        if let Err((_, job)) = shard.vad.submit(session.key, shard.id, job) {
+            session.vad_job_refused(job, now);
+        }
+    }
 }
 
 fn finish(session: Session, end: End) -> Outcome {
     tracing::debug!(session = %session.id, ?end, "session ended");
     Outcome {
         end,
-        counters: session.counters,
+        counters: session.counters(),
     }
 }
 

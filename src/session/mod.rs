@@ -10,10 +10,13 @@ pub mod connection;
 
 use std::time::{Duration, Instant};
 
+use crate::pipeline::audio_in::{AudioIn, AudioInCounters, AudioInLimits, PacketOutcome};
+use crate::pipeline::segmenter::{Event, Mode, SegmenterConfig, Utterance};
 use crate::protocol::{
     parse_client_message, AudioParams, BinaryProtocol, ClientMessage, DeviceIdentity, ListenMode,
     ListenState, ServerMessage, Transport,
 };
+use crate::providers::vad::{VadJob, VadResult};
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +31,21 @@ pub enum SessionState {
     Speaking,
     /// A close has been decided; nothing more is processed.
     Closing,
+}
+
+/// Everything a session reads from config.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// Timers.
+    pub timers: SessionTimers,
+    /// Answer `ping`.
+    pub answer_ping: bool,
+    /// Send `vad` start/end messages.
+    pub vad_events: bool,
+    /// Utterance segmentation.
+    pub segmenter: SegmenterConfig,
+    /// Uplink backlog bounds.
+    pub limits: AudioInLimits,
 }
 
 /// Session timers (from config).
@@ -80,6 +98,8 @@ pub enum SessionEvent {
         /// When the session must be closed at the latest.
         deadline: Instant,
     },
+    /// A VAD result from an inference core.
+    Vad(Box<VadResult>),
 }
 
 /// Per-session counters the shard adds to its totals when the session ends.
@@ -95,7 +115,46 @@ pub struct SessionCounters {
     pub audio_frames: u64,
     /// Binary frames received before hello (dropped).
     pub early_frames: u64,
+    /// Turns refused at `listen start` because inference was busy.
+    pub turns_refused: u64,
+    /// Turns shed mid-way because the VAD backlog passed its bound.
+    pub turns_shed: u64,
+    /// VAD jobs the inference queue refused (retried later).
+    pub vad_queue_full: u64,
+    /// Audio frames dropped in a refused or shed turn.
+    pub shed_frames: u64,
+    /// Uplink pipeline counters (folded in when the pipeline is released).
+    pub audio: AudioInCounters,
 }
+
+impl SessionCounters {
+    /// Adds `o` into `self`.
+    pub fn add(&mut self, o: &SessionCounters) {
+        self.malformed += o.malformed;
+        self.unknown += o.unknown;
+        self.bad_frames += o.bad_frames;
+        self.audio_frames += o.audio_frames;
+        self.early_frames += o.early_frames;
+        self.turns_refused += o.turns_refused;
+        self.turns_shed += o.turns_shed;
+        self.vad_queue_full += o.vad_queue_full;
+        self.shed_frames += o.shed_frames;
+        let (a, b) = (&mut self.audio, &o.audio);
+        a.decoded += b.decoded;
+        a.garbage += b.garbage;
+        a.jobs += b.jobs;
+        a.stale_results += b.stale_results;
+        a.vad_errors += b.vad_errors;
+        a.utterances += b.utterances;
+    }
+}
+
+/// How long an uplink pipeline stays allocated without audio.
+const AUDIO_IDLE_RELEASE: Duration = Duration::from_secs(10);
+/// How soon a VAD job refused by a full queue is retried.
+const VAD_RETRY: Duration = Duration::from_millis(5);
+/// Utterances kept for the dialogue pipeline at most (older ones are dropped).
+const MAX_READY_UTTERANCES: usize = 4;
 
 /// The state of one device connection.
 pub struct Session {
@@ -103,6 +162,8 @@ pub struct Session {
     pub id: String,
     /// Who the device says it is.
     pub identity: DeviceIdentity,
+    /// The shard's key for this session (routes inference results back).
+    pub key: u64,
     state: SessionState,
     protocol: BinaryProtocol,
     transport: Transport,
@@ -111,11 +172,17 @@ pub struct Session {
     mode: ListenMode,
     mcp: bool,
     timers: SessionTimers,
+    settings: SessionSettings,
+    audio: Option<Box<AudioIn>>,
+    last_audio: Instant,
+    inference_busy: bool,
+    turn_refused: bool,
+    vad_retry_at: Option<Instant>,
+    ready: std::collections::VecDeque<Utterance>,
     started: Instant,
     last_activity: Instant,
     last_voice: Instant,
     drain_deadline: Option<Instant>,
-    answer_ping: bool,
     close_cause: Option<CloseCause>,
     /// Counters of what this session saw.
     pub counters: SessionCounters,
@@ -125,10 +192,10 @@ impl Session {
     /// A session for an upgraded connection, before hello.
     pub fn new(
         id: String,
+        key: u64,
         identity: DeviceIdentity,
         downlink: AudioParams,
-        timers: SessionTimers,
-        answer_ping: bool,
+        settings: SessionSettings,
         now: Instant,
     ) -> Session {
         // Framing follows the Protocol-Version header; hello's `version` is the fallback.
@@ -139,6 +206,7 @@ impl Session {
         Session {
             id,
             identity,
+            key,
             state: SessionState::AwaitingHello,
             protocol,
             transport: Transport::Websocket,
@@ -146,12 +214,18 @@ impl Session {
             downlink,
             mode: ListenMode::Auto,
             mcp: false,
-            timers,
+            timers: settings.timers,
+            settings,
+            audio: None,
+            last_audio: now,
+            inference_busy: false,
+            turn_refused: false,
+            vad_retry_at: None,
+            ready: std::collections::VecDeque::new(),
             started: now,
             last_activity: now,
             last_voice: now,
             drain_deadline: None,
-            answer_ping,
             close_cause: None,
             counters: SessionCounters::default(),
         }
@@ -261,20 +335,35 @@ impl Session {
                     self.mode = mode;
                 }
                 match listen.state {
-                    ListenState::Start => self.state = SessionState::Listening,
+                    ListenState::Start => {
+                        self.state = SessionState::Listening;
+                        self.start_turn(now, out);
+                    }
                     ListenState::Stop => {
                         if self.state == SessionState::Listening {
                             self.state = SessionState::Idle;
                         }
+                        if let Some(audio) = self.audio.as_mut() {
+                            let mut events = Vec::new();
+                            audio.stop(&mut events);
+                            self.apply_events(events, now, out);
+                        }
                     }
                     ListenState::Detect => {
-                        // The wake word: counts as voice (the device is in use).
+                        // The wake word: counts as voice (the device is in use); the wake-word
+                        // audio sent before it is not an utterance.
                         self.last_voice = now;
+                        if let Some(audio) = self.audio.as_mut() {
+                            audio.new_turn(segmenter_mode(self.mode));
+                        }
                     }
                 }
             }
             ClientMessage::Abort { .. } => {
                 self.last_activity = now;
+                if let Some(audio) = self.audio.as_mut() {
+                    audio.new_turn(segmenter_mode(self.mode));
+                }
                 if self.state == SessionState::Speaking {
                     self.state = SessionState::Listening;
                 }
@@ -283,7 +372,7 @@ impl Session {
             }
             ClientMessage::Ping => {
                 self.last_activity = now;
-                if self.answer_ping {
+                if self.settings.answer_ping {
                     let ts = crate::clock::local_timestamp();
                     self.send(out, ServerMessage::Pong { timestamp: &ts });
                 }
@@ -326,11 +415,6 @@ impl Session {
             Ok(audio) => {
                 self.counters.audio_frames += 1;
                 self.last_activity = now;
-                // Until server VAD decides voice, a non-DTX packet (DTX silence is 1–3 bytes)
-                // counts as voice for the no-voice timer.
-                if audio.payload.len() > 3 {
-                    self.last_voice = now;
-                }
                 Some(audio.payload)
             }
             Err(e) => {
@@ -339,6 +423,181 @@ impl Session {
                 None
             }
         }
+    }
+
+    /// Tells the session whether its inference worker is over the busy watermark (checked at
+    /// `listen start` to refuse new turns while overloaded).
+    pub fn set_inference_busy(&mut self, busy: bool) {
+        self.inference_busy = busy;
+    }
+
+    fn start_turn(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        self.turn_refused = false;
+        self.last_audio = now;
+        if self.inference_busy {
+            // Admission: keep admitted sessions on time by refusing new turns while overloaded.
+            self.turn_refused = true;
+            self.counters.turns_refused += 1;
+            self.send(
+                out,
+                ServerMessage::Alert {
+                    status: "busy",
+                    message: "The server is busy; please try again in a moment.",
+                    emotion: "sad",
+                },
+            );
+            if let Some(audio) = self.audio.as_mut() {
+                audio.new_turn(segmenter_mode(self.mode));
+            }
+            return;
+        }
+        let mode = segmenter_mode(self.mode);
+        match self.audio.as_mut() {
+            Some(audio) => audio.new_turn(mode),
+            None => {
+                self.audio = Some(Box::new(AudioIn::new(
+                    self.settings.segmenter.clone(),
+                    mode,
+                    self.settings.limits.clone(),
+                )))
+            }
+        }
+    }
+
+    /// Handles the Opus payload of an audio frame: decode, queue for VAD.
+    pub fn on_audio(&mut self, payload: &[u8], now: Instant, out: &mut Vec<Outgoing>) {
+        if matches!(
+            self.state,
+            SessionState::AwaitingHello | SessionState::Closing
+        ) {
+            return;
+        }
+        if self.turn_refused {
+            self.counters.shed_frames += 1;
+            return;
+        }
+        self.last_audio = now;
+        if self.audio.is_none() {
+            // Audio without `listen start` (some clients): treat as a turn in the current mode.
+            self.start_turn(now, out);
+            if self.turn_refused {
+                self.counters.shed_frames += 1;
+                return;
+            }
+        }
+        let Some(audio) = self.audio.as_mut() else {
+            return;
+        };
+        match audio.on_packet(payload, now) {
+            Ok(PacketOutcome::Queued) | Ok(PacketOutcome::Garbage) => {}
+            Ok(PacketOutcome::Overloaded) => {
+                // Shed this turn: its audio waited too long for VAD.
+                audio.new_turn(segmenter_mode(self.mode));
+                self.turn_refused = true;
+                self.counters.turns_shed += 1;
+                self.send(
+                    out,
+                    ServerMessage::Alert {
+                        status: "busy",
+                        message: "The server is overloaded; please say that again.",
+                        emotion: "sad",
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.id, error = %e, "uplink decoder unavailable");
+            }
+        }
+    }
+
+    /// The next VAD job to submit, if one is ready (none in flight, audio waiting).
+    pub fn take_vad_job(&mut self, now: Instant) -> Option<VadJob> {
+        if self.vad_retry_at.is_some_and(|t| now < t) {
+            return None;
+        }
+        self.vad_retry_at = None;
+        let key = self.key;
+        self.audio.as_mut()?.take_job(key, now)
+    }
+
+    /// The inference queue refused `job`: keep it and retry shortly.
+    pub fn vad_job_refused(&mut self, job: VadJob, now: Instant) {
+        self.counters.vad_queue_full += 1;
+        self.vad_retry_at = Some(now + VAD_RETRY);
+        if let Some(audio) = self.audio.as_mut() {
+            audio.job_refused(job);
+        }
+    }
+
+    /// Applies a VAD result from an inference core.
+    pub fn on_vad_result(&mut self, result: VadResult, now: Instant, out: &mut Vec<Outgoing>) {
+        let Some(audio) = self.audio.as_mut() else {
+            self.counters.audio.stale_results += 1;
+            return;
+        };
+        let mut events = Vec::new();
+        audio.on_result(result, &mut events);
+        self.apply_events(events, now, out);
+    }
+
+    fn apply_events(&mut self, events: Vec<Event>, now: Instant, out: &mut Vec<Outgoing>) {
+        for event in events {
+            match event {
+                Event::SpeechStart { audio_ms, .. } => {
+                    self.last_voice = now;
+                    if self.settings.vad_events {
+                        self.send(
+                            out,
+                            ServerMessage::Vad {
+                                state: "start",
+                                start_ms: audio_ms,
+                                end_ms: 0,
+                                decided_ms: 0,
+                            },
+                        );
+                    }
+                }
+                Event::Utterance(u) => {
+                    self.last_voice = now;
+                    if self.settings.vad_events {
+                        self.send(
+                            out,
+                            ServerMessage::Vad {
+                                state: "end",
+                                start_ms: u.start_ms,
+                                end_ms: u.end_ms,
+                                decided_ms: u.decided_ms,
+                            },
+                        );
+                    }
+                    tracing::debug!(session = %self.id, start_ms = u.start_ms, end_ms = u.end_ms, "utterance");
+                    if self.ready.len() == MAX_READY_UTTERANCES {
+                        self.ready.pop_front();
+                    }
+                    self.ready.push_back(u);
+                }
+                Event::Discarded { reason } => {
+                    tracing::debug!(session = %self.id, ?reason, "speech discarded");
+                }
+            }
+        }
+    }
+
+    /// Takes the next complete utterance for the dialogue pipeline.
+    pub fn take_utterance(&mut self) -> Option<Utterance> {
+        self.ready.pop_front()
+    }
+
+    /// Counters including the live uplink pipeline's.
+    pub fn counters(&self) -> SessionCounters {
+        let mut c = self.counters;
+        if let Some(a) = &self.audio {
+            c.add(&SessionCounters {
+                audio: a.counters,
+                ..Default::default()
+            });
+        }
+        c
     }
 
     /// The next instant at which [`Session::on_timer`] has something to check.
@@ -352,6 +611,12 @@ impl Session {
         if let Some(drain) = self.drain_deadline {
             d = d.min(drain);
         }
+        if let Some(retry) = self.vad_retry_at {
+            d = d.min(retry);
+        }
+        if self.audio.is_some() {
+            d = d.min(self.last_audio + AUDIO_IDLE_RELEASE);
+        }
         d
     }
 
@@ -359,6 +624,19 @@ impl Session {
     pub fn on_timer(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
         if self.state == SessionState::Closing {
             return;
+        }
+        let release = self
+            .audio
+            .as_ref()
+            .is_some_and(|a| !a.in_flight() && now >= self.last_audio + AUDIO_IDLE_RELEASE);
+        if release {
+            // No audio for a while: free the decoder and segmenter (~30 KiB) of an idle device.
+            if let Some(a) = self.audio.take() {
+                self.counters.add(&SessionCounters {
+                    audio: a.counters,
+                    ..Default::default()
+                });
+            }
         }
         if self.state == SessionState::AwaitingHello {
             if now >= self.started + self.timers.hello_timeout {
@@ -404,6 +682,14 @@ impl Session {
     }
 }
 
+fn segmenter_mode(mode: ListenMode) -> Mode {
+    match mode {
+        ListenMode::Auto => Mode::Auto,
+        ListenMode::Manual => Mode::Manual,
+        ListenMode::Realtime => Mode::Realtime,
+    }
+}
+
 fn truncate_utf8(s: &mut String, max: usize) {
     if s.len() > max {
         let mut cut = max;
@@ -439,10 +725,20 @@ mod tests {
     fn session(version: Option<u8>, now: Instant) -> Session {
         Session::new(
             "sid".into(),
+            1,
             identity(version),
             AudioParams::downlink_default(),
-            timers(),
-            true,
+            SessionSettings {
+                timers: timers(),
+                answer_ping: true,
+                vad_events: true,
+                segmenter: SegmenterConfig::default(),
+                limits: AudioInLimits {
+                    max_wait: Duration::from_millis(1500),
+                    max_backlog_chunks: 938,
+                    max_chunks_per_job: 16,
+                },
+            },
             now,
         )
     }

@@ -261,3 +261,66 @@ pub fn expect_close(ws: &mut Ws) -> (u16, String) {
         }
     }
 }
+
+/// Speech made with espeak-ng, resampled to 16 kHz mono s16 and padded with `pad_s` of silence
+/// on each side by sox; returns the samples.
+pub fn speech_16k(text: &str, voice: &str, pad_s: f32) -> Vec<i16> {
+    let dir = std::env::temp_dir().join(format!("xz-speech-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let tag = format!(
+        "{:x}",
+        text.len() * 31 + voice.len() + (pad_s * 1000.0) as usize
+    );
+    let raw = dir.join(format!("raw-{tag}.wav"));
+    let out = dir.join(format!("out-{tag}.wav"));
+    let ok = Command::new("espeak-ng")
+        .args(["-v", voice, "-w"])
+        .arg(&raw)
+        .arg(text)
+        .status()
+        .expect("espeak-ng (run `make test`, which installs it)");
+    assert!(ok.success(), "espeak-ng failed");
+    let ok = Command::new("sox")
+        .arg(&raw)
+        .args(["-r", "16000", "-c", "1", "-b", "16"])
+        .arg(&out)
+        .args(["pad", &pad_s.to_string(), &pad_s.to_string()])
+        .status()
+        .expect("sox");
+    assert!(ok.success(), "sox failed");
+    let mut reader = hound::WavReader::open(&out).expect("wav");
+    reader
+        .samples::<i16>()
+        .map(|s| s.expect("sample"))
+        .collect()
+}
+
+/// Encodes 16 kHz PCM into 60 ms Opus packets, as the firmware does (the last frame zero-padded).
+pub fn opus_frames(pcm: &[i16]) -> Vec<Vec<u8>> {
+    let mut enc =
+        opus::Encoder::new(16_000, opus::Channels::Mono, opus::Application::Voip).expect("encoder");
+    enc.set_bitrate(opus::Bitrate::Bits(24_000))
+        .expect("bitrate");
+    pcm.chunks(960)
+        .map(|c| {
+            let mut frame = c.to_vec();
+            frame.resize(960, 0);
+            let mut out = vec![0u8; 1500];
+            let n = enc.encode(&frame, &mut out).expect("encode");
+            out.truncate(n);
+            out
+        })
+        .collect()
+}
+
+/// Decodes packets the way the server does (16 kHz mono).
+pub fn decode_frames(frames: &[Vec<u8>]) -> Vec<i16> {
+    let mut dec = opus::Decoder::new(16_000, opus::Channels::Mono).expect("decoder");
+    let mut pcm = Vec::new();
+    let mut buf = vec![0i16; 1920];
+    for f in frames {
+        let n = dec.decode(f, &mut buf, false).expect("decode");
+        pcm.extend_from_slice(&buf[..n]);
+    }
+    pcm
+}

@@ -1,0 +1,118 @@
+//! Per-shard latency histograms (HdrHistogram, microseconds), merged across shards on request.
+
+use hdrhistogram::Histogram;
+
+/// A measured stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Inference done → the shard's reply router received the result (cross-core wake-up).
+    VadReplyWake,
+    /// VAD job queued on the shard → a worker started it.
+    VadQueueWait,
+    /// Model time per 32 ms chunk (batch compute ÷ chunks).
+    VadPerChunk,
+    /// Rows in the forward pass that computed a job.
+    VadBatchSize,
+}
+
+impl Stage {
+    /// Every stage, in export order.
+    pub const ALL: [Stage; 4] = [
+        Stage::VadReplyWake,
+        Stage::VadQueueWait,
+        Stage::VadPerChunk,
+        Stage::VadBatchSize,
+    ];
+
+    /// Metric / file name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::VadReplyWake => "vad_reply_wake_us",
+            Stage::VadQueueWait => "vad_queue_wait_us",
+            Stage::VadPerChunk => "vad_per_chunk_us",
+            Stage::VadBatchSize => "vad_batch_size",
+        }
+    }
+
+    /// One-line description.
+    pub fn help(self) -> &'static str {
+        match self {
+            Stage::VadReplyWake => {
+                "Inference result ready -> shard received it (cross-core wake-up), microseconds."
+            }
+            Stage::VadQueueWait => {
+                "VAD job queued on the shard -> worker started it, microseconds."
+            }
+            Stage::VadPerChunk => "Silero model time per 32 ms chunk, microseconds.",
+            Stage::VadBatchSize => "Rows in the batched forward pass that computed a VAD job.",
+        }
+    }
+}
+
+/// One histogram per stage.
+#[derive(Clone)]
+pub struct StageHistograms {
+    hists: Vec<Histogram<u64>>,
+}
+
+impl Default for StageHistograms {
+    fn default() -> Self {
+        StageHistograms {
+            hists: Stage::ALL
+                .iter()
+                .map(|_| {
+                    Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+                })
+                .collect(),
+        }
+    }
+}
+
+impl StageHistograms {
+    /// Records `value` (saturating at the bounds).
+    pub fn record(&mut self, stage: Stage, value: u64) {
+        if let Some(h) = self.hists.get_mut(stage as usize) {
+            h.saturating_record(value.max(1));
+        }
+    }
+
+    /// The histogram of `stage`.
+    pub fn get(&self, stage: Stage) -> &Histogram<u64> {
+        &self.hists[stage as usize]
+    }
+
+    /// Adds every histogram of `other` into this one.
+    pub fn merge(&mut self, other: &StageHistograms) {
+        for (a, b) in self.hists.iter_mut().zip(&other.hists) {
+            let _ = a.add(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_equals_histogram_of_the_union() {
+        let mut a = StageHistograms::default();
+        let mut b = StageHistograms::default();
+        let mut union = StageHistograms::default();
+        for v in 1..1000u64 {
+            let (h, x) = if v % 3 == 0 {
+                (&mut a, v * 7)
+            } else {
+                (&mut b, v * 13)
+            };
+            h.record(Stage::VadReplyWake, x);
+            union.record(Stage::VadReplyWake, x);
+        }
+        a.merge(&b);
+        let (m, u) = (a.get(Stage::VadReplyWake), union.get(Stage::VadReplyWake));
+        assert_eq!(m.len(), u.len());
+        for q in [0.5, 0.9, 0.99, 1.0] {
+            assert_eq!(m.value_at_quantile(q), u.value_at_quantile(q));
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Voice-activity detection: Silero VAD on ONNX Runtime, run in batches on inference workers.
+
+pub mod silero;
+
+pub use silero::{
+    init_runtime, runtime, SileroModel, VadError, VadJob, VadResult, VadStream, VadWorker,
+};
