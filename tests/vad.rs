@@ -261,3 +261,51 @@ fn garbage_opus_is_counted_and_skipped() {
     }
     assert_eq!(server.metric("xiaozhi_utterances_total"), 1);
 }
+
+#[test]
+fn manual_mode_ends_on_listen_stop_or_after_a_long_silence() {
+    let speech = opus_frames(&speech_16k(EN, "en-us", 0.3));
+    let server = Server::start(&["session.vad_events=true", "vad.manual_max_silence_ms=1500"]);
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:00:00:07", "1"),
+    );
+    hello(&mut ws, HELLO);
+    // Push-to-talk: the key is released (listen stop) right after the speech.
+    ws.send(Message::text(
+        r#"{"type":"listen","state":"start","mode":"manual"}"#,
+    ))
+    .expect("listen");
+    for f in &speech {
+        ws.send(Message::binary(f.clone())).expect("audio");
+    }
+    ws.send(Message::text(r#"{"type":"listen","state":"stop"}"#))
+        .expect("stop");
+    let end = loop {
+        let v = next_json(&mut ws);
+        if v["type"] == "vad" && v["state"] == "end" {
+            break v;
+        }
+    };
+    let total_ms = speech.len() as u64 * 60;
+    assert!(
+        end["end_ms"].as_u64().unwrap_or(0) + 200 >= total_ms - 300,
+        "manual keeps everything up to stop: {end}"
+    );
+
+    // A client that never sends stop: a long silence ends the turn anyway.
+    ws.send(Message::text(
+        r#"{"type":"listen","state":"start","mode":"manual"}"#,
+    ))
+    .expect("listen");
+    let silence = opus_frames(&vec![0i16; 16_000 * 3]);
+    for f in speech.iter().chain(&silence) {
+        ws.send(Message::binary(f.clone())).expect("audio");
+    }
+    loop {
+        let v = next_json(&mut ws);
+        if v["type"] == "vad" && v["state"] == "end" {
+            break;
+        }
+    }
+}
