@@ -113,7 +113,7 @@ fn results_arrive_per_session_in_order_and_aborted_turns_are_never_applied() {
                     let mut outstanding = 0u64;
                     for seq in 0..JOBS_PER_SESSION {
                         // Occasionally abort: everything of the old turn must be dropped.
-                        if rng.next() % 10 == 0 {
+                        if rng.next().is_multiple_of(10) {
                             turn += 1;
                             sent_in_turn.clear();
                             next_expected = 0;
@@ -136,7 +136,7 @@ fn results_arrive_per_session_in_order_and_aborted_turns_are_never_applied() {
                         }
                         sent_in_turn.push(seq);
                         outstanding += 1;
-                        if rng.next() % 3 == 0 {
+                        if rng.next().is_multiple_of(3) {
                             glommio::timer::sleep(Duration::from_micros(rng.next() % 500)).await;
                         }
                     }
