@@ -9,8 +9,8 @@ ARGS ?=
 export ORT_DYLIB_PATH := $(CURDIR)/models/onnxruntime/libonnxruntime.so.1.31.1
 export XIAOZHI_MODELS := $(CURDIR)/models
 
-RUN_GROUPS := apt runtime vad
-TEST_GROUPS := apt runtime vad
+RUN_GROUPS := apt runtime vad asr-tiny tts
+TEST_GROUPS := apt runtime vad asr-tiny tts sdk
 
 .PHONY: run test setup setup-test build lint fmt bench check-cargo
 

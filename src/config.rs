@@ -22,6 +22,14 @@ pub struct Config {
     pub inference: InferenceConfig,
     /// Voice activity detection and utterance segmentation.
     pub vad: VadConfig,
+    /// Speech recognition.
+    pub asr: AsrConfig,
+    /// The language model.
+    pub llm: LlmConfig,
+    /// Speech synthesis.
+    pub tts: TtsConfig,
+    /// Downlink audio: encoding and pacing.
+    pub audio_out: AudioOutConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -310,6 +318,260 @@ impl VadConfig {
     }
 }
 
+/// Which ASR provider runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AsrProvider {
+    /// Local Whisper (CTranslate2) on the inference cores.
+    Whisper,
+    /// OpenAI-compatible `POST /audio/transcriptions`.
+    Openai,
+}
+
+/// Speech recognition.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsrConfig {
+    /// `whisper` (local, default) or `openai` (remote).
+    pub provider: AsrProvider,
+    /// Local Whisper.
+    pub whisper: WhisperConfig,
+    /// Remote OpenAI-compatible transcription.
+    pub openai: RemoteAsrConfig,
+    /// A recognition that takes longer than this fails (apology, session carries on), ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for AsrConfig {
+    fn default() -> Self {
+        Self {
+            provider: AsrProvider::Whisper,
+            whisper: WhisperConfig::default(),
+            openai: RemoteAsrConfig::default(),
+            timeout_ms: 15_000,
+        }
+    }
+}
+
+/// Local Whisper settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WhisperConfig {
+    /// Model folder inside `inference.models_dir`: `whisper-tiny.en` (fast, English) or
+    /// `whisper-base` (multilingual: Chinese + English).
+    pub model: String,
+    /// Language code ("en", "zh"); empty = detect (multilingual models only).
+    pub language: String,
+    /// int8 weights (faster) instead of float32.
+    pub int8: bool,
+}
+
+impl Default for WhisperConfig {
+    fn default() -> Self {
+        Self {
+            model: "whisper-tiny.en".into(),
+            language: "en".into(),
+            int8: true,
+        }
+    }
+}
+
+/// Remote OpenAI-compatible transcription.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteAsrConfig {
+    /// Base URL, e.g. `http://127.0.0.1:18080/v1`.
+    pub base_url: String,
+    /// API key (sent as `Authorization: Bearer`); `XIAOZHI_ASR_API_KEY` overrides.
+    pub api_key: String,
+    /// Model name.
+    pub model: String,
+    /// Language hint; empty = none.
+    pub language: String,
+}
+
+impl Default for RemoteAsrConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:18080/v1".into(),
+            api_key: String::new(),
+            model: "whisper-1".into(),
+            language: String::new(),
+        }
+    }
+}
+
+/// Which LLM answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmProvider {
+    /// The built-in offline responder (no model; greetings, time, echo).
+    Offline,
+    /// OpenAI-compatible streaming chat completions.
+    Openai,
+}
+
+/// The language model.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// `offline` (built-in responder, default) or `openai`.
+    pub provider: LlmProvider,
+    /// System prompt.
+    pub system_prompt: String,
+    /// Most messages of history kept per session (user + assistant).
+    pub history_messages: usize,
+    /// Remote OpenAI-compatible chat.
+    pub openai: RemoteLlmConfig,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            provider: LlmProvider::Offline,
+            system_prompt: "You are Xiaozhi, a friendly voice assistant on a small device. Answer in one to three short spoken sentences, without Markdown or lists, in the language the user speaks.".into(),
+            history_messages: 20,
+            openai: RemoteLlmConfig::default(),
+        }
+    }
+}
+
+/// Remote OpenAI-compatible chat completions.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteLlmConfig {
+    /// Base URL, e.g. `http://127.0.0.1:18080/v1` or `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// API key; `XIAOZHI_LLM_API_KEY` overrides.
+    pub api_key: String,
+    /// Model name.
+    pub model: String,
+    /// Sampling temperature; negative = provider default.
+    pub temperature: f32,
+    /// Most tokens per answer; 0 = provider default.
+    pub max_tokens: u32,
+    /// TCP/TLS connect timeout, ms.
+    pub connect_timeout_ms: u64,
+    /// Time to the first token, ms.
+    pub first_token_timeout_ms: u64,
+    /// Time for the whole answer, ms.
+    pub total_timeout_ms: u64,
+}
+
+impl Default for RemoteLlmConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:18080/v1".into(),
+            api_key: String::new(),
+            model: "gpt-4o-mini".into(),
+            temperature: -1.0,
+            max_tokens: 500,
+            connect_timeout_ms: 3_000,
+            first_token_timeout_ms: 10_000,
+            total_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// Which TTS provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TtsProvider {
+    /// Local Piper voice (ONNX) on the inference cores; espeak-ng for text it cannot speak.
+    Piper,
+    /// Local espeak-ng.
+    Espeak,
+    /// OpenAI-compatible `POST /audio/speech`.
+    Openai,
+}
+
+/// Speech synthesis.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtsConfig {
+    /// `piper` (default), `espeak` or `openai`.
+    pub provider: TtsProvider,
+    /// Piper voice model inside `inference.models_dir`.
+    pub piper_model: String,
+    /// espeak-ng voice for the `espeak` provider and for text Piper cannot speak (e.g. Chinese).
+    pub espeak_voice: String,
+    /// espeak-ng voice used for Chinese text.
+    pub espeak_voice_zh: String,
+    /// A segment not synthesised within this time is skipped, ms.
+    pub timeout_ms: u64,
+    /// Remote OpenAI-compatible speech.
+    pub openai: RemoteTtsConfig,
+}
+
+impl Default for TtsConfig {
+    fn default() -> Self {
+        Self {
+            provider: TtsProvider::Piper,
+            piper_model: "piper/en_US-joe-medium.onnx".into(),
+            espeak_voice: "en-us".into(),
+            espeak_voice_zh: "cmn".into(),
+            timeout_ms: 10_000,
+            openai: RemoteTtsConfig::default(),
+        }
+    }
+}
+
+/// Remote OpenAI-compatible speech.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteTtsConfig {
+    /// Base URL, e.g. `http://127.0.0.1:18080/v1`.
+    pub base_url: String,
+    /// API key; `XIAOZHI_TTS_API_KEY` overrides.
+    pub api_key: String,
+    /// Model name.
+    pub model: String,
+    /// Voice name.
+    pub voice: String,
+    /// `wav` or `pcm` (PCM16LE at `sample_rate`).
+    pub response_format: String,
+    /// Sample rate of `pcm` responses.
+    pub sample_rate: u32,
+}
+
+impl Default for RemoteTtsConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:18080/v1".into(),
+            api_key: String::new(),
+            model: "tts-1".into(),
+            voice: "alloy".into(),
+            response_format: "wav".into(),
+            sample_rate: 24_000,
+        }
+    }
+}
+
+/// Downlink audio encoding and pacing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AudioOutConfig {
+    /// Rate announced in our hello and encoded at (8000, 12000, 16000, 24000 or 48000).
+    pub sample_rate: u32,
+    /// Opus complexity 0–10 (5 in audio mode is ~6x cheaper than the default 9 here).
+    pub complexity: i32,
+    /// Frames sent at once when audio starts (head start for the device's buffer).
+    pub prebuffer_frames: u32,
+    /// Extra wait after the last frame's play-out time before `tts stop`, ms.
+    pub stop_guard_ms: u64,
+}
+
+impl Default for AudioOutConfig {
+    fn default() -> Self {
+        Self {
+            sample_rate: 24_000,
+            complexity: 5,
+            prebuffer_frames: 5,
+            stop_guard_ms: 120,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -455,6 +717,18 @@ impl Config {
         }
         if self.runtime.io_memory_kib < 64 {
             return bad("runtime.io_memory_kib", "must be at least 64");
+        }
+        if ![8000, 12000, 16000, 24000, 48000].contains(&self.audio_out.sample_rate) {
+            return bad(
+                "audio_out.sample_rate",
+                "must be one of 8000, 12000, 16000, 24000, 48000",
+            );
+        }
+        if !(0..=10).contains(&self.audio_out.complexity) {
+            return bad("audio_out.complexity", "must be between 0 and 10");
+        }
+        if !["wav", "pcm"].contains(&self.tts.openai.response_format.as_str()) {
+            return bad("tts.openai.response_format", "must be \"wav\" or \"pcm\"");
         }
         if let Err(e) = self.vad.segmenter().validate() {
             return bad("vad", e.0);

@@ -1,48 +1,155 @@
 //! Starting the inference workers: models verified and loaded on their pinned cores, one reply
-//! channel per shard.
+//! channel per shard and per kind of work.
+//!
+//! Every inference core runs one VAD worker; when the local providers are selected it also
+//! runs one Whisper worker (ASR) and one Piper/espeak worker (TTS). They are separate threads
+//! pinned to the same core: VAD jobs are short and frequent, ASR jobs long and rare, and the
+//! kernel time-slices between them, so a long recognition does not hold VAD results hostage.
 
 use std::time::Duration;
 
 use shards::{Routed, WorkerPool, WorkerPoolConfig};
 
-use crate::config::Config;
+use crate::config::{AsrProvider, Config, TtsProvider};
+use crate::providers::asr::{AsrJob, AsrResult, WhisperSettings, WhisperWorker};
+use crate::providers::tts::{TtsJob, TtsResult, TtsWorker};
 use crate::providers::vad::{VadJob, VadResult, VadWorker};
 
-/// What the shards get: job queues into the workers, and each shard's reply receiver.
-pub struct Inference {
-    /// VAD job queues (clone per shard).
+/// Job queues into the inference workers (cheap to clone, `Send`).
+#[derive(Clone)]
+pub struct InferenceQueues {
+    /// VAD.
     pub vad: WorkerPool<VadJob>,
-    /// VAD results, one receiver per shard (index = shard id).
-    pub vad_replies: Vec<flume::Receiver<Routed<VadResult>>>,
+    /// Local ASR, when selected.
+    pub asr: Option<WorkerPool<AsrJob>>,
+    /// Local TTS, when selected.
+    pub tts: Option<WorkerPool<TtsJob>>,
 }
 
-/// Verifies the model files, then starts one VAD worker per inference core.
+/// One shard's reply receivers.
+#[derive(Clone)]
+pub struct ShardReplies {
+    /// VAD results.
+    pub vad: flume::Receiver<Routed<VadResult>>,
+    /// ASR results.
+    pub asr: flume::Receiver<Routed<AsrResult>>,
+    /// TTS results.
+    pub tts: flume::Receiver<Routed<TtsResult>>,
+}
+
+/// What `start` returns: the queues and every shard's receivers (index = shard id).
+pub struct Inference {
+    /// Job queues.
+    pub queues: InferenceQueues,
+    /// Reply receivers by shard.
+    pub replies: Vec<ShardReplies>,
+}
+
+fn channels<T>(shards: usize, cap: usize) -> (Vec<flume::Sender<T>>, Vec<flume::Receiver<T>>) {
+    (0..shards).map(|_| flume::bounded(cap)).unzip()
+}
+
+/// Verifies the model files, then starts the workers on `cores`.
 pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inference, String> {
     let models = config.inference.models_path();
     let lib = config.inference.onnxruntime_path();
+    let verify = |p: &std::path::Path| crate::models::verify(p, &models).map_err(|e| e.to_string());
+    verify(&lib)?;
     let vad_model = models.join(&config.vad.model);
-    for path in [&lib, &vad_model] {
-        crate::models::verify(path, &models).map_err(|e| e.to_string())?;
-    }
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
-        .map(|_| flume::bounded(config.inference.reply_capacity))
-        .unzip();
-    let pool_config = WorkerPoolConfig {
+    verify(&vad_model)?;
+    let cap = config.inference.reply_capacity;
+    let pool_config = |name: &str| WorkerPoolConfig {
         cores: cores.to_vec(),
         queue_capacity: config.inference.queue_capacity,
         max_batch: config.inference.max_batch,
         batch_deadline: Duration::from_micros(config.inference.batch_deadline_us),
         reply_timeout: Duration::from_millis(100),
-        name: "vad".into(),
+        name: name.into(),
     };
+
+    let (vad_tx, vad_rx) = channels(shards, cap);
+    let vad_lib = lib.clone();
     let vad = WorkerPool::spawn(
-        &pool_config,
-        move |_| VadWorker::load(&lib, &vad_model),
-        senders,
+        &pool_config("vad"),
+        move |_| VadWorker::load(&vad_lib, &vad_model),
+        vad_tx,
     )
     .map_err(|e| format!("VAD workers: {e}"))?;
+
+    let (asr_tx, asr_rx) = channels(shards, cap);
+    let asr = if config.asr.provider == AsrProvider::Whisper {
+        let dir = models.join(&config.asr.whisper.model);
+        for f in [
+            "model.bin",
+            "config.json",
+            "tokenizer.json",
+            "vocabulary.txt",
+        ] {
+            verify(&dir.join(f))?;
+        }
+        let language =
+            (!config.asr.whisper.language.is_empty()).then(|| config.asr.whisper.language.clone());
+        let int8 = config.asr.whisper.int8;
+        let cores = cores.to_vec();
+        let mut asr_config = pool_config("asr");
+        asr_config.max_batch = 1;
+        asr_config.batch_deadline = Duration::ZERO;
+        Some(
+            WorkerPool::spawn(
+                &asr_config,
+                move |i| {
+                    WhisperWorker::load(&WhisperSettings {
+                        model_dir: dir.clone(),
+                        language: language.clone(),
+                        int8,
+                        core: cores[i],
+                        beam_size: 1,
+                    })
+                },
+                asr_tx,
+            )
+            .map_err(|e| format!("Whisper workers: {e}"))?,
+        )
+    } else {
+        None
+    };
+
+    let (tts_tx, tts_rx) = channels(shards, cap);
+    let tts = match config.tts.provider {
+        TtsProvider::Piper | TtsProvider::Espeak => {
+            let piper = if config.tts.provider == TtsProvider::Piper {
+                let model = models.join(&config.tts.piper_model);
+                verify(&model)?;
+                let json = model.with_extension("onnx.json");
+                verify(&json)?;
+                Some(model)
+            } else {
+                None
+            };
+            let lib = lib.clone();
+            let mut tts_config = pool_config("tts");
+            tts_config.max_batch = 1;
+            tts_config.batch_deadline = Duration::ZERO;
+            Some(
+                WorkerPool::spawn(
+                    &tts_config,
+                    move |_| TtsWorker::load(&lib, piper.as_deref()),
+                    tts_tx,
+                )
+                .map_err(|e| format!("TTS workers: {e}"))?,
+            )
+        }
+        TtsProvider::Openai => None,
+    };
+
+    let replies = vad_rx
+        .into_iter()
+        .zip(asr_rx)
+        .zip(tts_rx)
+        .map(|((vad, asr), tts)| ShardReplies { vad, asr, tts })
+        .collect();
     Ok(Inference {
-        vad,
-        vad_replies: receivers,
+        queues: InferenceQueues { vad, asr, tts },
+        replies,
     })
 }

@@ -153,15 +153,18 @@ fn serve(config: Config) -> ExitCode {
             }
         };
     tracing::info!(
-        workers = inference.vad.workers(),
-        model = %config.vad.model,
-        "VAD workers ready"
+        workers = inference.queues.vad.workers(),
+        vad = %config.vad.model,
+        asr = ?config.asr.provider,
+        llm = ?config.llm.provider,
+        tts = ?config.tts.provider,
+        "inference workers ready"
     );
     let (startup_tx, startup_rx) = flume::unbounded();
     let env = ServerEnv {
         config: config.clone(),
-        vad: inference.vad.clone(),
-        vad_replies: inference.vad_replies.clone(),
+        queues: inference.queues.clone(),
+        replies: inference.replies,
         startup: startup_tx,
     };
     let handle =

@@ -13,13 +13,17 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use glommio::{Latency, Shares};
-use shards::{Control, Mailbox, Routed, ShardContext, ShardMesh, WorkerPool};
+use shards::{Control, Mailbox, Routed, ShardContext, ShardMesh};
 
 use crate::config::Config;
 use crate::http::{HttpContext, OtaSettings};
+use crate::inference::{InferenceQueues, ShardReplies};
 use crate::metrics::{Stage, StageHistograms};
 use crate::protocol::TokenSigner;
-use crate::providers::vad::{VadJob, VadResult};
+use crate::providers::asr::AsrResult;
+use crate::providers::http_client::{ClientSettings, HttpClient};
+use crate::providers::tts::TtsResult;
+use crate::providers::vad::VadResult;
 use crate::session::{SessionCounters, SessionEvent};
 
 /// Cross-shard requests carried by `shards::Control::User`.
@@ -115,8 +119,10 @@ pub struct Shard {
     pub stats: RefCell<ShardStats>,
     /// Latency histograms.
     pub hist: RefCell<StageHistograms>,
-    /// VAD job queues on the inference cores.
-    pub vad: WorkerPool<VadJob>,
+    /// Job queues on the inference cores.
+    pub queues: InferenceQueues,
+    /// This shard's HTTP client (keep-alive pool) for remote providers.
+    pub http: Rc<HttpClient>,
     mesh: ShardMesh<ShardRequest>,
 }
 
@@ -189,7 +195,7 @@ impl Shard {
         let mut s = *self.stats.borrow();
         s.shard = self.id;
         s.sessions = self.session_count() as u64;
-        s.vad_queue_depth = self.vad.queue_depths().iter().sum::<usize>() as u64;
+        s.vad_queue_depth = self.queues.vad.queue_depths().iter().sum::<usize>() as u64;
         ShardSnapshot {
             stats: s,
             hist: self.hist.borrow().clone(),
@@ -197,7 +203,7 @@ impl Shard {
     }
 
     /// The mailbox of session `key`, if it is still open.
-    fn mailbox(&self, key: u64) -> Option<Rc<Mailbox<SessionEvent>>> {
+    pub fn mailbox(&self, key: u64) -> Option<Rc<Mailbox<SessionEvent>>> {
         self.sessions.borrow().get(&key).cloned()
     }
 
@@ -265,15 +271,68 @@ async fn route_vad_results(shard: Rc<Shard>, rx: flume::Receiver<Routed<VadResul
     }
 }
 
+/// Hands a local ASR result to its session.
+async fn route_asr_results(shard: Rc<Shard>, rx: flume::Receiver<Routed<AsrResult>>) {
+    while let Ok(Routed { item, .. }) = rx.recv_async().await {
+        shard
+            .hist
+            .borrow_mut()
+            .record(Stage::AsrCompute, item.compute.as_micros() as u64);
+        let result = match item.error {
+            Some(e) => Err(e),
+            None => Ok(item.text),
+        };
+        deliver(
+            &shard,
+            item.session,
+            SessionEvent::Asr {
+                turn: item.turn,
+                result,
+            },
+        );
+    }
+}
+
+/// Hands a local TTS result to its session.
+async fn route_tts_results(shard: Rc<Shard>, rx: flume::Receiver<Routed<TtsResult>>) {
+    while let Ok(Routed { item, .. }) = rx.recv_async().await {
+        shard
+            .hist
+            .borrow_mut()
+            .record(Stage::TtsCompute, item.compute.as_micros() as u64);
+        let result = match item.error {
+            Some(e) => Err(e),
+            None => Ok((item.pcm, item.sample_rate)),
+        };
+        deliver(
+            &shard,
+            item.session,
+            SessionEvent::Tts {
+                turn: item.turn,
+                seq: item.seq,
+                result,
+            },
+        );
+    }
+}
+
+/// Pushes a provider result (at most one in flight per kind and session, so the push is bounded).
+fn deliver(shard: &Shard, session: u64, event: SessionEvent) {
+    match shard.mailbox(session) {
+        Some(mb) => mb.push_control(event),
+        None => shard.stats.borrow_mut().orphan_results += 1,
+    }
+}
+
 /// The process-wide inputs each shard copies at start.
 #[derive(Clone)]
 pub struct ServerEnv {
     /// Configuration.
     pub config: Config,
-    /// VAD job queues.
-    pub vad: WorkerPool<VadJob>,
-    /// VAD result receivers, by shard id.
-    pub vad_replies: Vec<flume::Receiver<Routed<VadResult>>>,
+    /// Job queues into the inference workers.
+    pub queues: InferenceQueues,
+    /// Reply receivers, by shard id.
+    pub replies: Vec<ShardReplies>,
     /// Reports each shard's bind result to the main thread.
     pub startup: flume::Sender<Result<(usize, SocketAddr, SocketAddr), String>>,
 }
@@ -300,7 +359,11 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
         drain_deadline: Cell::new(None),
         stats: RefCell::new(ShardStats::default()),
         hist: RefCell::new(StageHistograms::default()),
-        vad: env.vad.clone(),
+        queues: env.queues.clone(),
+        http: Rc::new(HttpClient::new(ClientSettings {
+            connect_timeout: Duration::from_millis(config.llm.openai.connect_timeout_ms),
+            ..ClientSettings::default()
+        })),
         mesh: ctx.mesh.clone(),
         config,
     });
@@ -309,12 +372,16 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
         Latency::Matters(Duration::from_millis(1)),
         "inference-replies",
     );
-    let _router = match env.vad_replies.get(ctx.id).cloned() {
-        Some(rx) => {
-            glommio::spawn_local_into(route_vad_results(shard.clone(), rx), replies_tq).ok()
-        }
-        None => None,
-    };
+    let mut _routers = Vec::new();
+    if let Some(r) = env.replies.get(ctx.id).cloned() {
+        let tq = replies_tq;
+        _routers
+            .extend(glommio::spawn_local_into(route_vad_results(shard.clone(), r.vad), tq).ok());
+        _routers
+            .extend(glommio::spawn_local_into(route_asr_results(shard.clone(), r.asr), tq).ok());
+        _routers
+            .extend(glommio::spawn_local_into(route_tts_results(shard.clone(), r.tts), tq).ok());
+    }
 
     let ip = shard.config.server.ip.clone();
     let bind = |port: u16| -> Result<glommio::net::TcpListener, String> {

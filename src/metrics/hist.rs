@@ -13,15 +13,39 @@ pub enum Stage {
     VadPerChunk,
     /// Rows in the forward pass that computed a job.
     VadBatchSize,
+    /// WebSocket upgrade done → hello answered, microseconds.
+    ConnectToHello,
+    /// End of speech decided → transcript, microseconds.
+    EosToTranscript,
+    /// End of speech decided → first LLM token, microseconds.
+    EosToFirstToken,
+    /// End of speech decided → first audio frame sent, microseconds.
+    EosToFirstAudio,
+    /// End of speech decided → `tts stop` sent, microseconds.
+    EosToTtsStop,
+    /// A paced frame's send time minus its due time, microseconds.
+    FramePacingJitter,
+    /// Local ASR model time per utterance, microseconds.
+    AsrCompute,
+    /// Local TTS model time per segment, microseconds.
+    TtsCompute,
 }
 
 impl Stage {
     /// Every stage, in export order.
-    pub const ALL: [Stage; 4] = [
+    pub const ALL: [Stage; 12] = [
         Stage::VadReplyWake,
         Stage::VadQueueWait,
         Stage::VadPerChunk,
         Stage::VadBatchSize,
+        Stage::ConnectToHello,
+        Stage::EosToTranscript,
+        Stage::EosToFirstToken,
+        Stage::EosToFirstAudio,
+        Stage::EosToTtsStop,
+        Stage::FramePacingJitter,
+        Stage::AsrCompute,
+        Stage::TtsCompute,
     ];
 
     /// Metric / file name.
@@ -31,6 +55,14 @@ impl Stage {
             Stage::VadQueueWait => "vad_queue_wait_us",
             Stage::VadPerChunk => "vad_per_chunk_us",
             Stage::VadBatchSize => "vad_batch_size",
+            Stage::ConnectToHello => "connect_to_hello_us",
+            Stage::EosToTranscript => "eos_to_transcript_us",
+            Stage::EosToFirstToken => "eos_to_first_token_us",
+            Stage::EosToFirstAudio => "eos_to_first_audio_us",
+            Stage::EosToTtsStop => "eos_to_tts_stop_us",
+            Stage::FramePacingJitter => "frame_pacing_jitter_us",
+            Stage::AsrCompute => "asr_compute_us",
+            Stage::TtsCompute => "tts_compute_us",
         }
     }
 
@@ -45,6 +77,16 @@ impl Stage {
             }
             Stage::VadPerChunk => "Silero model time per 32 ms chunk, microseconds.",
             Stage::VadBatchSize => "Rows in the batched forward pass that computed a VAD job.",
+            Stage::ConnectToHello => "WebSocket upgrade -> hello answered, microseconds.",
+            Stage::EosToTranscript => "End of speech decided -> transcript ready, microseconds.",
+            Stage::EosToFirstToken => "End of speech decided -> first LLM token, microseconds.",
+            Stage::EosToFirstAudio => {
+                "End of speech decided -> first audio frame sent, microseconds."
+            }
+            Stage::EosToTtsStop => "End of speech decided -> tts stop sent, microseconds.",
+            Stage::FramePacingJitter => "Paced frame sent minus due time, microseconds.",
+            Stage::AsrCompute => "Local ASR model time per utterance, microseconds.",
+            Stage::TtsCompute => "Local TTS model time per segment, microseconds.",
         }
     }
 }

@@ -3,3 +3,4 @@
 
 pub mod audio_in;
 pub mod segmenter;
+pub mod sentences;

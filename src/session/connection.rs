@@ -12,10 +12,20 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::Message;
 
+use std::cell::RefCell;
+
+use super::dialogue::{DialogueSettings, Request};
 use super::{CloseCause, Outgoing, Session, SessionEvent, SessionSettings, SessionTimers};
+use crate::config::{Config, LlmProvider, TtsProvider};
 use crate::pipeline::audio_in::AudioInLimits;
 use crate::protocol::token::MISSING_CLIENT_ID;
 use crate::protocol::{identify, AudioParams};
+use crate::providers::asr::openai::{transcribe, OpenAiAsrSettings};
+use crate::providers::asr::wav::wav_bytes;
+use crate::providers::asr::AsrJob;
+use crate::providers::llm::openai::{stream_chat, LlmEvent, OpenAiSettings};
+use crate::providers::tts::openai::{speech, OpenAiTtsSettings};
+use crate::providers::tts::{TtsEngine, TtsJob};
 use crate::shard::{Refusal, Shard};
 use crate::ws::handshake::{read_head, write_plain, write_upgrade, HeadError, RequestHead};
 
@@ -169,7 +179,10 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
         uuid::Uuid::new_v4().to_string(),
         slot.key(),
         identity,
-        AudioParams::downlink_default(),
+        AudioParams {
+            sample_rate: shard.config.audio_out.sample_rate,
+            ..AudioParams::downlink_default()
+        },
         SessionSettings {
             timers: SessionTimers {
                 hello_timeout: Duration::from_millis(cfg.hello_timeout_ms),
@@ -184,6 +197,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
                 max_backlog_chunks: (shard.config.vad.max_utterance_ms / 32) as usize,
                 max_chunks_per_job: inference.max_chunks_per_job,
             },
+            dialogue: dialogue_settings(&shard.config),
         },
         now,
     );
@@ -202,6 +216,22 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
     stats.ended.add(&outcome.counters);
     drop(stats);
     drop(slot);
+}
+
+fn dialogue_settings(c: &Config) -> DialogueSettings {
+    DialogueSettings {
+        offline_llm: c.llm.provider == LlmProvider::Offline,
+        system_prompt: c.llm.system_prompt.clone(),
+        history_messages: c.llm.history_messages,
+        out_rate: c.audio_out.sample_rate,
+        complexity: c.audio_out.complexity,
+        prebuffer_frames: c.audio_out.prebuffer_frames,
+        stop_guard: Duration::from_millis(c.audio_out.stop_guard_ms),
+        asr_timeout: Duration::from_millis(c.asr.timeout_ms),
+        tts_timeout: Duration::from_millis(c.tts.timeout_ms),
+        tz_offset_minutes: (c.server.timezone_offset_hours * 60.0).round() as i64,
+        emotions: true,
+    }
 }
 
 /// Sends the reference's plain-text refusal, then a close frame with a clear English reason.
@@ -246,10 +276,14 @@ enum Wake {
 async fn run(
     ws: &mut WebSocketStream<TcpStream>,
     mut session: Session,
-    mailbox: &shards::Mailbox<SessionEvent>,
-    shard: &Shard,
+    mailbox: &Rc<shards::Mailbox<SessionEvent>>,
+    shard: &Rc<Shard>,
     drain_at_start: Option<Instant>,
 ) -> Outcome {
+    let llm_buffer = Rc::new(RefCell::new(LlmBuffer::default()));
+    // Cancelling this task drops the LLM stream (and closes its connection); it is cancelled on
+    // abort and whenever this function returns.
+    let mut llm_task = LlmTask(None);
     let write_timeout = Duration::from_millis(shard.config.server.write_timeout_ms);
     let max_queue = shard.config.server.outbound_queue_messages;
     let mut out: Vec<Outgoing> = Vec::with_capacity(4);
@@ -312,7 +346,7 @@ async fn run(
         match wake {
             Wake::Incoming(Some(Ok(msg))) => match msg {
                 Message::Text(t) => {
-                    let (depth, cap) = shard.vad.depth_for(session.key);
+                    let (depth, cap) = shard.queues.vad.depth_for(session.key);
                     let watermark = shard.config.inference.busy_watermark;
                     session.set_inference_busy(depth as f64 > watermark * cap as f64);
                     session.on_text(t.as_str(), now, &mut out)
@@ -363,10 +397,54 @@ async fn run(
             Wake::Event(Some(SessionEvent::Vad(result))) => {
                 session.on_vad_result(*result, now, &mut out)
             }
+            Wake::Event(Some(SessionEvent::Asr { turn, result })) => {
+                session.on_asr_result(turn, result, now, &mut out)
+            }
+            Wake::Event(Some(SessionEvent::Tts { turn, seq, result })) => {
+                session.on_tts_result(turn, seq, result, now, &mut out)
+            }
+            Wake::Event(Some(SessionEvent::LlmReady { turn })) => {
+                let (text, done) = {
+                    let mut b = llm_buffer.borrow_mut();
+                    b.notified = false;
+                    if b.turn == turn {
+                        (std::mem::take(&mut b.text), b.done.take())
+                    } else {
+                        (String::new(), None)
+                    }
+                };
+                session.on_llm(turn, &text, done, now, &mut out);
+            }
             Wake::Event(None) => break,
             Wake::Timer => session.on_timer(now, &mut out),
         }
         submit_vad(&mut session, shard, now);
+        // Requests can produce output at once (a refused job); loop until none are left.
+        loop {
+            let requests = session.take_requests();
+            if requests.is_empty() {
+                break;
+            }
+            for req in requests {
+                execute(
+                    req,
+                    &mut session,
+                    shard,
+                    mailbox,
+                    &llm_buffer,
+                    &mut llm_task.0,
+                    now,
+                    &mut out,
+                );
+            }
+        }
+        let samples = session.take_samples();
+        if !samples.is_empty() {
+            let mut h = shard.hist.borrow_mut();
+            for (stage, v) in samples {
+                h.record(stage, v);
+            }
+        }
     }
     finish(session, end)
 }
@@ -374,9 +452,208 @@ async fn run(
 /// Hands the session's next VAD job to its inference worker; a full queue gives it back.
 fn submit_vad(session: &mut Session, shard: &Shard, now: Instant) {
     if let Some(job) = session.take_vad_job(now) {
-        if let Err((_, job)) = shard.vad.submit(session.key, shard.id, job) {
+        if let Err((_, job)) = shard.queues.vad.submit(session.key, shard.id, job) {
             session.vad_job_refused(job, now);
         }
+    }
+}
+
+/// The running LLM stream task of a session; cancelled when dropped.
+struct LlmTask(Option<glommio::task::JoinHandle<()>>);
+
+impl Drop for LlmTask {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.cancel();
+        }
+    }
+}
+
+/// Where a session's LLM stream task leaves text for the session (coalesced: one pending
+/// notification at a time, so a fast stream cannot flood the mailbox).
+#[derive(Default)]
+struct LlmBuffer {
+    turn: u32,
+    text: String,
+    done: Option<Result<(), String>>,
+    notified: bool,
+}
+
+impl LlmBuffer {
+    fn notify(&mut self, mailbox: &shards::Mailbox<SessionEvent>) {
+        if !self.notified {
+            self.notified = true;
+            mailbox.push_control(SessionEvent::LlmReady { turn: self.turn });
+        }
+    }
+}
+
+/// Carries out one dialogue request: a job for an inference core or a remote call on this shard.
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    req: Request,
+    session: &mut Session,
+    shard: &Rc<Shard>,
+    mailbox: &Rc<shards::Mailbox<SessionEvent>>,
+    llm_buffer: &Rc<RefCell<LlmBuffer>>,
+    llm_task: &mut Option<glommio::task::JoinHandle<()>>,
+    now: Instant,
+    out: &mut Vec<Outgoing>,
+) {
+    let key = session.key;
+    match req {
+        Request::Asr { turn, pcm } => match &shard.queues.asr {
+            Some(pool) => {
+                let job = AsrJob {
+                    session: key,
+                    turn,
+                    pcm,
+                    submitted: now,
+                };
+                if pool.submit(key, shard.id, job).is_err() {
+                    session.on_asr_result(
+                        turn,
+                        Err("speech recognition queue is full".into()),
+                        now,
+                        out,
+                    );
+                }
+            }
+            None => {
+                let (client, mb) = (shard.http.clone(), mailbox.clone());
+                let settings = remote_asr_settings(&shard.config);
+                glommio::spawn_local(async move {
+                    let wav = wav_bytes(&pcm, 16_000);
+                    let result = transcribe(&client, &settings, wav)
+                        .await
+                        .map_err(|e| e.to_string());
+                    mb.push_control(SessionEvent::Asr { turn, result });
+                })
+                .detach();
+            }
+        },
+        Request::Llm { turn, messages } => {
+            {
+                let mut b = llm_buffer.borrow_mut();
+                *b = LlmBuffer {
+                    turn,
+                    ..LlmBuffer::default()
+                };
+            }
+            let (client, mb, buf) = (shard.http.clone(), mailbox.clone(), llm_buffer.clone());
+            let settings = remote_llm_settings(&shard.config);
+            let task = glommio::spawn_local(async move {
+                let result = stream_chat(&client, &settings, &messages, None, |event| {
+                    if let LlmEvent::Text(t) = event {
+                        let mut b = buf.borrow_mut();
+                        b.text.push_str(&t);
+                        b.notify(&mb);
+                    }
+                })
+                .await;
+                let mut b = buf.borrow_mut();
+                b.done = Some(result.map(|_| ()).map_err(|e| e.to_string()));
+                b.notify(&mb);
+            });
+            *llm_task = Some(task.detach());
+        }
+        Request::CancelLlm => {
+            if let Some(task) = llm_task.take() {
+                task.cancel();
+            }
+        }
+        Request::Tts { turn, seq, text } => {
+            let cfg = &shard.config.tts;
+            match &shard.queues.tts {
+                Some(pool) => {
+                    let engine = if has_cjk(&text) {
+                        TtsEngine::Espeak {
+                            voice: cfg.espeak_voice_zh.clone(),
+                        }
+                    } else if cfg.provider == TtsProvider::Piper {
+                        TtsEngine::Piper
+                    } else {
+                        TtsEngine::Espeak {
+                            voice: cfg.espeak_voice.clone(),
+                        }
+                    };
+                    let job = TtsJob {
+                        session: key,
+                        turn,
+                        seq,
+                        text,
+                        engine,
+                        submitted: now,
+                    };
+                    if pool.submit(key, shard.id, job).is_err() {
+                        session.on_tts_result(
+                            turn,
+                            seq,
+                            Err("speech synthesis queue is full".into()),
+                            now,
+                            out,
+                        );
+                    }
+                }
+                None => {
+                    let (client, mb) = (shard.http.clone(), mailbox.clone());
+                    let settings = remote_tts_settings(&shard.config);
+                    glommio::spawn_local(async move {
+                        let result = speech(&client, &settings, &text)
+                            .await
+                            .map_err(|e| e.to_string());
+                        mb.push_control(SessionEvent::Tts { turn, seq, result });
+                    })
+                    .detach();
+                }
+            }
+        }
+    }
+}
+
+fn has_cjk(text: &str) -> bool {
+    text.chars()
+        .any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c) || ('\u{3400}'..='\u{4dbf}').contains(&c))
+}
+
+fn env_or(var: &str, value: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| value.to_string())
+}
+
+fn remote_asr_settings(c: &Config) -> OpenAiAsrSettings {
+    OpenAiAsrSettings {
+        base_url: c.asr.openai.base_url.clone(),
+        api_key: env_or("XIAOZHI_ASR_API_KEY", &c.asr.openai.api_key),
+        model: c.asr.openai.model.clone(),
+        language: (!c.asr.openai.language.is_empty()).then(|| c.asr.openai.language.clone()),
+        timeout: Duration::from_millis(c.asr.timeout_ms),
+    }
+}
+
+fn remote_llm_settings(c: &Config) -> OpenAiSettings {
+    let o = &c.llm.openai;
+    OpenAiSettings {
+        base_url: o.base_url.clone(),
+        api_key: env_or("XIAOZHI_LLM_API_KEY", &o.api_key),
+        model: o.model.clone(),
+        temperature: (o.temperature >= 0.0).then_some(o.temperature),
+        max_tokens: (o.max_tokens > 0).then_some(o.max_tokens),
+        connect_timeout: Duration::from_millis(o.connect_timeout_ms),
+        first_token_timeout: Duration::from_millis(o.first_token_timeout_ms),
+        total_timeout: Duration::from_millis(o.total_timeout_ms),
+    }
+}
+
+fn remote_tts_settings(c: &Config) -> OpenAiTtsSettings {
+    let o = &c.tts.openai;
+    OpenAiTtsSettings {
+        base_url: o.base_url.clone(),
+        api_key: env_or("XIAOZHI_TTS_API_KEY", &o.api_key),
+        model: o.model.clone(),
+        voice: o.voice.clone(),
+        response_format: o.response_format.clone(),
+        sample_rate_for_pcm: o.sample_rate,
+        timeout: Duration::from_millis(c.tts.timeout_ms),
     }
 }
 

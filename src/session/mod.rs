@@ -7,16 +7,19 @@
 //! States: `AwaitingHello` → `Idle` (hello answered) → `Listening` / `Speaking` → `Closing`.
 
 pub mod connection;
+pub mod dialogue;
 
 use std::time::{Duration, Instant};
 
+use crate::metrics::Stage;
 use crate::pipeline::audio_in::{AudioIn, AudioInCounters, AudioInLimits, PacketOutcome};
-use crate::pipeline::segmenter::{Event, Mode, SegmenterConfig, Utterance};
+use crate::pipeline::segmenter::{Event, Mode, SegmenterConfig};
 use crate::protocol::{
     parse_client_message, AudioParams, BinaryProtocol, ClientMessage, DeviceIdentity, ListenMode,
     ListenState, ServerMessage, Transport,
 };
 use crate::providers::vad::{VadJob, VadResult};
+use dialogue::{Dialogue, DialogueSettings, OutItem, Output, Request};
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +49,8 @@ pub struct SessionSettings {
     pub segmenter: SegmenterConfig,
     /// Uplink backlog bounds.
     pub limits: AudioInLimits,
+    /// The reply side.
+    pub dialogue: DialogueSettings,
 }
 
 /// Session timers (from config).
@@ -100,6 +105,27 @@ pub enum SessionEvent {
     },
     /// A VAD result from an inference core.
     Vad(Box<VadResult>),
+    /// A recognition finished (local worker or remote provider).
+    Asr {
+        /// Turn id.
+        turn: u32,
+        /// Text, or why it failed.
+        result: Result<String, String>,
+    },
+    /// New LLM output is waiting in the session's stream buffer.
+    LlmReady {
+        /// Turn id.
+        turn: u32,
+    },
+    /// A segment's synthesis finished.
+    Tts {
+        /// Turn id.
+        turn: u32,
+        /// Segment number.
+        seq: u32,
+        /// PCM and its rate, or why it failed.
+        result: Result<(Vec<i16>, u32), String>,
+    },
 }
 
 /// Per-session counters the shard adds to its totals when the session ends.
@@ -153,8 +179,6 @@ impl SessionCounters {
 const AUDIO_IDLE_RELEASE: Duration = Duration::from_secs(10);
 /// How soon a VAD job refused by a full queue is retried.
 const VAD_RETRY: Duration = Duration::from_millis(5);
-/// Utterances kept for the dialogue pipeline at most (older ones are dropped).
-const MAX_READY_UTTERANCES: usize = 4;
 
 /// The state of one device connection.
 pub struct Session {
@@ -178,7 +202,9 @@ pub struct Session {
     inference_busy: bool,
     turn_refused: bool,
     vad_retry_at: Option<Instant>,
-    ready: std::collections::VecDeque<Utterance>,
+    dialogue: Dialogue,
+    requests: Vec<Request>,
+    samples: Vec<(Stage, u64)>,
     started: Instant,
     last_activity: Instant,
     last_voice: Instant,
@@ -203,6 +229,7 @@ impl Session {
             .protocol_version
             .and_then(|v| BinaryProtocol::from_version(v).ok())
             .unwrap_or(BinaryProtocol::V1);
+        let dialogue = Dialogue::new(settings.dialogue.clone(), id.clone());
         Session {
             id,
             identity,
@@ -221,7 +248,9 @@ impl Session {
             inference_busy: false,
             turn_refused: false,
             vad_retry_at: None,
-            ready: std::collections::VecDeque::new(),
+            dialogue,
+            requests: Vec::new(),
+            samples: Vec::new(),
             started: now,
             last_activity: now,
             last_voice: now,
@@ -233,7 +262,90 @@ impl Session {
 
     /// Current state.
     pub fn state(&self) -> SessionState {
-        self.state
+        if self.state != SessionState::Closing && self.dialogue.speaking() {
+            SessionState::Speaking
+        } else {
+            self.state
+        }
+    }
+
+    /// Work the dialogue asked for (jobs, remote calls), to be carried out by the caller.
+    pub fn take_requests(&mut self) -> Vec<Request> {
+        std::mem::take(&mut self.requests)
+    }
+
+    /// Latency samples recorded since the last call.
+    pub fn take_samples(&mut self) -> Vec<(Stage, u64)> {
+        std::mem::take(&mut self.samples)
+    }
+
+    /// Moves what the dialogue produced into the session's outputs, framing audio.
+    fn absorb(&mut self, d: Output, out: &mut Vec<Outgoing>) {
+        for item in d.items {
+            match item {
+                OutItem::Text(t) => out.push(Outgoing::Text(t)),
+                OutItem::Audio(packet) => {
+                    let ts = self.started.elapsed().as_millis() as u32;
+                    let mut framed = Vec::with_capacity(packet.len() + 16);
+                    if self.protocol.encode_into(&packet, ts, &mut framed).is_ok() {
+                        out.push(Outgoing::Binary(framed));
+                    }
+                }
+            }
+        }
+        self.requests.extend(d.requests);
+        self.samples.extend(d.samples);
+    }
+
+    /// A recognition result for turn `turn`.
+    pub fn on_asr_result(
+        &mut self,
+        turn: u32,
+        result: Result<String, String>,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let mut d = Output::default();
+        self.dialogue.on_asr(turn, result, now, &mut d);
+        self.absorb(d, out);
+    }
+
+    /// LLM text for turn `turn`; `done` carries the end of the stream.
+    pub fn on_llm(
+        &mut self,
+        turn: u32,
+        text: &str,
+        done: Option<Result<(), String>>,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let mut d = Output::default();
+        if !text.is_empty() {
+            self.dialogue.on_llm_text(turn, text, now, &mut d);
+        }
+        if let Some(result) = done {
+            self.dialogue.on_llm_done(turn, result, now, &mut d);
+        }
+        self.absorb(d, out);
+    }
+
+    /// A synthesis result for segment `seq` of turn `turn`.
+    pub fn on_tts_result(
+        &mut self,
+        turn: u32,
+        seq: u32,
+        result: Result<(Vec<i16>, u32), String>,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let mut d = Output::default();
+        self.dialogue.on_tts(turn, seq, result, now, &mut d);
+        self.absorb(d, out);
+    }
+
+    /// Dialogue counters.
+    pub fn dialogue_counters(&self) -> dialogue::DialogueCounters {
+        self.dialogue.counters
     }
 
     /// Binary framing in use.
@@ -314,6 +426,10 @@ impl Session {
                 self.mcp = hello.features.mcp;
                 if self.state == SessionState::AwaitingHello {
                     self.state = SessionState::Idle;
+                    self.samples.push((
+                        Stage::ConnectToHello,
+                        now.saturating_duration_since(self.started).as_micros() as u64,
+                    ));
                 }
                 self.send(
                     out,
@@ -350,11 +466,18 @@ impl Session {
                         }
                     }
                     ListenState::Detect => {
-                        // The wake word: counts as voice (the device is in use); the wake-word
-                        // audio sent before it is not an utterance.
+                        // The wake word (or a client's typed text): counts as voice; the
+                        // wake-word audio sent before it is not an utterance; the text is
+                        // answered like a spoken turn.
                         self.last_voice = now;
                         if let Some(audio) = self.audio.as_mut() {
                             audio.new_turn(segmenter_mode(self.mode));
+                        }
+                        if let Some(text) = listen.text.as_deref().filter(|t| !t.trim().is_empty())
+                        {
+                            let mut d = Output::default();
+                            self.dialogue.on_text_turn(text, now, &mut d);
+                            self.absorb(d, out);
                         }
                     }
                 }
@@ -364,11 +487,14 @@ impl Session {
                 if let Some(audio) = self.audio.as_mut() {
                     audio.new_turn(segmenter_mode(self.mode));
                 }
-                if self.state == SessionState::Speaking {
-                    self.state = SessionState::Listening;
+                let was_speaking = self.dialogue.speaking();
+                let mut d = Output::default();
+                self.dialogue.abort(now, &mut d);
+                self.absorb(d, out);
+                if !was_speaking {
+                    // The reference always answers abort with an immediate tts stop.
+                    self.send(out, ServerMessage::TtsStop);
                 }
-                // The reference always answers abort with an immediate tts stop.
-                self.send(out, ServerMessage::TtsStop);
             }
             ClientMessage::Ping => {
                 self.last_activity = now;
@@ -571,21 +697,15 @@ impl Session {
                         );
                     }
                     tracing::debug!(session = %self.id, start_ms = u.start_ms, end_ms = u.end_ms, "utterance");
-                    if self.ready.len() == MAX_READY_UTTERANCES {
-                        self.ready.pop_front();
-                    }
-                    self.ready.push_back(u);
+                    let mut d = Output::default();
+                    self.dialogue.on_utterance(u.pcm, now, &mut d);
+                    self.absorb(d, out);
                 }
                 Event::Discarded { reason } => {
                     tracing::debug!(session = %self.id, ?reason, "speech discarded");
                 }
             }
         }
-    }
-
-    /// Takes the next complete utterance for the dialogue pipeline.
-    pub fn take_utterance(&mut self) -> Option<Utterance> {
-        self.ready.pop_front()
     }
 
     /// Counters including the live uplink pipeline's.
@@ -616,6 +736,9 @@ impl Session {
         }
         if self.audio.is_some() {
             d = d.min(self.last_audio + AUDIO_IDLE_RELEASE);
+        }
+        if let Some(x) = self.dialogue.next_deadline() {
+            d = d.min(x);
         }
         d
     }
@@ -649,7 +772,15 @@ impl Session {
             }
             return;
         }
-        if self.drain_deadline.is_some_and(|d| now >= d) {
+        let mut d = Output::default();
+        self.dialogue.on_timer(now, &mut d);
+        self.absorb(d, out);
+        if self.dialogue.busy() {
+            // An answer in progress counts as activity.
+            self.last_activity = now;
+        }
+        let drained = self.drain_deadline.is_some() && !self.dialogue.busy();
+        if self.drain_deadline.is_some_and(|d| now >= d) || drained {
             self.goodbye(out, CloseCause::Drain, 1001, "server shutting down");
         } else if now >= self.last_activity + self.timers.idle_close {
             self.close(out, CloseCause::IdleTimeout, 1000, "idle timeout");
@@ -666,9 +797,9 @@ impl Session {
     /// The instance is draining: close now unless an answer is being spoken.
     pub fn on_drain(&mut self, deadline: Instant, now: Instant, out: &mut Vec<Outgoing>) {
         self.drain_deadline = Some(deadline);
-        match self.state {
+        match self.state() {
             SessionState::Closing => {}
-            SessionState::Speaking => {}
+            _ if self.dialogue.busy() => {}
             _ => {
                 let _ = now;
                 self.goodbye(out, CloseCause::Drain, 1001, "server shutting down");
@@ -737,6 +868,19 @@ mod tests {
                     max_wait: Duration::from_millis(1500),
                     max_backlog_chunks: 938,
                     max_chunks_per_job: 16,
+                },
+                dialogue: DialogueSettings {
+                    offline_llm: true,
+                    system_prompt: String::new(),
+                    history_messages: 10,
+                    out_rate: 24_000,
+                    complexity: 5,
+                    prebuffer_frames: 5,
+                    stop_guard: Duration::from_millis(100),
+                    asr_timeout: Duration::from_secs(5),
+                    tts_timeout: Duration::from_secs(5),
+                    tz_offset_minutes: 0,
+                    emotions: true,
                 },
             },
             now,

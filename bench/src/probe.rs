@@ -1,0 +1,172 @@
+//! `probe`: one device, one interaction, printed as a timeline (ms since the connect began), with
+//! the reply audio decoded at the server's announced rate and saved as a WAV file.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::audio;
+use crate::connect::{DeviceId, IdentityMode};
+use crate::device::{self, DeviceConfig, Mode, Report, Trace};
+use crate::outcome::{classify, End};
+use crate::protocol::BinaryProtocol;
+use crate::schedule::Limit;
+
+/// `xiaozhi-bench probe` options.
+#[derive(clap::Args, Debug)]
+pub struct ProbeArgs {
+    /// WebSocket URL of the server (replaced by the OTA answer's when --ota-url is given).
+    #[arg(long, default_value = "ws://127.0.0.1:8000/xiaozhi/v1/")]
+    pub url: String,
+    /// Ask this OTA endpoint first and use the websocket URL/token it returns.
+    #[arg(long)]
+    pub ota_url: Option<String>,
+    /// Send the device identity as headers (firmware) or query parameters (browsers).
+    #[arg(long, value_enum, default_value = "headers")]
+    pub identity: IdentityMode,
+    /// Binary protocol version.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub protocol: u8,
+    /// Listening mode.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: Mode,
+    /// Utterance: a 16 kHz mono WAV file (default: generated with espeak-ng + sox).
+    #[arg(long)]
+    pub wav: Option<PathBuf>,
+    /// Wait this long for stt after the last speech frame, and for progress during the reply.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout_s: f64,
+    /// Device index (MAC 02:00:…).
+    #[arg(long, default_value_t = 0)]
+    pub device: u32,
+    /// Sign the device token with this secret when the server checks tokens.
+    #[arg(long)]
+    pub auth_key: Option<String>,
+    /// Save the reply audio (decoded Opus) as a WAV file.
+    #[arg(long)]
+    pub save_reply: Option<PathBuf>,
+}
+
+/// Runs the probe and prints the timeline.
+pub fn run(args: ProbeArgs) -> Result<(), String> {
+    let protocol = BinaryProtocol::from_version(args.protocol).map_err(|e| e.to_string())?;
+    let pcm = audio::utterance(args.wav.as_ref())?;
+    let uplink = audio::encode_uplink(&pcm, protocol)?;
+    let cfg = DeviceConfig {
+        ws_url: args.url.clone(),
+        ota_url: args.ota_url.clone(),
+        identity: args.identity,
+        protocol,
+        mode: args.mode,
+        // Settle after hello (MCP set-up) before speaking, as a person would.
+        think: Duration::from_millis(500),
+        expected_reply: Duration::from_secs(3),
+        timeout: Duration::try_from_secs_f64(args.timeout_s)
+            .map_err(|_| "--timeout-s must be a non-negative number")?,
+        uplink: Arc::new(uplink),
+        auth_key: args.auth_key.clone(),
+    };
+    let id = DeviceId::new(args.device, 1);
+    let (trace, reports) = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("probe")
+        .io_memory(512 << 10)
+        .preempt_timer(Duration::from_micros(500))
+        .spawn(move || async move {
+            let trace = RefCell::new(Trace::default());
+            let reports = RefCell::new(Vec::new());
+            let report = |r: Report| reports.borrow_mut().push(r);
+            // Like fleet: a short lead so executor start-up does not land in the first connect.
+            let start = Instant::now() + Duration::from_millis(100);
+            device::run(
+                &cfg,
+                id,
+                start,
+                Limit::Interactions(1),
+                &report,
+                Some(&trace),
+            )
+            .await;
+            (trace.into_inner(), reports.into_inner())
+        })
+        .map_err(|e| format!("starting executor: {e}"))?
+        .join()
+        .map_err(|e| format!("probe executor: {e}"))?;
+
+    let mut lines = trace.lines.clone();
+    lines.sort_by_key(|(at, _)| *at);
+    let Some(t0) = lines.first().map(|(at, _)| *at) else {
+        return Err("nothing happened".into());
+    };
+    let ms = |at: Instant| at.saturating_duration_since(t0).as_secs_f64() * 1000.0;
+    for (at, line) in &lines {
+        println!("{:>9.1} ms  {line}", ms(*at));
+    }
+    println!();
+    let Some(o) = &trace.observed else {
+        return Err("no interaction took place".into());
+    };
+    let verdict = classify(o);
+    // The probe's one interaction starts on time, so intended and actual last frame coincide
+    // unless the connect was slow; show latencies from the frame actually sent.
+    if let Some(last) = o.actual_last_frame {
+        let since = |t: Option<Instant>| {
+            t.map_or("-".to_owned(), |t| {
+                format!(
+                    "{:.1} ms",
+                    t.saturating_duration_since(last).as_secs_f64() * 1000.0
+                )
+            })
+        };
+        println!(
+            "from the last speech frame: stt {}  first audio {}  tts stop {}",
+            since(o.stt),
+            since(o.first_audio),
+            since(o.tts_stop)
+        );
+    }
+    if let End::NotConnected(kind) = o.end {
+        return Err(format!("no connection ({})", kind.name()));
+    }
+    let seconds = o.frames as f64 * 0.06;
+    let mut jitter = o.jitter_us.clone();
+    jitter.sort_unstable();
+    let pct = |q: f64| {
+        jitter
+            .get(((jitter.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |us| *us as f64 / 1000.0)
+    };
+    println!(
+        "reply: {} audio frames (~{seconds:.2} s at {} Hz), frame jitter p50 {:.1} ms, max {:.1} ms",
+        o.frames,
+        trace.sample_rate,
+        pct(0.5),
+        pct(1.0)
+    );
+    let errors: Vec<_> = verdict.errors.iter().map(|k| k.name()).collect();
+    println!(
+        "errors: {}",
+        if errors.is_empty() {
+            "none".to_owned()
+        } else {
+            errors.join(", ")
+        }
+    );
+    if let Some(path) = &args.save_reply {
+        if trace.reply.is_empty() {
+            println!("no reply audio to save");
+        } else {
+            let secs = audio::save_reply(path, &trace.reply, trace.sample_rate)?;
+            println!("saved reply audio: {} ({secs:.2} s)", path.display());
+        }
+    }
+    let connects_failed = reports
+        .iter()
+        .any(|r| matches!(r, Report::Connect { result: Err(_), .. }));
+    if connects_failed || !verdict.errors.is_empty() {
+        return Err("the interaction did not complete cleanly".into());
+    }
+    Ok(())
+}

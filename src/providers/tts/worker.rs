@@ -1,0 +1,314 @@
+//! The TTS inference worker: turns [`TtsJob`]s (one sentence or so of reply text) into PCM.
+//!
+//! Jobs run one after another in arrival order, so a session's sentences come back in the
+//! order it submitted them. A failed job becomes a [`TtsResult`] with `error` set, never a
+//! panic, and text with nothing to pronounce (whitespace, emoji, Markdown symbols) becomes an
+//! empty result without error.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use shards::{BatchWorker, Routed};
+
+use super::piper::PiperVoice;
+use super::{espeak, text, TtsError};
+
+/// Which synthesiser reads a job's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TtsEngine {
+    /// The worker's Piper voice (English `en_US-joe-medium` in the default set-up).
+    Piper,
+    /// espeak-ng with the named voice (e.g. "cmn" for Mandarin): the fallback for languages
+    /// the Piper voice cannot speak.
+    Espeak {
+        /// espeak-ng voice name.
+        voice: String,
+    },
+}
+
+/// A piece of reply text to synthesise.
+#[derive(Debug, Clone)]
+pub struct TtsJob {
+    /// Session the reply belongs to.
+    pub session: u64,
+    /// Turn the reply belongs to, echoed so stale audio can be dropped.
+    pub turn: u32,
+    /// Position of this piece within the turn's reply, echoed.
+    pub seq: u32,
+    /// The text, possibly with emoji and Markdown (they are removed before synthesis).
+    pub text: String,
+    /// Which synthesiser reads it.
+    pub engine: TtsEngine,
+    /// When the session queued the job.
+    pub submitted: Instant,
+}
+
+/// The audio of one [`TtsJob`].
+#[derive(Debug, Clone)]
+pub struct TtsResult {
+    /// The job's `session`.
+    pub session: u64,
+    /// The job's `turn`.
+    pub turn: u32,
+    /// The job's `seq`.
+    pub seq: u32,
+    /// Mono 16-bit PCM; empty when there was nothing to say or on error.
+    pub pcm: Vec<i16>,
+    /// Sample rate of `pcm` (22050 Hz for both Piper medium voices and espeak-ng); 0 when the
+    /// engine is unavailable.
+    pub sample_rate: u32,
+    /// Time from `submitted` to the worker starting the job.
+    pub queue_wait: Duration,
+    /// Wall time of the synthesis.
+    pub compute: Duration,
+    /// When the synthesis finished.
+    pub done: Instant,
+    /// Set when synthesis failed.
+    pub error: Option<String>,
+}
+
+/// An inference-core worker synthesising speech with an optional Piper voice and espeak-ng.
+pub struct TtsWorker {
+    piper: Option<PiperVoice>,
+}
+
+impl TtsWorker {
+    /// A worker using `piper` for [`TtsEngine::Piper`] jobs (without one, such jobs fail) and
+    /// espeak-ng for [`TtsEngine::Espeak`] jobs.
+    pub fn new(piper: Option<PiperVoice>) -> Self {
+        TtsWorker { piper }
+    }
+
+    /// Initialises espeak-ng and, when `piper_model` is given, loads that Piper voice in the
+    /// ONNX Runtime environment created from `lib`. Call it on the worker's own thread.
+    pub fn load(lib: &Path, piper_model: Option<&Path>) -> Result<Self, TtsError> {
+        espeak::init()?;
+        let piper = piper_model
+            .map(|model| PiperVoice::load(lib, model))
+            .transpose()?;
+        Ok(TtsWorker::new(piper))
+    }
+
+    /// Whether [`TtsEngine::Piper`] jobs can be served.
+    pub fn has_piper(&self) -> bool {
+        self.piper.is_some()
+    }
+
+    /// Speech for `text` with `engine`: PCM and its sample rate. Emoji and Markdown symbols
+    /// are removed first; nothing to pronounce gives empty PCM.
+    pub fn synthesize(
+        &mut self,
+        text: &str,
+        engine: &TtsEngine,
+    ) -> Result<(Vec<i16>, u32), TtsError> {
+        let cleaned = text::clean(text);
+        let silent = text::is_silent(&cleaned);
+        match engine {
+            TtsEngine::Piper => {
+                let voice = self.piper.as_mut().ok_or(TtsError::NoPiperVoice)?;
+                let mut pcm = Vec::new();
+                if !silent {
+                    voice.synthesize(&cleaned, &mut pcm)?;
+                }
+                Ok((pcm, voice.sample_rate()))
+            }
+            TtsEngine::Espeak { voice } => {
+                let rate = espeak::sample_rate()?;
+                if silent {
+                    return Ok((Vec::new(), rate));
+                }
+                Ok((espeak::synthesize(voice, &cleaned)?, rate))
+            }
+        }
+    }
+
+    fn run(&mut self, job: TtsJob) -> TtsResult {
+        let start = Instant::now();
+        let outcome = self.synthesize(&job.text, &job.engine);
+        let done = Instant::now();
+        let (pcm, sample_rate, error) = match outcome {
+            Ok((pcm, rate)) => (pcm, rate, None),
+            Err(e) => {
+                tracing::warn!(session = job.session, turn = job.turn, seq = job.seq, error = %e, "TTS failed");
+                let rate = match job.engine {
+                    TtsEngine::Piper => self.piper.as_ref().map_or(0, PiperVoice::sample_rate),
+                    TtsEngine::Espeak { .. } => espeak::sample_rate().unwrap_or(0),
+                };
+                (Vec::new(), rate, Some(e.to_string()))
+            }
+        };
+        TtsResult {
+            session: job.session,
+            turn: job.turn,
+            seq: job.seq,
+            pcm,
+            sample_rate,
+            queue_wait: start.saturating_duration_since(job.submitted),
+            compute: done - start,
+            done,
+            error,
+        }
+    }
+}
+
+impl BatchWorker for TtsWorker {
+    type Job = TtsJob;
+    type Output = TtsResult;
+
+    fn process(&mut self, jobs: &mut Vec<Routed<TtsJob>>, out: &mut Vec<Routed<TtsResult>>) {
+        for job in jobs.drain(..) {
+            let item = self.run(job.item);
+            out.push(Routed {
+                shard: job.shard,
+                item,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::tts::testing::voice_or_skip;
+
+    fn job(seq: u32, text: &str, engine: TtsEngine) -> Routed<TtsJob> {
+        Routed {
+            shard: seq as usize % 2,
+            item: TtsJob {
+                session: 42,
+                turn: 3,
+                seq,
+                text: text.into(),
+                engine,
+                submitted: Instant::now(),
+            },
+        }
+    }
+
+    fn rms(pcm: &[i16]) -> f64 {
+        let sum: f64 = pcm.iter().map(|&s| f64::from(s).powi(2)).sum();
+        (sum / pcm.len().max(1) as f64).sqrt()
+    }
+
+    fn run(worker: &mut TtsWorker, jobs: Vec<Routed<TtsJob>>) -> Vec<Routed<TtsResult>> {
+        let mut jobs = jobs;
+        let mut out = Vec::new();
+        worker.process(&mut jobs, &mut out);
+        assert!(jobs.is_empty());
+        out
+    }
+
+    #[test]
+    fn piper_reads_a_short_english_reply_in_one_to_four_seconds() {
+        let Some(voice) = voice_or_skip() else {
+            return;
+        };
+        let mut worker = TtsWorker::new(Some(voice));
+        let out = run(
+            &mut worker,
+            vec![job(
+                0,
+                "Hello! The kitchen lights are on.",
+                TtsEngine::Piper,
+            )],
+        );
+        let r = &out[0].item;
+        assert_eq!(r.error, None);
+        assert_eq!(r.sample_rate, 22_050);
+        let secs = r.pcm.len() as f64 / 22_050.0;
+        let level = rms(&r.pcm);
+        eprintln!(
+            "piper: {secs:.2} s of audio in {:?}, rms {level:.0}",
+            r.compute
+        );
+        assert!((1.0..=4.0).contains(&secs), "{secs} s");
+        assert!(level > 500.0, "rms {level}");
+    }
+
+    #[test]
+    fn espeak_mandarin_voice_reads_chinese() {
+        let mut worker = TtsWorker::new(None);
+        let out = run(
+            &mut worker,
+            vec![job(
+                0,
+                "你好",
+                TtsEngine::Espeak {
+                    voice: "cmn".into(),
+                },
+            )],
+        );
+        let r = &out[0].item;
+        assert_eq!(r.error, None);
+        assert_eq!(r.sample_rate, 22_050);
+        let secs = r.pcm.len() as f64 / 22_050.0;
+        eprintln!(
+            "espeak cmn: {secs:.2} s in {:?}, rms {:.0}",
+            r.compute,
+            rms(&r.pcm)
+        );
+        assert!(secs > 0.2, "{secs} s");
+        assert!(rms(&r.pcm) > 300.0);
+    }
+
+    #[test]
+    fn emoji_only_job_gives_empty_audio_and_no_error() {
+        let mut worker = TtsWorker::new(voice_or_skip());
+        let engines = [
+            TtsEngine::Espeak {
+                voice: "en-us".into(),
+            },
+            TtsEngine::Piper,
+        ];
+        for engine in engines {
+            if engine == TtsEngine::Piper && !worker.has_piper() {
+                continue;
+            }
+            let out = run(&mut worker, vec![job(0, "😀🎉 ** ##", engine.clone())]);
+            let r = &out[0].item;
+            assert_eq!(r.error, None, "{engine:?}");
+            assert!(r.pcm.is_empty(), "{engine:?}");
+            assert_eq!(r.sample_rate, 22_050, "{engine:?}");
+        }
+    }
+
+    #[test]
+    fn failures_become_error_results_in_job_order() {
+        let mut worker = TtsWorker::new(None);
+        let out = run(
+            &mut worker,
+            vec![
+                job(0, "Hello.", TtsEngine::Piper),
+                job(
+                    1,
+                    "hello",
+                    TtsEngine::Espeak {
+                        voice: "no-such-voice".into(),
+                    },
+                ),
+                job(
+                    2,
+                    "hello",
+                    TtsEngine::Espeak {
+                        voice: "en-us".into(),
+                    },
+                ),
+            ],
+        );
+        let seqs: Vec<u32> = out.iter().map(|r| r.item.seq).collect();
+        assert_eq!(seqs, [0, 1, 2]);
+        let shards: Vec<usize> = out.iter().map(|r| r.shard).collect();
+        assert_eq!(shards, [0, 1, 0]);
+        assert_eq!(
+            out[0].item.error.as_deref(),
+            Some("no Piper voice is loaded")
+        );
+        assert_eq!(
+            out[1].item.error.as_deref(),
+            Some("espeak-ng has no voice \"no-such-voice\"")
+        );
+        assert_eq!(out[2].item.error, None);
+        assert!(!out[2].item.pcm.is_empty());
+        assert!(out.iter().all(|r| r.item.session == 42 && r.item.turn == 3));
+    }
+}
