@@ -139,6 +139,31 @@ struct Turn {
     first_segment_requested: bool,
 }
 
+impl Turn {
+    /// A turn whose utterance ended at `eos`, waiting for its transcript.
+    fn new(id: u32, eos: Instant, asr_deadline: Option<Instant>) -> Turn {
+        Turn {
+            id,
+            stage: Stage2::Recognizing,
+            eos,
+            user_text: String::new(),
+            reply: String::new(),
+            tts_started: false,
+            emotion_sent: false,
+            first_audio_sent: false,
+            splitter: SentenceSplitter::new(),
+            llm_done: false,
+            segments: VecDeque::new(),
+            tts_in_flight: None,
+            in_flight_text: None,
+            next_seq: 0,
+            queue: VecDeque::new(),
+            asr_deadline,
+            first_segment_requested: false,
+        }
+    }
+}
+
 /// Counters of the dialogue.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DialogueCounters {
@@ -209,59 +234,24 @@ impl Dialogue {
 
     /// A complete utterance arrived: start recognising it (aborting an answer in progress).
     pub fn on_utterance(&mut self, pcm: Vec<i16>, now: Instant, out: &mut Output) {
+        let id = self.begin_turn(now, Some(now + self.settings.asr_timeout), out);
+        out.requests.push(Request::Asr { turn: id, pcm });
+    }
+
+    /// Aborts any turn in progress and starts a new one; returns its id.
+    fn begin_turn(&mut self, now: Instant, asr_deadline: Option<Instant>, out: &mut Output) -> u32 {
         if self.turn.is_some() {
             self.abort(now, out);
         }
         let id = self.next_turn;
         self.next_turn = self.next_turn.wrapping_add(1).max(1);
-        self.turn = Some(Turn {
-            id,
-            stage: Stage2::Recognizing,
-            eos: now,
-            user_text: String::new(),
-            reply: String::new(),
-            tts_started: false,
-            emotion_sent: false,
-            first_audio_sent: false,
-            splitter: SentenceSplitter::new(),
-            llm_done: false,
-            segments: VecDeque::new(),
-            tts_in_flight: None,
-            in_flight_text: None,
-            next_seq: 0,
-            queue: VecDeque::new(),
-            asr_deadline: Some(now + self.settings.asr_timeout),
-            first_segment_requested: false,
-        });
-        out.requests.push(Request::Asr { turn: id, pcm });
+        self.turn = Some(Turn::new(id, now, asr_deadline));
+        id
     }
 
     /// A text turn (wake word or a client's typed text): answer it as if it had been spoken.
     pub fn on_text_turn(&mut self, text: &str, now: Instant, out: &mut Output) {
-        if self.turn.is_some() {
-            self.abort(now, out);
-        }
-        let id = self.next_turn;
-        self.next_turn = self.next_turn.wrapping_add(1).max(1);
-        self.turn = Some(Turn {
-            id,
-            stage: Stage2::Recognizing,
-            eos: now,
-            user_text: String::new(),
-            reply: String::new(),
-            tts_started: false,
-            emotion_sent: false,
-            first_audio_sent: false,
-            splitter: SentenceSplitter::new(),
-            llm_done: false,
-            segments: VecDeque::new(),
-            tts_in_flight: None,
-            in_flight_text: None,
-            next_seq: 0,
-            queue: VecDeque::new(),
-            asr_deadline: None,
-            first_segment_requested: false,
-        });
+        let id = self.begin_turn(now, None, out);
         self.on_asr(id, Ok(text.to_string()), now, out);
     }
 
