@@ -235,7 +235,7 @@ impl LocalTime {
         let secs = i64::try_from(now_unix).unwrap_or(i64::MAX / 2) + tz_offset_minutes * 60;
         let days = secs.div_euclid(86_400);
         let of_day = secs.rem_euclid(86_400);
-        let (year, month, day) = civil_from_days(days);
+        let (year, month, day) = crate::clock::civil_from_days(days);
         Self {
             year,
             month,
@@ -288,21 +288,6 @@ impl LocalTime {
             self.year, self.month, self.day, WEEKDAYS_ZH[self.weekday]
         )
     }
-}
-
-/// (year, month 1–12, day 1–31) of a count of days since 1970-01-01, proleptic Gregorian
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
