@@ -90,6 +90,7 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
         let language =
             (!config.asr.whisper.language.is_empty()).then(|| config.asr.whisper.language.clone());
         let int8 = config.asr.whisper.int8;
+        let beam_size = config.asr.whisper.beam_size;
         let cores = cores.to_vec();
         let mut asr_config = pool_config("asr");
         asr_config.max_batch = 1;
@@ -103,7 +104,7 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
                         language: language.clone(),
                         int8,
                         core: cores[i],
-                        beam_size: 1,
+                        beam_size,
                     })
                 },
                 asr_tx,
