@@ -32,6 +32,8 @@ pub struct Config {
     pub audio_out: AudioOutConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Latency histograms: interval log and dumps.
+    pub metrics: MetricsConfig,
 }
 
 /// Listeners, device-facing URLs, auth and per-connection limits.
@@ -593,6 +595,29 @@ impl Default for LogConfig {
     }
 }
 
+/// Latency histograms: the interval log behind `/histograms/<stage>.hlog` and the dumps.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Length of one interval of the `.hlog` interval logs, ms.
+    pub interval_ms: u64,
+    /// Intervals kept in memory (the oldest is dropped first).
+    pub keep_intervals: usize,
+    /// When set, every stage's `.hgrm` and `.hlog` are written into this folder on SIGUSR1
+    /// and at shutdown (after the drain).
+    pub dump_dir: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 10_000,
+            keep_intervals: 360,
+            dump_dir: String::new(),
+        }
+    }
+}
+
 /// A configuration that could not be loaded, with the key and the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -753,6 +778,12 @@ impl Config {
         }
         if self.runtime.tick_ms == 0 {
             return bad("runtime.tick_ms", "must be at least 1");
+        }
+        if self.metrics.interval_ms < 100 {
+            return bad("metrics.interval_ms", "must be at least 100");
+        }
+        if !(1..=100_000).contains(&self.metrics.keep_intervals) {
+            return bad("metrics.keep_intervals", "must be between 1 and 100000");
         }
         Ok(())
     }

@@ -10,8 +10,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use shards::Control;
 use xiaozhi_tpc::config::Config;
-use xiaozhi_tpc::shard::{run_shard, ServerEnv, ShardRequest};
+use xiaozhi_tpc::metrics::intervals::close_interval;
+use xiaozhi_tpc::metrics::service::{log_dump, write_dump};
+use xiaozhi_tpc::shard::{run_shard, ServerEnv, ShardFinal, ShardRequest};
 use xiaozhi_tpc::{clock, protocol};
 
 #[derive(Parser)]
@@ -118,7 +121,13 @@ fn serve(config: Config) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Logs go to stderr (stdout stays free for command output), coloured only on a terminal.
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 
     let available = shards::CorePlan::available_cores();
     let plan = match shards::CorePlan::from_config(
@@ -161,11 +170,13 @@ fn serve(config: Config) -> ExitCode {
         "inference workers ready"
     );
     let (startup_tx, startup_rx) = flume::unbounded();
+    let (finals_tx, finals_rx) = flume::bounded(plan.shard_cores.len());
     let env = ServerEnv {
         config: config.clone(),
         queues: inference.queues.clone(),
         replies: inference.replies,
         startup: startup_tx,
+        finals: finals_tx,
     };
     let handle =
         match shards::start_shards::<ShardRequest, _, _>(&plan.shard_cores, &settings, move |ctx| {
@@ -217,7 +228,24 @@ fn serve(config: Config) -> ExitCode {
         return ExitCode::from(1);
     }
 
-    match handle.join() {
+    let dump_mesh = mesh.clone();
+    if let Err(e) = on_user1(move || {
+        if dump_mesh
+            .try_send(0, Control::User(ShardRequest::Dump))
+            .is_err()
+        {
+            tracing::warn!("SIGUSR1: shard 0 is not answering; no dump");
+        }
+    }) {
+        eprintln!("xiaozhi-tpc: cannot install the SIGUSR1 handler: {e}");
+        return ExitCode::from(1);
+    }
+
+    let joined = handle.join();
+    if !config.metrics.dump_dir.is_empty() {
+        dump_at_exit(&config.metrics.dump_dir, finals_rx.drain().collect());
+    }
+    match joined {
         Ok(()) => {
             tracing::info!("all shards drained; bye");
             ExitCode::SUCCESS
@@ -227,4 +255,34 @@ fn serve(config: Config) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Calls `f` from a dedicated thread on every SIGUSR1.
+fn on_user1(f: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])?;
+    std::thread::Builder::new()
+        .name("sigusr1".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                f();
+            }
+        })?;
+    Ok(())
+}
+
+/// After the drain: closes the last interval with every shard's final histograms and writes
+/// the dump (on the main thread: the shards are gone).
+fn dump_at_exit(dir: &str, finals: Vec<ShardFinal>) {
+    let hists: Vec<_> = finals.iter().map(|f| f.hist.clone()).collect();
+    let Some(mut log) = finals.into_iter().find_map(|f| f.intervals) else {
+        tracing::warn!("shard 0 left no interval log; writing the totals only");
+        let log =
+            xiaozhi_tpc::metrics::intervals::IntervalLog::new(std::time::SystemTime::now(), 1);
+        log_dump(write_dump(std::path::Path::new(dir), &hists, &log.copy()));
+        return;
+    };
+    let (cumulative, stages) = close_interval(log.take_last(), hists.clone());
+    let end = log.started.elapsed().unwrap_or_default();
+    log.push(end, cumulative, stages);
+    log_dump(write_dump(std::path::Path::new(dir), &hists, &log.copy()));
 }

@@ -18,6 +18,7 @@ use shards::{Control, Mailbox, Routed, ShardContext, ShardMesh};
 use crate::config::Config;
 use crate::http::{HttpContext, OtaSettings};
 use crate::inference::{InferenceQueues, ShardReplies};
+use crate::metrics::intervals::{IntervalLog, IntervalLogCopy};
 use crate::metrics::{Stage, StageHistograms};
 use crate::protocol::TokenSigner;
 use crate::providers::asr::AsrResult;
@@ -30,6 +31,21 @@ use crate::session::{SessionCounters, SessionEvent};
 pub enum ShardRequest {
     /// Reply with this shard's counters and histograms.
     Stats(flume::Sender<ShardSnapshot>),
+    /// (Shard 0) reply with a copy of the interval log.
+    IntervalLog(flume::Sender<IntervalLogCopy>),
+    /// (Shard 0) write the histograms into `metrics.dump_dir` (SIGUSR1).
+    Dump,
+}
+
+/// What a shard hands the main thread when it has drained: its histograms and, from shard 0,
+/// the interval log, for the dump at shutdown.
+pub struct ShardFinal {
+    /// Shard index.
+    pub shard: usize,
+    /// Cumulative stage histograms.
+    pub hist: StageHistograms,
+    /// Shard 0's interval log.
+    pub intervals: Option<IntervalLog>,
 }
 
 /// A shard's counters and latency histograms, sent to whoever asked.
@@ -119,6 +135,8 @@ pub struct Shard {
     pub stats: RefCell<ShardStats>,
     /// Latency histograms.
     pub hist: RefCell<StageHistograms>,
+    /// Shard 0 only: the interval log of the merged histograms.
+    pub intervals: Option<RefCell<IntervalLog>>,
     /// Job queues on the inference cores.
     pub queues: InferenceQueues,
     /// This shard's HTTP client (keep-alive pool) for remote providers.
@@ -205,6 +223,23 @@ impl Shard {
     /// The mailbox of session `key`, if it is still open.
     pub fn mailbox(&self, key: u64) -> Option<Rc<Mailbox<SessionEvent>>> {
         self.sessions.borrow().get(&key).cloned()
+    }
+
+    /// A copy of shard 0's interval log (asked over the control channel from other shards).
+    pub async fn interval_log(&self) -> Option<IntervalLogCopy> {
+        if let Some(log) = &self.intervals {
+            return Some(log.borrow().copy());
+        }
+        let (tx, rx) = flume::bounded(1);
+        self.mesh
+            .try_send(0, Control::User(ShardRequest::IntervalLog(tx)))
+            .ok()?;
+        let answer = async { rx.recv_async().await.ok() };
+        let deadline = async {
+            glommio::timer::sleep(Duration::from_secs(2)).await;
+            None
+        };
+        futures_lite::future::or(answer, deadline).await
     }
 
     /// Snapshots of every shard, asked over the control channels.
@@ -335,6 +370,8 @@ pub struct ServerEnv {
     pub replies: Vec<ShardReplies>,
     /// Reports each shard's bind result to the main thread.
     pub startup: flume::Sender<Result<(usize, SocketAddr, SocketAddr), String>>,
+    /// Each shard's histograms once it has drained (bounded: one per shard).
+    pub finals: flume::Sender<ShardFinal>,
 }
 
 /// A shard's main future: bind, accept, serve, and on `Control::Drain` drain and return.
@@ -359,6 +396,12 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
         drain_deadline: Cell::new(None),
         stats: RefCell::new(ShardStats::default()),
         hist: RefCell::new(StageHistograms::default()),
+        intervals: (ctx.id == 0).then(|| {
+            RefCell::new(IntervalLog::new(
+                std::time::SystemTime::now(),
+                config.metrics.keep_intervals,
+            ))
+        }),
         queues: env.queues.clone(),
         http: Rc::new(HttpClient::new(ClientSettings {
             connect_timeout: Duration::from_millis(config.llm.openai.connect_timeout_ms),
@@ -429,7 +472,18 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
                 )
             })
         },
+        histograms: {
+            let shard = shard.clone();
+            Rc::new(move |path: String| {
+                let shard = shard.clone();
+                Box::pin(async move { crate::metrics::service::histogram(&shard, &path).await })
+            })
+        },
     });
+    let _intervals = shard
+        .intervals
+        .is_some()
+        .then(|| glommio::spawn_local(crate::metrics::service::record_intervals(shard.clone())));
 
     let ws_accept = glommio::spawn_local({
         let shard = shard.clone();
@@ -467,9 +521,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     // Control loop: answer other shards until asked to drain.
     while let Ok(msg) = ctx.control.recv_async().await {
         match msg {
-            Control::User(ShardRequest::Stats(reply)) => {
-                let _ = reply.try_send(shard.snapshot());
-            }
+            Control::User(request) => answer(&shard, request),
             Control::Drain => break,
         }
     }
@@ -495,8 +547,8 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     let hard_stop = deadline + Duration::from_secs(2);
     let control_during_drain = async {
         while let Ok(msg) = ctx.control.recv_async().await {
-            if let Control::User(ShardRequest::Stats(reply)) = msg {
-                let _ = reply.try_send(shard.snapshot());
+            if let Control::User(request) = msg {
+                answer(&shard, request);
             }
         }
     };
@@ -507,5 +559,31 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     };
     futures_lite::future::or(wait_sessions, control_during_drain).await;
     drop(http_accept);
+    drop(_intervals);
     tracing::info!(shard = shard.id, left = shard.session_count(), "drained");
+    let _ = env.finals.try_send(ShardFinal {
+        shard: shard.id,
+        hist: shard.hist.borrow().clone(),
+        intervals: shard
+            .intervals
+            .as_ref()
+            .map(|l| l.replace(IntervalLog::new(std::time::SystemTime::now(), 1))),
+    });
+}
+
+/// Answers a request from another shard (or the main thread).
+fn answer(shard: &Rc<Shard>, request: ShardRequest) {
+    match request {
+        ShardRequest::Stats(reply) => {
+            let _ = reply.try_send(shard.snapshot());
+        }
+        ShardRequest::IntervalLog(reply) => {
+            if let Some(log) = &shard.intervals {
+                let _ = reply.try_send(log.borrow().copy());
+            }
+        }
+        ShardRequest::Dump => {
+            glommio::spawn_local(crate::metrics::service::dump(shard.clone())).detach();
+        }
+    }
 }

@@ -15,6 +15,10 @@
 #[path = "../../src/protocol/mod.rs"]
 mod protocol;
 
+// HdrHistogram `.hgrm` / `.hlog` writers, shared with the server's exports.
+#[path = "../../src/metrics/hdr_export.rs"]
+mod hdr_export;
+
 mod audio;
 mod connect;
 mod device;

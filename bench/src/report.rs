@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::time::{Duration, Instant, SystemTime};
 
-use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
-use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::device::Report;
+use crate::hdr_export;
+pub use crate::hdr_export::write_hgrm;
 use crate::outcome::ErrorKind;
 
 /// Largest recordable value: one hour in µs (larger values saturate).
@@ -250,49 +250,7 @@ pub fn percentiles(h: &Histogram<u64>) -> Percentiles {
     }
 }
 
-/// Writes a percentile distribution in HdrHistogram's `.hgrm` text format, values ÷ `scale`.
-pub fn write_hgrm(h: &Histogram<u64>, out: &mut impl Write, scale: f64) -> io::Result<()> {
-    writeln!(
-        out,
-        "{:>12} {:>14} {:>10} {:>14}\n",
-        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
-    )?;
-    let mut total = 0u64;
-    for v in h.iter_quantiles(5) {
-        total += v.count_since_last_iteration();
-        let q = v.quantile_iterated_to();
-        let value = v.value_iterated_to() as f64 / scale;
-        if q < 1.0 {
-            writeln!(
-                out,
-                "{value:>12.3} {q:>14.12} {total:>10} {:>14.2}",
-                1.0 / (1.0 - q)
-            )?;
-        } else {
-            writeln!(out, "{value:>12.3} {q:>14.12} {total:>10}")?;
-        }
-    }
-    writeln!(
-        out,
-        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]",
-        h.mean() / scale,
-        h.stdev() / scale
-    )?;
-    writeln!(
-        out,
-        "#[Max     = {:>12.3}, Total count    = {:>12}]",
-        h.max() as f64 / scale,
-        h.len()
-    )?;
-    writeln!(
-        out,
-        "#[Buckets = {:>12}, SubBuckets     = {:>12}]",
-        h.buckets(),
-        h.distinct_values()
-    )
-}
-
-/// Writes a series as an HdrHistogram interval log (V2 + deflate), one line per interval.
+/// The interval log of `metric` (values in µs, max column in ms).
 pub fn write_hlog(
     series: &Series,
     metric: Metric,
@@ -300,24 +258,20 @@ pub fn write_hlog(
     interval: Duration,
     out: &mut impl Write,
 ) -> io::Result<()> {
-    let mut serializer = V2DeflateSerializer::new();
-    let mut writer = IntervalLogWriterBuilder::new()
-        .add_comment(&format!(
-            "xiaozhi-bench {}: {} (values in microseconds)",
-            metric.name(),
-            metric.describe()
-        ))
-        .with_start_time(start_wall)
-        .with_base_time(start_wall)
-        .with_max_value_divisor(1000.0)
-        .begin_log_with(out, &mut serializer)?;
-    for (index, h) in &series.intervals {
-        let start = interval * u32::try_from(*index).unwrap_or(u32::MAX);
-        writer
-            .write_histogram(h, start, interval, None)
-            .map_err(|e| io::Error::other(format!("{e:?}")))?;
-    }
-    Ok(())
+    let comment = format!(
+        "xiaozhi-bench {}: {} (values in microseconds)",
+        metric.name(),
+        metric.describe()
+    );
+    let intervals = series
+        .intervals
+        .iter()
+        .map(|(index, h)| hdr_export::Interval {
+            start: interval * u32::try_from(*index).unwrap_or(u32::MAX),
+            length: interval,
+            hist: h,
+        });
+    hdr_export::write_hlog(&comment, start_wall, 1000.0, intervals, out)
 }
 
 /// The `errors` object: every kind, zero or not.

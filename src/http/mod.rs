@@ -1,5 +1,5 @@
 //! The HTTP port: `GET/POST/OPTIONS /xiaozhi/ota/` (provisioning), `/healthz`, `/readyz`,
-//! `/metrics`. Served by hyper's HTTP/1 server on each shard (its own SO_REUSEPORT listener),
+//! `/metrics`, `/histograms/<stage>.hgrm|.hlog`. Served by hyper's HTTP/1 server on each shard (its own SO_REUSEPORT listener),
 //! over glommio sockets through `smol-hyper`'s futures-io adapter.
 
 pub mod ota;
@@ -27,6 +27,11 @@ const MAX_CONNECTION_TIME: Duration = Duration::from_secs(60);
 /// Produces the `/metrics` text (may ask other shards).
 pub type MetricsSource = Rc<dyn Fn() -> Pin<Box<dyn Future<Output = String>>>>;
 
+/// Answers `/histograms/<path>`: content type and body, or status and message.
+pub type HistogramSource = Rc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<(&'static str, Vec<u8>), (u16, String)>>>>,
+>;
+
 /// What the HTTP handlers need from their shard.
 pub struct HttpContext {
     /// OTA answer settings.
@@ -35,6 +40,8 @@ pub struct HttpContext {
     pub ready: Rc<Cell<bool>>,
     /// `/metrics` text.
     pub metrics: MetricsSource,
+    /// `/histograms` and `/histograms/<stage>[.hgrm|.hlog]`.
+    pub histograms: HistogramSource,
 }
 
 /// Serves one HTTP connection until the client closes it or the time limit passes.
@@ -82,6 +89,21 @@ async fn route(
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             r
+        }
+        (Method::GET, p) if p == "/histograms" || p.starts_with("/histograms/") => {
+            let rest = p.trim_start_matches("/histograms").trim_start_matches('/');
+            match (ctx.histograms)(rest.to_string()).await {
+                Ok((content_type, body)) => {
+                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    r.headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+                    r
+                }
+                Err((status, message)) => text(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    &message,
+                ),
+            }
         }
         (Method::GET, "/xiaozhi/ota") => {
             let host = header(&req, "host");

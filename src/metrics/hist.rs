@@ -66,6 +66,11 @@ impl Stage {
         }
     }
 
+    /// The stage called `name` (as in [`Stage::name`]).
+    pub fn from_name(name: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     /// One-line description.
     pub fn help(self) -> &'static str {
         match self {

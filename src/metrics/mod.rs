@@ -1,7 +1,10 @@
 //! Prometheus text for the counters every shard keeps (merged on request over the shards'
 //! control channels; no shared atomics).
 
+pub mod hdr_export;
 pub mod hist;
+pub mod intervals;
+pub mod service;
 
 use std::fmt::Write;
 
