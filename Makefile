@@ -36,5 +36,9 @@ lint: check-cargo setup
 fmt:
 	$(CARGO) fmt --all
 
+# The standard latency scenario swept over fleet sizes (bench/README.md); STEPS=1,10,50 etc.
+bench: check-cargo
+	bench/standard.sh
+
 check-cargo:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs), then re-run"; exit 1; }

@@ -23,7 +23,7 @@ use crate::schedule::{connect_offset, Limit};
 use crate::{plot, rusage};
 
 /// `xiaozhi-bench fleet` options.
-#[derive(clap::Args, Debug, serde::Serialize)]
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct FleetArgs {
     /// WebSocket URL of the server (replaced by the OTA answer's when --ota-url is given).
     #[arg(long, default_value = "ws://127.0.0.1:8000/xiaozhi/v1/")]
@@ -127,8 +127,8 @@ fn secs(s: f64, name: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(s).map_err(|_| format!("--{name} must be a non-negative number"))
 }
 
-/// Runs the fleet and writes the report.
-pub fn run(args: FleetArgs) -> Result<(), String> {
+/// Runs the fleet, writes the report and returns the summary (also in `summary.json`).
+pub fn run(args: &FleetArgs) -> Result<serde_json::Value, String> {
     let protocol = BinaryProtocol::from_version(args.protocol).map_err(|e| e.to_string())?;
     let cpus = placement(&args)?;
     let ramp = secs(args.ramp_s, "ramp-s")?;
@@ -246,7 +246,7 @@ pub fn run(args: FleetArgs) -> Result<(), String> {
     let summary = json!({
         "bench": "xiaozhi-bench fleet",
         "version": env!("CARGO_PKG_VERSION"),
-        "config": &args,
+        "config": args,
         "utterance_s": pcm.len() as f64 / f64::from(audio::UPLINK_RATE),
         "speech_frames": speech_frames,
         "latency_origin": "intended send time of the last speech frame (open-loop schedule)",
@@ -281,7 +281,7 @@ pub fn run(args: FleetArgs) -> Result<(), String> {
     );
     print!("{}", report::table(&rec));
     println!("wrote {}", args.out.display());
-    Ok(())
+    Ok(summary)
 }
 
 /// The `.hgrm` and `.hlog` per metric with samples, and the plot.

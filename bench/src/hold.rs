@@ -16,17 +16,10 @@ use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
 use crate::connect::DeviceId;
+use crate::procstat::rss_kib;
 use crate::report::write_hgrm;
 
 type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
 
 fn connect_and_hello(url: &str, i: u32) -> Result<Ws, String> {
     let mut req = url.into_client_request().map_err(|e| e.to_string())?;

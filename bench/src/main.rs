@@ -30,9 +30,11 @@ mod ota;
 mod outcome;
 mod plot;
 mod probe;
+mod procstat;
 mod report;
 mod rusage;
 mod schedule;
+mod sweep;
 
 use std::path::PathBuf;
 
@@ -53,6 +55,8 @@ struct Cli {
 enum Cmd {
     /// Simulate N talking devices on an open-loop schedule; write latency histograms and a summary.
     Fleet(fleet::FleetArgs),
+    /// Run `fleet` once per fleet size and print a table of latency, errors and server cost.
+    Sweep(sweep::SweepArgs),
     /// One device, one interaction: print a timeline and optionally save the reply audio.
     Probe(probe::ProbeArgs),
     /// Connect N devices, complete hello, hold them idle; report connect→hello latency.
@@ -80,7 +84,8 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Fleet(args) => fleet::run(args),
+        Cmd::Fleet(args) => fleet::run(&args).map(|_| ()),
+        Cmd::Sweep(args) => sweep::run(args),
         Cmd::Probe(args) => probe::run(args),
         Cmd::MockUpstream(args) => mock_upstream::run(args),
         Cmd::Hold {

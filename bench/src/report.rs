@@ -226,6 +226,8 @@ pub struct Percentiles {
     pub p50: f64,
     /// 90th percentile.
     pub p90: f64,
+    /// 95th percentile.
+    pub p95: f64,
     /// 99th percentile.
     pub p99: f64,
     /// 99.9th percentile.
@@ -243,6 +245,7 @@ pub fn percentiles(h: &Histogram<u64>) -> Percentiles {
         count: h.len(),
         p50: ms(h.value_at_quantile(0.5)),
         p90: ms(h.value_at_quantile(0.9)),
+        p95: ms(h.value_at_quantile(0.95)),
         p99: ms(h.value_at_quantile(0.99)),
         p99_9: ms(h.value_at_quantile(0.999)),
         max: ms(h.max()),

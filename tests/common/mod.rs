@@ -324,3 +324,19 @@ pub fn decode_frames(frames: &[Vec<u8>]) -> Vec<i16> {
     }
     pcm
 }
+
+/// The `xiaozhi-bench` binary next to this test's (`cargo test --workspace` builds it).
+pub fn bench_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile> folder");
+    let bin = dir.join("xiaozhi-bench");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p xiaozhi-bench` (`make test` builds the whole workspace)",
+        bin.display()
+    );
+    bin
+}

@@ -1,0 +1,165 @@
+//! `xiaozhi-bench` against this server on loopback: a small fleet completes with zero errors
+//! and writes every file, and a sweep reports the server's CPU and memory. The providers are the
+//! bench's mock OpenAI-compatible upstream (a real HTTP server), so the run is deterministic.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use xiaozhi_bench::mock_upstream::{self, MockSettings};
+
+fn remote_server(mock: &mock_upstream::MockHandle) -> Server {
+    let base = format!("\"{}\"", mock.base_url());
+    let sets = [
+        "asr.provider=\"openai\"".to_string(),
+        "llm.provider=\"openai\"".into(),
+        "tts.provider=\"openai\"".into(),
+        format!("asr.openai.base_url={base}"),
+        format!("llm.openai.base_url={base}"),
+        format!("tts.openai.base_url={base}"),
+    ];
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    Server::start(&refs)
+}
+
+fn mock() -> mock_upstream::MockHandle {
+    mock_upstream::serve(MockSettings {
+        bind: "127.0.0.1:0".parse().expect("addr"),
+        ..MockSettings::default()
+    })
+    .expect("mock upstream")
+}
+
+fn out_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("xiaozhi-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+#[test]
+fn a_small_fleet_completes_without_errors_and_writes_every_file() {
+    let mock = mock();
+    let server = remote_server(&mock);
+    let out = out_dir("fleet");
+    let output = Command::new(bench_bin())
+        .args(["fleet", "--url", &server.ws_url("/xiaozhi/v1/")])
+        .args([
+            "--devices",
+            "4",
+            "--interactions",
+            "2",
+            "--ramp-s",
+            "1",
+            "--no-pin",
+        ])
+        .args(["--protocol", "2", "--interval-s", "0.5"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run xiaozhi-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log_text()
+    );
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(summary["interactions"]["total"], 8, "{summary}");
+    assert_eq!(summary["interactions"]["ok"], 8, "{summary}");
+    assert_eq!(summary["interactions"]["errored"], 0, "{summary}");
+    assert_eq!(summary["connects"]["ok"], 4, "{summary}");
+    for metric in [
+        "stt",
+        "first_audio",
+        "tts_stop",
+        "connect_hello",
+        "frame_jitter",
+        "send_lag",
+    ] {
+        for ext in ["hgrm", "hlog"] {
+            let f = out.join(format!("{metric}.{ext}"));
+            assert!(
+                std::fs::metadata(&f).is_ok_and(|m| m.len() > 0),
+                "{} missing or empty",
+                f.display()
+            );
+        }
+        assert!(
+            summary["metrics_ms"][metric]["count"]
+                .as_u64()
+                .is_some_and(|c| c > 0),
+            "{metric}: {summary}"
+        );
+    }
+    let svg = std::fs::read_to_string(out.join("latency.svg")).expect("latency.svg");
+    assert!(
+        svg.starts_with("<svg") || svg.contains("<svg"),
+        "not an SVG"
+    );
+    // The server saw the same turns: its own histogram counted one first audio per interaction.
+    let first_audio = server.metric("xiaozhi_eos_to_first_audio_us_count");
+    assert_eq!(first_audio, 8);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_sweep_reports_latency_errors_and_server_cost_per_fleet_size() {
+    let mock = mock();
+    let server = remote_server(&mock);
+    let out = out_dir("sweep");
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", server.http_port);
+    let output = Command::new(bench_bin())
+        .args(["sweep", "--steps", "1,3", "--pause-s", "0.5"])
+        .args(["--server-pid", &server.child.id().to_string()])
+        .args(["--metrics-url", &metrics_url])
+        .args(["--url", &server.ws_url("/xiaozhi/v1/")])
+        .args(["--interactions", "1", "--ramp-s", "0.5", "--no-pin"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run xiaozhi-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let sweep = read_json(&out.join("sweep.json"));
+    let steps = sweep["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{sweep}");
+    for (step, devices) in steps.iter().zip([1, 3]) {
+        assert_eq!(step["devices"], devices);
+        assert_eq!(step["interactions"]["ok"], devices, "{step}");
+        assert!(
+            step["first_audio_ms"]["p95"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
+            "{step}"
+        );
+        assert!(
+            step["server_cpu_percent_of_one_core"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
+            "{step}"
+        );
+        assert!(
+            step["server_rss_max_mib"].as_f64().is_some_and(|v| v > 1.0),
+            "{step}"
+        );
+        let metrics = std::fs::read_to_string(out.join(format!("n{devices}/metrics.txt")))
+            .expect("saved /metrics");
+        assert!(metrics.contains("xiaozhi_eos_to_first_audio_us_count"));
+    }
+    let table = std::fs::read_to_string(out.join("sweep.md")).expect("sweep.md");
+    assert_eq!(table.lines().count(), 4, "{table}");
+    assert!(stdout.contains("| devices |"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&out);
+}
