@@ -480,6 +480,9 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             })
         },
     });
+    let _timer_probe = glommio::spawn_local(crate::metrics::service::measure_timer_lateness(
+        shard.clone(),
+    ));
     let _intervals = shard
         .intervals
         .is_some()
@@ -560,6 +563,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     futures_lite::future::or(wait_sessions, control_during_drain).await;
     drop(http_accept);
     drop(_intervals);
+    drop(_timer_probe);
     tracing::info!(shard = shard.id, left = shard.session_count(), "drained");
     let _ = env.finals.try_send(ShardFinal {
         shard: shard.id,

@@ -5,8 +5,9 @@
 //! - `probe`: one device, one interaction, as a human-readable timeline; saves the reply audio.
 //! - `hold`: N idle connected devices, for connect→hello latency and memory per idle device.
 //!
-//! The bench shares only the pure `protocol` module with the server (message types, binary
-//! framing, identity, tokens) and depends on nothing else of it, so it measures other servers
+//! The bench shares only the pure `protocol` module (message types, binary framing, identity,
+//! tokens) and the HdrHistogram file writers with the server, and depends on nothing else of
+//! it, so it measures other servers
 //! (the Python reference, say) exactly as it measures ours. See `bench/README.md`.
 
 // The bench uses the device side of the shared protocol module; the server side goes unused

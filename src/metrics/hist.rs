@@ -29,11 +29,14 @@ pub enum Stage {
     AsrCompute,
     /// Local TTS model time per segment, microseconds.
     TtsCompute,
+    /// How late a periodic 50 ms timer on the shard's default queue fired, microseconds: the
+    /// wait any session task can see (a busy executor, or the thread descheduled).
+    ShardTimerLate,
 }
 
 impl Stage {
     /// Every stage, in export order.
-    pub const ALL: [Stage; 12] = [
+    pub const ALL: [Stage; 13] = [
         Stage::VadReplyWake,
         Stage::VadQueueWait,
         Stage::VadPerChunk,
@@ -46,6 +49,7 @@ impl Stage {
         Stage::FramePacingJitter,
         Stage::AsrCompute,
         Stage::TtsCompute,
+        Stage::ShardTimerLate,
     ];
 
     /// Metric / file name.
@@ -63,6 +67,7 @@ impl Stage {
             Stage::FramePacingJitter => "frame_pacing_jitter_us",
             Stage::AsrCompute => "asr_compute_us",
             Stage::TtsCompute => "tts_compute_us",
+            Stage::ShardTimerLate => "shard_timer_late_us",
         }
     }
 
@@ -92,6 +97,9 @@ impl Stage {
             Stage::FramePacingJitter => "Paced frame sent minus due time, microseconds.",
             Stage::AsrCompute => "Local ASR model time per utterance, microseconds.",
             Stage::TtsCompute => "Local TTS model time per segment, microseconds.",
+            Stage::ShardTimerLate => {
+                "Lateness of a 50 ms timer on the shard's default task queue, microseconds."
+            }
         }
     }
 }

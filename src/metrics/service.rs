@@ -45,6 +45,21 @@ pub async fn record_intervals(shard: Rc<Shard>) {
     }
 }
 
+/// Every shard: a 50 ms timer in the default task queue (where sessions run), its lateness
+/// recorded. It measures what a session's own timers and wake-ups wait for on a busy shard.
+pub async fn measure_timer_lateness(shard: Rc<Shard>) {
+    const PERIOD: Duration = Duration::from_millis(50);
+    loop {
+        let t0 = Instant::now();
+        glommio::timer::sleep(PERIOD).await;
+        let late = t0.elapsed().saturating_sub(PERIOD);
+        shard
+            .hist
+            .borrow_mut()
+            .record(Stage::ShardTimerLate, late.as_micros() as u64);
+    }
+}
+
 /// Answers `/histograms/<rest>`: an index for `""`, `<stage>` or `<stage>.hgrm` (percentile
 /// distribution of everything since start), `<stage>.hlog` (the retained intervals).
 pub async fn histogram(
