@@ -7,29 +7,24 @@
 //! Run: `cargo run --release --example bench_asr` (needs espeak-ng, sox and `make setup`).
 //! Everything runs on core 1 (override with `BENCH_CORE`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::BoxError;
 use xiaozhi_tpc::providers::asr::{WhisperSettings, WhisperWorker};
 
 const RUNS: usize = 5;
 const TEXT: &str = "Turn on the kitchen lights and set a timer for ten minutes.";
 
-type BoxError = Box<dyn std::error::Error>;
-
 fn main() -> Result<(), BoxError> {
-    let core: usize = std::env::var("BENCH_CORE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let core = common::bench_core();
     if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         eprintln!("warning: could not pin the benchmark thread to core {core}");
     }
-    let models = std::env::var_os("XIAOZHI_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let pcm = speech()?;
+    let models = common::models_dir();
+    let pcm = common::speech(TEXT, 16_000, 0.0)?;
     println!(
         "audio: espeak-ng {:?}, {:.2} s at 16 kHz; core {core}; {RUNS} timed runs after 1 warm-up\n",
         TEXT,
@@ -128,35 +123,4 @@ fn threads() -> Vec<(String, String, String)> {
         out.push((name, allowed, last));
     }
     out
-}
-
-/// The sentence from espeak-ng, resampled to 16 kHz mono 16-bit by sox.
-fn speech() -> Result<Vec<i16>, BoxError> {
-    let dir = std::env::temp_dir();
-    let raw = dir.join(format!("bench-asr-{}.wav", std::process::id()));
-    let wav = dir.join(format!("bench-asr-{}-16k.wav", std::process::id()));
-    let status = Command::new("espeak-ng")
-        .arg("-w")
-        .arg(&raw)
-        .arg(TEXT)
-        .status()?;
-    if !status.success() {
-        return Err(format!("espeak-ng failed: {status}").into());
-    }
-    // `-D`: no random dither, so every run times the same samples.
-    let status = Command::new("sox")
-        .args(["-V1", "-D"])
-        .arg(&raw)
-        .args(["-r", "16000", "-c", "1", "-b", "16"])
-        .arg(&wav)
-        .status()?;
-    if !status.success() {
-        return Err(format!("sox failed: {status}").into());
-    }
-    let pcm = hound::WavReader::open(&wav)?
-        .into_samples::<i16>()
-        .collect::<Result<Vec<_>, _>>()?;
-    let _ = std::fs::remove_file(&raw);
-    let _ = std::fs::remove_file(&wav);
-    Ok(pcm)
 }

@@ -5,9 +5,12 @@
 //! Run: `cargo run --release --example bench_tts` (needs `make setup` for the Piper voice and
 //! ONNX Runtime). The thread is pinned to core 1 (override with `BENCH_CORE`).
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::BoxError;
 use xiaozhi_tpc::audio::encode::{frames, DownlinkEncoder, DOWNLINK_RATE};
 use xiaozhi_tpc::audio::resample::resample;
 use xiaozhi_tpc::providers::tts::{espeak, PiperVoice};
@@ -24,24 +27,15 @@ const ESPEAK_TEXTS: [(&str, &str); 2] = [
     ("cmn", "你好，我是小智，今天天气很好。"),
 ];
 
-type BoxError = Box<dyn std::error::Error>;
-
 fn main() -> Result<(), BoxError> {
-    let core: usize = std::env::var("BENCH_CORE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let core = common::bench_core();
     if core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         println!("pinned to core {core}");
     } else {
         println!("WARNING: could not pin to core {core}; running unpinned");
     }
-    let models = std::env::var_os("XIAOZHI_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let lib = std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| models.join("onnxruntime/libonnxruntime.so.1.31.1"));
+    let models = common::models_dir();
+    let lib = common::onnxruntime_lib(&models);
 
     let t = Instant::now();
     espeak::init()?;

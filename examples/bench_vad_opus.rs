@@ -6,10 +6,13 @@
 //! The thread is pinned to core 1 (override with `BENCH_CORE`). Configurations are interleaved
 //! within each round so a slow phase of the VM hits all of them alike.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Instant;
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::BoxError;
 use hdrhistogram::Histogram;
 use opus::{Application, Bitrate, Channels, Decoder, Encoder};
 use xiaozhi_tpc::providers::vad::silero::{SileroModel, VadStream, CHUNK};
@@ -23,24 +26,15 @@ const TEXT: &str = "Hello, this is a benchmark of the voice assistant server. \
     What is the capital of France, and how far is it from Berlin by train? \
     Play some quiet music in the living room while I read the news.";
 
-type BoxError = Box<dyn std::error::Error>;
-
 fn main() -> Result<(), BoxError> {
-    let core: usize = std::env::var("BENCH_CORE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let core = common::bench_core();
     let _pin = pin_to_core(core);
 
-    let models = std::env::var_os("XIAOZHI_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
-    let lib = std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| models.join("onnxruntime/libonnxruntime.so.1.31.1"));
+    let models = common::models_dir();
+    let lib = common::onnxruntime_lib(&models);
 
-    let speech16 = speech(16_000)?;
-    let speech24 = speech(24_000)?;
+    let speech16 = common::speech(TEXT, 16_000, 1.0)?;
+    let speech24 = common::speech(TEXT, 24_000, 1.0)?;
     println!(
         "audio: espeak-ng, {:.1} s at 16 kHz and 24 kHz; {ROUNDS} interleaved rounds\n",
         speech16.len() as f64 / 16_000.0
@@ -73,40 +67,6 @@ fn pin_to_core(core: usize) -> Option<glommio::LocalExecutor> {
             None
         }
     }
-}
-
-/// espeak-ng speech resampled by sox to `rate` Hz mono 16-bit, with 1 s of silence each side.
-fn speech(rate: u32) -> Result<Vec<i16>, BoxError> {
-    let dir = std::env::temp_dir();
-    let raw = dir.join(format!("bench-vad-opus-{}.wav", std::process::id()));
-    let out = dir.join(format!("bench-vad-opus-{}-{rate}.wav", std::process::id()));
-    if !raw.exists() {
-        let ok = Command::new("espeak-ng")
-            .arg("-w")
-            .arg(&raw)
-            .arg(TEXT)
-            .status()?
-            .success();
-        if !ok {
-            return Err("espeak-ng failed".into());
-        }
-    }
-    let ok = Command::new("sox")
-        .arg("-V1")
-        .arg(&raw)
-        .args(["-r", &rate.to_string(), "-c", "1", "-b", "16"])
-        .arg(&out)
-        .args(["pad", "1", "1"])
-        .status()?
-        .success();
-    if !ok {
-        return Err("sox failed".into());
-    }
-    let samples = hound::WavReader::open(&out)?
-        .into_samples::<i16>()
-        .collect::<Result<Vec<_>, _>>()?;
-    let _ = std::fs::remove_file(&out);
-    Ok(samples)
 }
 
 fn histogram() -> Histogram<u64> {

@@ -38,6 +38,24 @@ fn out_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Runs the bench with `args`; panics with its output (and the server's log) if it fails.
+fn run_bench(args: &[&str], out: &Path, server: &Server) -> String {
+    let output = Command::new(bench_bin())
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("run xiaozhi-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log_text()
+    );
+    stdout
+}
+
 fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("valid JSON")
@@ -48,9 +66,12 @@ fn a_small_fleet_completes_without_errors_and_writes_every_file() {
     let mock = mock();
     let server = remote_server(&mock);
     let out = out_dir("fleet");
-    let output = Command::new(bench_bin())
-        .args(["fleet", "--url", &server.ws_url("/xiaozhi/v1/")])
-        .args([
+    let url = server.ws_url("/xiaozhi/v1/");
+    run_bench(
+        &[
+            "fleet",
+            "--url",
+            &url,
             "--devices",
             "4",
             "--interactions",
@@ -58,18 +79,13 @@ fn a_small_fleet_completes_without_errors_and_writes_every_file() {
             "--ramp-s",
             "1",
             "--no-pin",
-        ])
-        .args(["--protocol", "2", "--interval-s", "0.5"])
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run xiaozhi-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}\nserver:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        server.log_text()
+            "--protocol",
+            "2",
+            "--interval-s",
+            "0.5",
+        ],
+        &out,
+        &server,
     );
     let summary = read_json(&out.join("summary.json"));
     assert_eq!(summary["interactions"]["total"], 8, "{summary}");
@@ -116,21 +132,28 @@ fn a_sweep_reports_latency_errors_and_server_cost_per_fleet_size() {
     let server = remote_server(&mock);
     let out = out_dir("sweep");
     let metrics_url = format!("http://127.0.0.1:{}/metrics", server.http_port);
-    let output = Command::new(bench_bin())
-        .args(["sweep", "--steps", "1,3", "--pause-s", "0.5"])
-        .args(["--server-pid", &server.child.id().to_string()])
-        .args(["--metrics-url", &metrics_url])
-        .args(["--url", &server.ws_url("/xiaozhi/v1/")])
-        .args(["--interactions", "1", "--ramp-s", "0.5", "--no-pin"])
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run xiaozhi-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+    let (pid, url) = (server.child.id().to_string(), server.ws_url("/xiaozhi/v1/"));
+    let stdout = run_bench(
+        &[
+            "sweep",
+            "--steps",
+            "1,3",
+            "--pause-s",
+            "0.5",
+            "--server-pid",
+            &pid,
+            "--metrics-url",
+            &metrics_url,
+            "--url",
+            &url,
+            "--interactions",
+            "1",
+            "--ramp-s",
+            "0.5",
+            "--no-pin",
+        ],
+        &out,
+        &server,
     );
     let sweep = read_json(&out.join("sweep.json"));
     let steps = sweep["steps"].as_array().expect("steps");

@@ -27,12 +27,7 @@ pub async fn record_intervals(shard: Rc<Shard>) {
         next = u32::try_from(elapsed.as_nanos() / period.as_nanos().max(1))
             .unwrap_or(u32::MAX)
             .saturating_add(1);
-        let hists: Vec<StageHistograms> = shard
-            .collect_stats()
-            .await
-            .into_iter()
-            .map(|s| s.hist)
-            .collect();
+        let hists = every_shard(&shard).await;
         let previous = log.borrow_mut().take_last();
         let (cumulative, stages) = glommio::executor()
             .spawn_blocking(move || intervals::close_interval(previous, hists))
@@ -43,6 +38,16 @@ pub async fn record_intervals(shard: Rc<Shard>) {
             .max(Duration::from_millis(1));
         log.borrow_mut().push(end, cumulative, stages);
     }
+}
+
+/// Every shard's cumulative histograms, asked over the control channels.
+async fn every_shard(shard: &Rc<Shard>) -> Vec<StageHistograms> {
+    shard
+        .collect_stats()
+        .await
+        .into_iter()
+        .map(|s| s.hist)
+        .collect()
 }
 
 /// Every shard: a 50 ms timer in the default task queue (where sessions run), its lateness
@@ -79,8 +84,7 @@ pub async fn histogram(
     };
     match format {
         Format::Hgrm => {
-            let snapshots = shard.collect_stats().await;
-            let hists: Vec<StageHistograms> = snapshots.into_iter().map(|s| s.hist).collect();
+            let hists = every_shard(shard).await;
             let body = glommio::executor()
                 .spawn_blocking(move || {
                     let mut merged = StageHistograms::default();
@@ -137,12 +141,7 @@ pub async fn dump(shard: Rc<Shard>) {
         tracing::warn!("SIGUSR1: metrics.dump_dir is not set; nothing written");
         return;
     }
-    let hists: Vec<StageHistograms> = shard
-        .collect_stats()
-        .await
-        .into_iter()
-        .map(|s| s.hist)
-        .collect();
+    let hists = every_shard(&shard).await;
     let Some(log) = shard.interval_log().await else {
         return;
     };
