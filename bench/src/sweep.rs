@@ -183,13 +183,17 @@ fn markdown(rows: &[Value]) -> String {
          |---:|---:|---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
-        let errors = match r["errors"].as_object() {
-            Some(map) if !map.is_empty() => map
-                .iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            _ => "0".into(),
+        let errors: Vec<String> = r["errors"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let errors = if errors.is_empty() {
+            "0".to_string()
+        } else {
+            errors.join(", ")
         };
         let fa = &r["first_audio_ms"];
         out.push_str(&format!(
@@ -256,7 +260,7 @@ mod tests {
     fn rows_and_table_carry_latency_errors_and_cost() {
         let summary = json!({
             "interactions": {"total": 20, "ok": 19, "errored": 1},
-            "errors": {"no_stt": 1},
+            "errors": {"no_stt": 1, "refused": 0},
             "metrics_ms": {
                 "first_audio": {"p50": 310.2, "p95": 420.9, "p99": 480.0},
                 "stt": {"p50": 120.0, "p99": 150.0},
