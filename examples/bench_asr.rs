@@ -31,23 +31,76 @@ fn main() -> Result<(), BoxError> {
         pcm.len() as f64 / 16_000.0
     );
 
-    // (label, model directory, int8, language, beam)
-    let cases: [(&str, &str, bool, Option<&str>, usize); 6] = [
-        ("tiny.en int8", "whisper-tiny.en", true, Some("en"), 1),
-        ("tiny.en int8 beam5", "whisper-tiny.en", true, Some("en"), 5),
-        ("tiny.en f32", "whisper-tiny.en", false, Some("en"), 1),
-        ("base int8", "whisper-base", true, Some("en"), 1),
-        ("base int8 zh|en", "whisper-base", true, Some("zh,en"), 1),
-        ("base f32", "whisper-base", false, Some("en"), 1),
+    // (label, model directory, int8, language, beam, shortest encoder window ms)
+    let cases: [(&str, &str, bool, Option<&str>, usize, u32); 9] = [
+        (
+            "tiny.en int8",
+            "whisper-tiny.en",
+            true,
+            Some("en"),
+            1,
+            30_000,
+        ),
+        (
+            "tiny.en int8 beam5",
+            "whisper-tiny.en",
+            true,
+            Some("en"),
+            5,
+            30_000,
+        ),
+        (
+            "tiny.en int8 b5 w10s",
+            "whisper-tiny.en",
+            true,
+            Some("en"),
+            5,
+            10_000,
+        ),
+        (
+            "tiny.en int8 b5 w5s",
+            "whisper-tiny.en",
+            true,
+            Some("en"),
+            5,
+            5_000,
+        ),
+        (
+            "tiny.en f32",
+            "whisper-tiny.en",
+            false,
+            Some("en"),
+            1,
+            30_000,
+        ),
+        ("base int8", "whisper-base", true, Some("en"), 1, 30_000),
+        (
+            "base int8 w10s",
+            "whisper-base",
+            true,
+            Some("en"),
+            1,
+            10_000,
+        ),
+        (
+            "base int8 zh|en",
+            "whisper-base",
+            true,
+            Some("zh,en"),
+            1,
+            30_000,
+        ),
+        ("base f32", "whisper-base", false, Some("en"), 1, 30_000),
     ];
     let mut rows = Vec::new();
-    for (label, dir, int8, language, beam_size) in cases {
+    for (label, dir, int8, language, beam_size, window_ms) in cases {
         let settings = WhisperSettings {
             model_dir: models.join(dir),
             language: language.map(str::to_owned),
             int8,
             core,
             beam_size,
+            window_ms,
         };
         let t0 = Instant::now();
         let mut worker = match WhisperWorker::load(&settings) {

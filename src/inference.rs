@@ -91,6 +91,7 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
             (!config.asr.whisper.language.is_empty()).then(|| config.asr.whisper.language.clone());
         let int8 = config.asr.whisper.int8;
         let beam_size = config.asr.whisper.beam_size;
+        let window_ms = config.asr.whisper.window_ms;
         let cores = cores.to_vec();
         let mut asr_config = pool_config("asr");
         asr_config.max_batch = 1;
@@ -105,6 +106,7 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
                         int8,
                         core: cores[i],
                         beam_size,
+                        window_ms,
                     })
                 },
                 asr_tx,

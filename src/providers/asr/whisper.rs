@@ -91,6 +91,10 @@ pub struct WhisperSettings {
     pub core: usize,
     /// Beam width; 1 is greedy decoding.
     pub beam_size: usize,
+    /// Shortest encoder window, ms. The encoder sees the utterance plus 0.5 s of silence, but
+    /// at least this much and at most 30 s (Whisper's training window, the default). Its cost
+    /// is proportional to the window; too short a window makes the model guess.
+    pub window_ms: u32,
 }
 
 /// Why a Whisper model could not be loaded or run.
@@ -172,6 +176,10 @@ pub struct WhisperWorker {
     options: WhisperOptions,
     /// The job's audio as f32, reused.
     pcm: Vec<f32>,
+    /// Shortest encoder input, frames (10 ms each), at most `WINDOW_FRAMES`.
+    window_frames: usize,
+    /// The features cut to `window_frames`, reused.
+    window: Vec<f32>,
     name: String,
 }
 
@@ -194,6 +202,8 @@ impl WhisperWorker {
         {
             return Err(AsrError::ModelFileMissing { path, group });
         }
+        // 10 ms per frame; at least 1 s.
+        let window_frames = (settings.window_ms as usize / 10).clamp(100, WINDOW_FRAMES);
         if settings.beam_size == 0 {
             return Err(AsrError::Settings("beam_size must be at least 1".into()));
         }
@@ -279,6 +289,8 @@ impl WhisperWorker {
                 ..WhisperOptions::default()
             },
             pcm: Vec::with_capacity(WINDOW_SAMPLES),
+            window_frames,
+            window: Vec::new(),
             name,
         })
     }
@@ -327,9 +339,20 @@ impl WhisperWorker {
                 .map(|&s| f32::from(s) / 32768.0),
         );
         let n_mels = self.mel.n_mels();
+        let frames = (self.pcm.len() / (SAMPLE_RATE / 100) + 50)
+            .clamp(self.window_frames, WINDOW_FRAMES);
         let features = self.mel.compute(&self.pcm);
-        let view = StorageView::new(&[1, n_mels, WINDOW_FRAMES], features, Device::CPU)
-            .map_err(inference)?;
+        let view = if frames == WINDOW_FRAMES {
+            StorageView::new(&[1, n_mels, WINDOW_FRAMES], features, Device::CPU)
+        } else {
+            // The first `frames` of every mel row: a shorter encoder input.
+            self.window.clear();
+            for row in features.chunks_exact(WINDOW_FRAMES) {
+                self.window.extend_from_slice(&row[..frames]);
+            }
+            StorageView::new(&[1, n_mels, frames], &mut self.window, Device::CPU)
+        }
+        .map_err(inference)?;
         let encoded;
         let (input, language) = match &self.language {
             LanguageMode::Fixed(code) => (&view, code.clone()),
@@ -519,6 +542,8 @@ mod tests {
             int8,
             core: 0,
             beam_size: if int8 && model.ends_with(".en") { 5 } else { 1 },
+            // What the server runs with unless configured otherwise.
+            window_ms: crate::config::WhisperConfig::default().window_ms,
         }
     }
 
@@ -598,6 +623,21 @@ mod tests {
             assert_kitchen_timer(&t.text);
             assert_eq!(t.language, "en");
         }
+    }
+
+    #[test]
+    fn an_utterance_longer_than_the_shortest_window_is_heard_to_its_end() {
+        let mut s = settings("whisper-tiny.en", Some("en"), true);
+        s.window_ms = 2_000;
+        let Some(mut worker) = worker_or_skip(&s) else {
+            return;
+        };
+        // ~3.3 s of speech plus 0.6 s of padding: the window grows to the utterance.
+        let pcm = speech("en-us", SENTENCE);
+        assert!(pcm.len() > 3 * 16_000);
+        let t = worker.transcribe(&pcm).expect("transcribe");
+        eprintln!("tiny.en, 2 s shortest window: {:?}", t.text);
+        assert_kitchen_timer(&t.text);
     }
 
     #[test]
@@ -804,6 +844,7 @@ mod tests {
             int8: true,
             core: 0,
             beam_size: 1,
+            window_ms: 30_000,
         })
         .err()
         .expect("missing directory must fail");
@@ -825,6 +866,7 @@ mod tests {
             int8: true,
             core: 0,
             beam_size: 1,
+            window_ms: 30_000,
         })
         .err()
         .expect("missing model.bin must fail");
