@@ -18,6 +18,9 @@ use xiaozhi_tpc::providers::asr::{WhisperSettings, WhisperWorker};
 const RUNS: usize = 5;
 const TEXT: &str = "Turn on the kitchen lights and set a timer for ten minutes.";
 
+/// (label, model directory, int8, language, beam, shortest encoder window ms)
+type Case = (&'static str, &'static str, bool, Option<&'static str>, usize, u32);
+
 fn main() -> Result<(), BoxError> {
     let core = common::bench_core();
     if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
@@ -31,8 +34,7 @@ fn main() -> Result<(), BoxError> {
         pcm.len() as f64 / 16_000.0
     );
 
-    // (label, model directory, int8, language, beam, shortest encoder window ms)
-    let cases: [(&str, &str, bool, Option<&str>, usize, u32); 9] = [
+    let cases: [Case; 9] = [
         (
             "tiny.en int8",
             "whisper-tiny.en",
