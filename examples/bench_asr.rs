@@ -19,7 +19,14 @@ const RUNS: usize = 5;
 const TEXT: &str = "Turn on the kitchen lights and set a timer for ten minutes.";
 
 /// (label, model directory, int8, language, beam, shortest encoder window ms)
-type Case = (&'static str, &'static str, bool, Option<&'static str>, usize, u32);
+type Case = (
+    &'static str,
+    &'static str,
+    bool,
+    Option<&'static str>,
+    usize,
+    u32,
+);
 
 fn main() -> Result<(), BoxError> {
     let core = common::bench_core();

@@ -15,9 +15,9 @@ use glommio::{LocalExecutorBuilder, Placement};
 use serde_json::json;
 
 use crate::audio::{self, FRAME_MS};
-use crate::connect::{DeviceId, IdentityMode};
-use crate::device::{self, DeviceConfig, Mode};
-use crate::protocol::BinaryProtocol;
+use crate::connect::DeviceId;
+use crate::device;
+use crate::device_args::{DeviceArgs, Prepared};
 use crate::report::{self, Metric, Recorder};
 use crate::schedule::{connect_offset, Limit};
 use crate::{plot, rusage};
@@ -25,24 +25,10 @@ use crate::{plot, rusage};
 /// `xiaozhi-bench fleet` options.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct FleetArgs {
-    /// WebSocket URL of the server (replaced by the OTA answer's when --ota-url is given).
-    #[arg(long, default_value = "ws://127.0.0.1:8000/xiaozhi/v1/")]
-    pub url: String,
-    /// Ask this OTA endpoint first (POST, as the firmware) and use the websocket URL/token it returns.
-    #[arg(long)]
-    pub ota_url: Option<String>,
-    /// Send the device identity as headers (firmware) or query parameters (browsers).
-    #[arg(long, value_enum, default_value = "headers")]
-    pub identity: IdentityMode,
-    /// Binary protocol version (1 = bare Opus, 2 = 16-byte header, 3 = 4-byte header).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
-    pub protocol: u8,
-    /// Listening mode: auto (server VAD), manual (listen stop after the speech), realtime.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub mode: Mode,
-    /// Utterance to speak: a 16 kHz mono WAV file (default: generated with espeak-ng + sox).
-    #[arg(long)]
-    pub wav: Option<PathBuf>,
+    /// How every device connects and speaks.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub device: DeviceArgs,
     /// Number of simulated devices.
     #[arg(long, default_value_t = 10)]
     pub devices: u32,
@@ -73,16 +59,9 @@ pub struct FleetArgs {
     /// Reply time (last speech frame → tts stop) the open-loop schedule allows for, ms.
     #[arg(long, default_value_t = 2500)]
     pub expected_reply_ms: u64,
-    /// Wait this long for stt after the last speech frame, and for progress during a reply.
-    #[arg(long, default_value_t = 10.0)]
-    pub timeout_s: f64,
     /// Seed for client ids and connect jitter.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Sign device tokens with this secret (server.auth_key) when the server checks them.
-    #[arg(long)]
-    #[serde(skip)]
-    pub auth_key: Option<String>,
     /// Interval length of the .hlog files, seconds.
     #[arg(long, default_value_t = 1.0)]
     pub interval_s: f64,
@@ -129,30 +108,20 @@ fn secs(s: f64, name: &str) -> Result<Duration, String> {
 
 /// Runs the fleet, writes the report and returns the summary (also in `summary.json`).
 pub fn run(args: &FleetArgs) -> Result<serde_json::Value, String> {
-    let protocol = BinaryProtocol::from_version(args.protocol).map_err(|e| e.to_string())?;
-    let cpus = placement(&args)?;
+    let cpus = placement(args)?;
     let ramp = secs(args.ramp_s, "ramp-s")?;
     let interval = secs(args.interval_s, "interval-s")?;
-    let pcm = audio::utterance(args.wav.as_ref())?;
-    let uplink = audio::encode_uplink(&pcm, protocol)?;
-    let speech_frames = uplink.speech.len();
+    let Prepared { config, pcm } = args.device.prepare(
+        Duration::from_millis(args.think_ms),
+        Duration::from_millis(args.expected_reply_ms),
+    )?;
+    let speech_frames = config.uplink.speech.len();
     println!(
         "utterance: {:.2} s ({speech_frames} frames of {FRAME_MS} ms, {} bytes of Opus)",
         pcm.len() as f64 / f64::from(audio::UPLINK_RATE),
-        uplink.speech_bytes
+        config.uplink.speech_bytes
     );
-    let cfg = Arc::new(DeviceConfig {
-        ws_url: args.url.clone(),
-        ota_url: args.ota_url.clone(),
-        identity: args.identity,
-        protocol,
-        mode: args.mode,
-        think: Duration::from_millis(args.think_ms),
-        expected_reply: Duration::from_millis(args.expected_reply_ms),
-        timeout: secs(args.timeout_s, "timeout-s")?,
-        uplink: Arc::new(uplink),
-        auth_key: args.auth_key.clone(),
-    });
+    let cfg = Arc::new(config);
 
     // Executors start within a few ms; give them a moment before the first connect.
     let lead = Duration::from_millis(300);
@@ -209,9 +178,9 @@ pub fn run(args: &FleetArgs) -> Result<serde_json::Value, String> {
         args.devices,
         cpus.len(),
         cpus,
-        args.mode,
-        args.protocol,
-        args.identity
+        args.device.mode,
+        args.device.protocol,
+        args.device.identity
     );
 
     let mut rec = Recorder::new(start, interval);

@@ -23,6 +23,7 @@ mod hdr_export;
 mod audio;
 mod connect;
 mod device;
+mod device_args;
 mod fleet;
 mod hold;
 mod inbound;

@@ -3,48 +3,26 @@
 
 use std::cell::RefCell;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::audio;
-use crate::connect::{DeviceId, IdentityMode};
-use crate::device::{self, DeviceConfig, Mode, Report, Trace};
+use crate::connect::DeviceId;
+use crate::device::{self, Report, Trace};
+use crate::device_args::{DeviceArgs, Prepared};
 use crate::outcome::{classify, End};
-use crate::protocol::BinaryProtocol;
 use crate::schedule::Limit;
 
 /// `xiaozhi-bench probe` options.
 #[derive(clap::Args, Debug)]
 pub struct ProbeArgs {
-    /// WebSocket URL of the server (replaced by the OTA answer's when --ota-url is given).
-    #[arg(long, default_value = "ws://127.0.0.1:8000/xiaozhi/v1/")]
-    pub url: String,
-    /// Ask this OTA endpoint first and use the websocket URL/token it returns.
-    #[arg(long)]
-    pub ota_url: Option<String>,
-    /// Send the device identity as headers (firmware) or query parameters (browsers).
-    #[arg(long, value_enum, default_value = "headers")]
-    pub identity: IdentityMode,
-    /// Binary protocol version.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
-    pub protocol: u8,
-    /// Listening mode.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub mode: Mode,
-    /// Utterance: a 16 kHz mono WAV file (default: generated with espeak-ng + sox).
-    #[arg(long)]
-    pub wav: Option<PathBuf>,
-    /// Wait this long for stt after the last speech frame, and for progress during the reply.
-    #[arg(long, default_value_t = 10.0)]
-    pub timeout_s: f64,
+    /// How the device connects and speaks.
+    #[command(flatten)]
+    pub talk: DeviceArgs,
     /// Device index (MAC 02:00:…).
     #[arg(long, default_value_t = 0)]
     pub device: u32,
-    /// Sign the device token with this secret when the server checks tokens.
-    #[arg(long)]
-    pub auth_key: Option<String>,
     /// Save the reply audio (decoded Opus) as a WAV file.
     #[arg(long)]
     pub save_reply: Option<PathBuf>,
@@ -52,23 +30,10 @@ pub struct ProbeArgs {
 
 /// Runs the probe and prints the timeline.
 pub fn run(args: ProbeArgs) -> Result<(), String> {
-    let protocol = BinaryProtocol::from_version(args.protocol).map_err(|e| e.to_string())?;
-    let pcm = audio::utterance(args.wav.as_ref())?;
-    let uplink = audio::encode_uplink(&pcm, protocol)?;
-    let cfg = DeviceConfig {
-        ws_url: args.url.clone(),
-        ota_url: args.ota_url.clone(),
-        identity: args.identity,
-        protocol,
-        mode: args.mode,
-        // Settle after hello (MCP set-up) before speaking, as a person would.
-        think: Duration::from_millis(500),
-        expected_reply: Duration::from_secs(3),
-        timeout: Duration::try_from_secs_f64(args.timeout_s)
-            .map_err(|_| "--timeout-s must be a non-negative number")?,
-        uplink: Arc::new(uplink),
-        auth_key: args.auth_key.clone(),
-    };
+    // Settle after hello (MCP set-up) before speaking, as a person would.
+    let Prepared { config: cfg, .. } = args
+        .talk
+        .prepare(Duration::from_millis(500), Duration::from_secs(3))?;
     let id = DeviceId::new(args.device, 1);
     let (trace, reports) = LocalExecutorBuilder::new(Placement::Unbound)
         .name("probe")

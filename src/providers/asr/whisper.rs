@@ -339,8 +339,8 @@ impl WhisperWorker {
                 .map(|&s| f32::from(s) / 32768.0),
         );
         let n_mels = self.mel.n_mels();
-        let frames = (self.pcm.len() / (SAMPLE_RATE / 100) + 50)
-            .clamp(self.window_frames, WINDOW_FRAMES);
+        let frames =
+            (self.pcm.len() / (SAMPLE_RATE / 100) + 50).clamp(self.window_frames, WINDOW_FRAMES);
         let features = self.mel.compute(&self.pcm);
         let view = if frames == WINDOW_FRAMES {
             StorageView::new(&[1, n_mels, WINDOW_FRAMES], features, Device::CPU)
