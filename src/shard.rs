@@ -123,6 +123,8 @@ pub struct Shard {
     pub queues: InferenceQueues,
     /// This shard's HTTP client (keep-alive pool) for remote providers.
     pub http: Rc<HttpClient>,
+    /// Server-side tools offered to the LLM in every session of this shard.
+    pub server_tools: Rc<crate::tools::server::ServerTools>,
     mesh: ShardMesh<ShardRequest>,
 }
 
@@ -365,6 +367,11 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             ..ClientSettings::default()
         })),
         mesh: ctx.mesh.clone(),
+        // Names were checked when the config was loaded.
+        server_tools: Rc::new(
+            crate::tools::server::ServerTools::from_names(&config.tools.server_tools)
+                .unwrap_or_default(),
+        ),
         config,
     });
     let replies_tq = glommio::executor().create_task_queue(
