@@ -511,3 +511,60 @@ fn exit_phrase_says_goodbye_and_closes_and_a_wake_word_is_greeted() {
     let (code, _) = expect_close(&mut device.ws);
     assert_eq!(code, 1000);
 }
+
+#[test]
+fn xiaozhi_sdk_with_a_registered_volume_tool_is_driven_through_tool_calls() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "the sdk group is not installed: run `make test` (scripts/setup.sh sdk)"
+    );
+    let mock = volume_mock();
+    // The SDK answers `initialize` only when it carries the vision capability.
+    let server = server(
+        &mock,
+        false,
+        &[
+            "tools.vision_url=\"http://127.0.0.1:9/mcp/vision/explain\"",
+            "tools.vision_token=\"test-token\"",
+        ],
+    );
+    let out = std::process::Command::new(&python)
+        .arg(root.join("tests/sdk/tool_call.py"))
+        .arg(server.ws_url("/xiaozhi/v1/"))
+        .args(["Set the volume to 40.", "A bit louder, please."])
+        .output()
+        .expect("run the sdk");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sdk run failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary json");
+    assert_eq!(
+        summary["calls"],
+        json!([
+            ["self.audio_speaker.set_volume", {"volume": 40}],
+            ["self.get_device_status", {}],
+            ["self.audio_speaker.set_volume", {"volume": 50}],
+        ]),
+        "{summary}"
+    );
+    assert_eq!(summary["volume"], 50);
+    let said = |i: usize| {
+        summary["turns"][i]["sentences"]
+            .as_array()
+            .map(|s| {
+                s.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(said(0), "OK, the volume is now 40.");
+    assert_eq!(said(1), "OK, the volume is now 50.");
+}
