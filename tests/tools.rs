@@ -39,7 +39,7 @@ impl Device {
     /// Connects, says hello and serves MCP until the tool list has been read.
     fn connect(server: &Server, mac: &str) -> Device {
         let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &device_headers(mac, "1"));
-        hello(&mut ws, HELLO);
+        hello(&mut ws, HELLO_MCP);
         let mut d = Device {
             ws,
             volume: 30,
@@ -458,7 +458,7 @@ fn legacy_iot_things_are_tools_for_the_llm() {
         &device_headers("aa:dd:00:00:00:06", "1"),
     );
     // Old firmware: no MCP, IoT descriptors and states instead.
-    hello(&mut ws, &HELLO.replace("\"mcp\":true", "\"mcp\":false"));
+    hello(&mut ws, HELLO);
     ws.send(Message::text(
         json!({"type":"iot","update":true,"descriptors":[{"name":"Lamp",
         "description":"a lamp","properties":{"power":{"description":"on or off","type":"boolean"}},

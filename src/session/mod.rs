@@ -453,7 +453,7 @@ impl Session {
             .set_tools(toolset.openai_tools().cloned(), |n| {
                 toolset.has_device_tool(n)
             });
-        tracing::debug!(session = %self.id, tools = ?toolset.openai_tools().map(|t| t.to_string().len()), "tools offered");
+        tracing::debug!(session = %self.id, tools = toolset.len(), "tools offered");
     }
 
     /// Requests of device tools awaiting an answer.

@@ -124,6 +124,16 @@ impl ToolSet {
             .unwrap_or(name)
     }
 
+    /// Number of tools offered.
+    pub fn len(&self) -> usize {
+        self.offered.len()
+    }
+
+    /// Whether no tool is offered.
+    pub fn is_empty(&self) -> bool {
+        self.offered.is_empty()
+    }
+
     /// The Chat Completions `tools` array; `None` when there is no tool.
     pub fn openai_tools(&self) -> Option<&Value> {
         self.openai.as_ref()

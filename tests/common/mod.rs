@@ -227,7 +227,12 @@ pub fn device_headers<'a>(device: &'a str, version: &'a str) -> Vec<(&'a str, &'
     ]
 }
 
-pub const HELLO: &str = r#"{"type":"hello","version":1,"features":{"mcp":true},"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
+/// A device hello without MCP: the server then sends no MCP requests, so these tests see only
+/// the messages they are about (tests/tools.rs plays a device that serves MCP, [`HELLO_MCP`]).
+pub const HELLO: &str = r#"{"type":"hello","version":1,"features":{"mcp":false},"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
+
+/// A hello as current firmware sends it (`features.mcp`): the server starts MCP after it.
+pub const HELLO_MCP: &str = r#"{"type":"hello","version":1,"features":{"mcp":true},"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
 
 /// Reads the next text message as JSON (skipping pings/pongs).
 pub fn next_json(ws: &mut Ws) -> serde_json::Value {
