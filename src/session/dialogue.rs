@@ -512,11 +512,7 @@ impl Dialogue {
     ) {
         let max = self.settings.max_tool_result_bytes;
         let sid = self.session_id.clone();
-        let Some(t) = self
-            .turn
-            .as_mut()
-            .filter(|t| t.id == turn && t.stage == Stage2::Answering)
-        else {
+        let Some(t) = answering(&mut self.turn, turn) else {
             return;
         };
         let Some(slot) = t
@@ -601,11 +597,7 @@ impl Dialogue {
     pub fn on_llm_text(&mut self, turn: u32, delta: &str, now: Instant, out: &mut Output) {
         let sid = self.session_id.clone();
         let emotions = self.settings.emotions;
-        let Some(t) = self
-            .turn
-            .as_mut()
-            .filter(|t| t.id == turn && t.stage == Stage2::Answering)
-        else {
+        let Some(t) = answering(&mut self.turn, turn) else {
             return;
         };
         if !t.emotion_sent && !delta.trim().is_empty() {
@@ -641,11 +633,7 @@ impl Dialogue {
         out: &mut Output,
     ) {
         let sid = self.session_id.clone();
-        let Some(t) = self
-            .turn
-            .as_mut()
-            .filter(|t| t.id == turn && t.stage == Stage2::Answering)
-        else {
+        let Some(t) = answering(&mut self.turn, turn) else {
             return;
         };
         if t.llm_done || !t.awaiting.is_empty() {
@@ -958,6 +946,12 @@ impl Dialogue {
     pub fn current_turn(&self) -> Option<u32> {
         self.turn.as_ref().map(|t| t.id)
     }
+}
+
+/// Turn `id` while it is being answered.
+fn answering(turn: &mut Option<Turn>, id: u32) -> Option<&mut Turn> {
+    turn.as_mut()
+        .filter(|t| t.id == id && t.stage == Stage2::Answering)
 }
 
 fn micros(d: Duration) -> u64 {

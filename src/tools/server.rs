@@ -95,26 +95,17 @@ impl ServerTool for TimeTool {
     }
 
     fn call(&self, _arguments: &Value, ctx: &ToolContext<'_>) -> Result<String, String> {
-        const WEEKDAYS: [&str; 7] = [
-            "Sunday",
-            "Monday",
-            "Tuesday",
-            "Wednesday",
-            "Thursday",
-            "Friday",
-            "Saturday",
-        ];
-        let secs = i64::try_from(ctx.now_unix).unwrap_or(i64::MAX / 2) + ctx.tz_offset_minutes * 60;
-        let days = secs.div_euclid(86_400);
-        let of_day = secs.rem_euclid(86_400);
-        let (y, m, d) = crate::clock::civil_from_days(days);
-        let weekday = WEEKDAYS[(days + 4).rem_euclid(7) as usize];
+        let t = crate::clock::LocalTime::at(ctx.now_unix, ctx.tz_offset_minutes);
+        let weekday = crate::clock::WEEKDAYS_EN[t.weekday];
         let off = ctx.tz_offset_minutes;
         let sign = if off < 0 { '-' } else { '+' };
         Ok(format!(
-            "{y:04}-{m:02}-{d:02} {:02}:{:02} ({weekday}), UTC{sign}{:02}:{:02}",
-            of_day / 3600,
-            of_day % 3600 / 60,
+            "{:04}-{:02}-{:02} {:02}:{:02} ({weekday}), UTC{sign}{:02}:{:02}",
+            t.year,
+            t.month,
+            t.day,
+            t.hour,
+            t.minute,
             off.abs() / 60,
             off.abs() % 60
         ))
