@@ -181,19 +181,30 @@ fn spoken(texts: &[Value]) -> String {
         .join(" ")
 }
 
-fn volume_mock() -> MockHandle {
+/// A fast mock LLM that answers a user message containing `trigger` with a streamed call of
+/// `tool` with `arguments`, and anything else (the tool result included) with `reply`.
+fn tool_mock(reply: &str, trigger: &str, tool: &str, arguments: &str) -> MockHandle {
     mock_upstream::serve(MockSettings {
         llm_first_token: Duration::from_millis(20),
         llm_token: Duration::from_millis(2),
-        llm_reply: "Done. The speaker volume is set.".into(),
-        tool_trigger: Some("volume".into()),
-        tool_name: Some("self_audio_speaker_set_volume".into()),
-        tool_arguments: r#"{"volume":55}"#.into(),
+        llm_reply: reply.into(),
+        tool_trigger: Some(trigger.into()),
+        tool_name: Some(tool.into()),
+        tool_arguments: arguments.into(),
         tts_delay: Duration::from_millis(10),
         tts_audio: Duration::from_millis(200),
         ..MockSettings::default()
     })
     .expect("mock upstream")
+}
+
+fn volume_mock() -> MockHandle {
+    tool_mock(
+        "Done. The speaker volume is set.",
+        "volume",
+        "self_audio_speaker_set_volume",
+        r#"{"volume":55}"#,
+    )
 }
 
 /// A server whose LLM (`remote_llm`) and TTS are the mock.
@@ -441,17 +452,12 @@ fn a_spoken_volume_command_reaches_the_device_with_the_offline_responder() {
 
 #[test]
 fn legacy_iot_things_are_tools_for_the_llm() {
-    let mock = mock_upstream::serve(MockSettings {
-        llm_first_token: Duration::from_millis(20),
-        llm_reply: "The lamp is on.".into(),
-        tool_trigger: Some("lamp".into()),
-        tool_name: Some("iot_Lamp_TurnOn".into()),
-        tool_arguments: r#"{"brightness":80}"#.into(),
-        tts_delay: Duration::from_millis(10),
-        tts_audio: Duration::from_millis(200),
-        ..MockSettings::default()
-    })
-    .expect("mock");
+    let mock = tool_mock(
+        "The lamp is on.",
+        "lamp",
+        "iot_Lamp_TurnOn",
+        r#"{"brightness":80}"#,
+    );
     let server = server(&mock, true, &[]);
     let mut ws = connect(
         &server.ws_url("/"),
@@ -514,12 +520,7 @@ fn exit_phrase_says_goodbye_and_closes_and_a_wake_word_is_greeted() {
 
 #[test]
 fn xiaozhi_sdk_with_a_registered_volume_tool_is_driven_through_tool_calls() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "the sdk group is not installed: run `make test` (scripts/setup.sh sdk)"
-    );
+    assert_sdk_installed();
     let mock = volume_mock();
     // The SDK answers `initialize` only when it carries the vision capability.
     let server = server(
@@ -530,20 +531,14 @@ fn xiaozhi_sdk_with_a_registered_volume_tool_is_driven_through_tool_calls() {
             "tools.vision_token=\"test-token\"",
         ],
     );
-    let out = std::process::Command::new(&python)
-        .arg(root.join("tests/sdk/tool_call.py"))
-        .arg(server.ws_url("/xiaozhi/v1/"))
-        .args(["Set the volume to 40.", "A bit louder, please."])
-        .output()
-        .expect("run the sdk");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "sdk run failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let summary = run_sdk_script(
+        "tool_call.py",
+        [
+            server.ws_url("/xiaozhi/v1/").as_str(),
+            "Set the volume to 40.",
+            "A bit louder, please.",
+        ],
     );
-    let summary: Value =
-        serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary json");
     assert_eq!(
         summary["calls"],
         json!([

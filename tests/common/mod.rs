@@ -300,6 +300,44 @@ pub fn speech_16k(text: &str, voice: &str, pad_s: f32) -> Vec<i16> {
         .collect()
 }
 
+/// Fails clearly when the sdk group (the `.venv` with `xiaozhi-sdk`) is not installed.
+pub fn assert_sdk_installed() {
+    assert!(
+        sdk_python().exists(),
+        "the sdk group is not installed: run `make test` (scripts/setup.sh sdk)"
+    );
+}
+
+fn sdk_python() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+}
+
+/// Runs `tests/sdk/<script>` with the sdk venv's Python, asserts it succeeded and returns the
+/// JSON summary it printed last.
+pub fn run_sdk_script<I, S>(script: &str, args: I) -> serde_json::Value
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    assert_sdk_installed();
+    let out = Command::new(sdk_python())
+        .arg(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/sdk")
+                .join(script),
+        )
+        .args(args)
+        .output()
+        .expect("run the sdk");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sdk run failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary json")
+}
+
 /// Encodes 16 kHz PCM into 60 ms Opus packets, as the firmware does (the last frame zero-padded).
 pub fn opus_frames(pcm: &[i16]) -> Vec<Vec<u8>> {
     let mut enc =
