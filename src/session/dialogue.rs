@@ -183,6 +183,8 @@ struct Turn {
     offline_step: Option<OfflineStep>,
     /// Close the session after this turn's `tts stop` (exit intent).
     close_after: bool,
+    /// A tool result to speak as the answer (`{"action":"RESPONSE","response":…}`).
+    direct_reply: Option<String>,
 }
 
 impl Turn {
@@ -211,6 +213,7 @@ impl Turn {
             awaiting: Vec::new(),
             offline_step: None,
             close_after: false,
+            direct_reply: None,
         }
     }
 }
@@ -523,6 +526,9 @@ impl Dialogue {
             return;
         };
         let result = result.map(|mut text| {
+            if let Some(reply) = direct_response(&text) {
+                t.direct_reply = Some(reply);
+            }
             crate::tools::truncate_utf8(&mut text, max);
             text
         });
@@ -537,6 +543,11 @@ impl Dialogue {
         if let Some(step) = t.offline_step.take() {
             let result = results.into_iter().next().and_then(|(_, r)| r);
             return self.offline_result(turn, step, result, now, out);
+        }
+        if let Some(reply) = t.direct_reply.take() {
+            // The tool answered for the model (the reference's vision tool does): say it.
+            self.on_llm_text(turn, &reply, now, out);
+            return self.on_llm_done(turn, Ok(Vec::new()), now, out);
         }
         for (id, r) in results {
             let content = match r {
@@ -946,6 +957,17 @@ impl Dialogue {
     pub fn current_turn(&self) -> Option<u32> {
         self.turn.as_ref().map(|t| t.id)
     }
+}
+
+/// The text of a tool result that asks to be spoken as it is, as the reference's tools do
+/// (`{"action":"RESPONSE","response":"…"}`).
+fn direct_response(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+    if v.get("action")?.as_str()? != "RESPONSE" {
+        return None;
+    }
+    let reply = v.get("response")?.as_str()?.trim();
+    (!reply.is_empty()).then(|| reply.to_string())
 }
 
 /// Turn `id` while it is being answered.

@@ -1570,4 +1570,35 @@ mod tests {
             Some(r#"{"power":false}"#)
         );
     }
+
+    #[test]
+    fn a_tool_result_with_action_response_is_spoken_without_asking_the_llm_again() {
+        let now = Instant::now();
+        let mut s = session_with_device_tools(false, now);
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"what do you see"}"#,
+            now,
+            &mut out,
+        );
+        let Some(Request::Llm { turn, .. }) = s.take_requests().into_iter().next() else {
+            panic!("no llm request")
+        };
+        let call = ToolCall {
+            index: 0,
+            id: "c".into(),
+            name: "self_get_device_status".into(),
+            arguments: "{}".into(),
+        };
+        s.on_llm(turn, "", Some(Ok(vec![call])), now, &mut out);
+        let text = json!({"success":true,"action":"RESPONSE","response":"A cat on a sofa."});
+        s.on_text(
+            &mcp_text(json!({"jsonrpc":"2.0","id":10000,"result":{"content":[{"type":"text","text":text.to_string()}]}})),
+            now,
+            &mut out,
+        );
+        let reqs = s.take_requests();
+        assert!(!reqs.iter().any(|r| matches!(r, Request::Llm { .. })));
+        assert!(matches!(&reqs[..], [Request::Tts { text, .. }] if text == "A cat on a sofa."));
+    }
 }
