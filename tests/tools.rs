@@ -518,26 +518,46 @@ fn exit_phrase_says_goodbye_and_closes_and_a_wake_word_is_greeted() {
     assert_eq!(code, 1000);
 }
 
-#[test]
-fn xiaozhi_sdk_with_a_registered_volume_tool_is_driven_through_tool_calls() {
+/// Runs tests/sdk/tool_call.py against a server whose LLM is the mock (`remote_llm`) or the
+/// offline responder, sending `texts` as turns; returns the script's summary.
+fn sdk_tool_run(mock: &MockHandle, remote_llm: bool, texts: &[&str]) -> Value {
     assert_sdk_installed();
-    let mock = volume_mock();
     // The SDK answers `initialize` only when it carries the vision capability.
     let server = server(
-        &mock,
-        false,
+        mock,
+        remote_llm,
         &[
             "tools.vision_url=\"http://127.0.0.1:9/mcp/vision/explain\"",
             "tools.vision_token=\"test-token\"",
         ],
     );
-    let summary = run_sdk_script(
+    let url = server.ws_url("/xiaozhi/v1/");
+    run_sdk_script(
         "tool_call.py",
-        [
-            server.ws_url("/xiaozhi/v1/").as_str(),
-            "Set the volume to 40.",
-            "A bit louder, please.",
-        ],
+        std::iter::once(url.as_str()).chain(texts.iter().copied()),
+    )
+}
+
+/// What the server said in turn `i` of an SDK run.
+fn sdk_said(summary: &Value, i: usize) -> String {
+    summary["turns"][i]["sentences"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn xiaozhi_sdk_with_a_registered_volume_tool_is_driven_through_tool_calls() {
+    let mock = volume_mock();
+    let summary = sdk_tool_run(
+        &mock,
+        false,
+        &["Set the volume to 40.", "A bit louder, please."],
     );
     assert_eq!(
         summary["calls"],
@@ -549,17 +569,23 @@ fn xiaozhi_sdk_with_a_registered_volume_tool_is_driven_through_tool_calls() {
         "{summary}"
     );
     assert_eq!(summary["volume"], 50);
-    let said = |i: usize| {
-        summary["turns"][i]["sentences"]
-            .as_array()
-            .map(|s| {
-                s.iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default()
-    };
-    assert_eq!(said(0), "OK, the volume is now 40.");
-    assert_eq!(said(1), "OK, the volume is now 50.");
+    assert_eq!(sdk_said(&summary, 0), "OK, the volume is now 40.");
+    assert_eq!(sdk_said(&summary, 1), "OK, the volume is now 50.");
+}
+
+#[test]
+fn xiaozhi_sdk_tool_is_called_by_the_remote_llm_and_its_result_fed_back() {
+    let mock = volume_mock();
+    let summary = sdk_tool_run(&mock, true, &["Please make the volume 55."]);
+    assert_eq!(
+        summary["calls"],
+        json!([["self.audio_speaker.set_volume", {"volume": 55}]]),
+        "{summary}"
+    );
+    assert_eq!(sdk_said(&summary, 0), "Done. The speaker volume is set.");
+    let requests = mock.chat_requests();
+    assert_eq!(requests.len(), 2);
+    // The SDK's result text is the JSON its tool function returned.
+    let results = tool_messages(&requests[1]);
+    assert_eq!(results[0]["content"], r#"{"success": true, "volume": 55}"#);
 }
