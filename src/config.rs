@@ -46,7 +46,8 @@ pub struct ToolsConfig {
     pub iot: bool,
     /// Deadline of each device request (initialize, a tools/list page, tools/call), ms.
     pub call_timeout_ms: u64,
-    /// Most LLM rounds with tool calls per turn; the round after the last gets no tools.
+    /// Most LLM rounds with tool calls per turn; the round after the last gets no tools; 0 = no
+    /// tools are offered to the LLM.
     pub max_rounds: u32,
     /// Most tool calls carried out per LLM round.
     pub max_calls_per_round: usize,

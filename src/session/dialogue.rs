@@ -440,7 +440,10 @@ impl Dialogue {
             messages.extend(self.history.iter().cloned());
             messages.push(ChatMessage::user(&text));
             t.messages = messages.clone();
-            let tools = self.tools.clone();
+            let tools = self
+                .tools
+                .clone()
+                .filter(|_| self.settings.max_tool_rounds > 0);
             out.requests.push(Request::Llm {
                 turn,
                 messages,

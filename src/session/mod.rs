@@ -606,7 +606,7 @@ impl Session {
                     },
                 );
                 if let Some(settings) = self.settings.tools.mcp.clone().filter(|_| start_mcp) {
-                    let mut client = Box::new(McpClient::new(settings));
+                    let mut client = Box::new(McpClient::new(settings, self.id.clone()));
                     if let Some(init) = client.start(now) {
                         self.send(out, ServerMessage::Mcp { payload: &init });
                     }
@@ -1600,5 +1600,25 @@ mod tests {
         let reqs = s.take_requests();
         assert!(!reqs.iter().any(|r| matches!(r, Request::Llm { .. })));
         assert!(matches!(&reqs[..], [Request::Tts { text, .. }] if text == "A cat on a sofa."));
+    }
+
+    #[test]
+    fn zero_tool_rounds_offers_no_tools_to_the_llm() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.settings.dialogue.offline_llm = false;
+        s.settings.dialogue.max_tool_rounds = 0;
+        s.dialogue = Dialogue::new(s.settings.dialogue.clone(), "sid".into());
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"what time is it"}"#,
+            now,
+            &mut vec![],
+        );
+        let reqs = s.take_requests();
+        assert!(
+            matches!(&reqs[..], [Request::Llm { tools: None, .. }]),
+            "{reqs:?}"
+        );
     }
 }

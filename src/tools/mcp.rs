@@ -95,6 +95,8 @@ pub struct McpCounters {
 #[derive(Debug)]
 pub struct McpClient {
     settings: McpSettings,
+    /// The session id, for logs.
+    session: String,
     started: bool,
     tools: Vec<DeviceTool>,
     pages: u32,
@@ -105,10 +107,11 @@ pub struct McpClient {
 }
 
 impl McpClient {
-    /// A client that has not started yet.
-    pub fn new(settings: McpSettings) -> McpClient {
+    /// A client for session `session` (named in its logs) that has not started yet.
+    pub fn new(settings: McpSettings, session: String) -> McpClient {
         McpClient {
             settings,
+            session,
             started: false,
             tools: Vec::new(),
             pages: 0,
@@ -230,7 +233,7 @@ impl McpClient {
             self.counters.timeouts += 1;
             match p {
                 Pending::Call { turn, call_id } => {
-                    tracing::info!(id, "device tool call timed out");
+                    tracing::info!(session = %self.session, id, "device tool call timed out");
                     events.push(McpEvent::CallDone {
                         turn,
                         call_id,
@@ -241,10 +244,11 @@ impl McpClient {
                     });
                 }
                 Pending::Initialize => {
-                    tracing::info!("device did not answer MCP initialize; no device tools");
+                    tracing::info!(session = %self.session, "device did not answer MCP initialize; no device tools");
                 }
                 Pending::List => {
                     tracing::info!(
+                        session = %self.session,
                         tools = self.tools.len(),
                         "device did not answer tools/list; keeping the tools read so far"
                     );
@@ -270,7 +274,7 @@ impl McpClient {
         }
         if let Some(method) = obj.get("method").and_then(Value::as_str) {
             // A notification or a request from the device: nothing to do but log it.
-            tracing::debug!(method, "device MCP message");
+            tracing::debug!(session = %self.session, method, "device MCP message");
             return;
         }
         let Some(id) = obj.get("id").and_then(id_number) else {
@@ -293,12 +297,14 @@ impl McpClient {
                     self.tools.clear();
                     self.list_page(None, now, sends);
                 }
-                Err(e) => tracing::info!(error = %e, "device refused MCP initialize"),
+                Err(e) => {
+                    tracing::info!(session = %self.session, error = %e, "device refused MCP initialize")
+                }
             },
             Pending::List => match outcome {
                 Ok(result) => self.on_list(result, now, sends, events),
                 Err(e) => {
-                    tracing::info!(error = %e, "device refused tools/list");
+                    tracing::info!(session = %self.session, error = %e, "device refused tools/list");
                     events.push(McpEvent::ToolsReady);
                 }
             },
@@ -341,6 +347,7 @@ impl McpClient {
         for t in tools {
             if self.tools.len() >= self.settings.max_tools {
                 tracing::info!(
+                    session = %self.session,
                     max = self.settings.max_tools,
                     "device offers more tools than kept; the rest are ignored"
                 );
@@ -368,6 +375,7 @@ impl McpClient {
             }
             _ => {
                 tracing::debug!(
+                    session = %self.session,
                     tools = self.tools.len(),
                     pages = self.pages,
                     "device tools listed"
@@ -379,7 +387,7 @@ impl McpClient {
 
     fn ignore(&mut self, why: &str) {
         self.counters.ignored += 1;
-        tracing::info!(reason = why, "device MCP message ignored");
+        tracing::info!(session = %self.session, reason = why, "device MCP message ignored");
     }
 }
 
@@ -472,7 +480,7 @@ mod tests {
 
     /// A client that has read `tools`, in one page.
     fn ready(tools: &[&str], now: Instant) -> McpClient {
-        let mut c = McpClient::new(settings());
+        let mut c = McpClient::new(settings(), "s".into());
         c.start(now);
         let (mut sends, mut events) = (vec![], vec![]);
         c.on_message(
@@ -495,16 +503,19 @@ mod tests {
     #[test]
     fn initialize_carries_vision_only_when_configured() {
         let now = Instant::now();
-        let mut c = McpClient::new(settings());
+        let mut c = McpClient::new(settings(), "s".into());
         let init = c.start(now).unwrap();
         assert_eq!(init["id"], 1);
         assert_eq!(init["method"], "initialize");
         assert!(init["params"]["capabilities"].get("vision").is_none());
         assert!(c.start(now).is_none(), "once per session");
-        let mut c = McpClient::new(McpSettings {
-            vision: Some(("http://v/explain".into(), "tok".into())),
-            ..settings()
-        });
+        let mut c = McpClient::new(
+            McpSettings {
+                vision: Some(("http://v/explain".into(), "tok".into())),
+                ..settings()
+            },
+            "s".into(),
+        );
         let init = c.start(now).unwrap();
         assert_eq!(
             init["params"]["capabilities"]["vision"],
@@ -515,7 +526,7 @@ mod tests {
     #[test]
     fn tools_list_follows_next_cursor_up_to_the_page_limit() {
         let now = Instant::now();
-        let mut c = McpClient::new(settings());
+        let mut c = McpClient::new(settings(), "s".into());
         c.start(now);
         let (mut sends, mut events) = (vec![], vec![]);
         c.on_message(
