@@ -657,9 +657,15 @@ impl Dialogue {
         t.splitter.finish(&mut segs);
         t.segments.extend(segs);
         let result = match result {
-            Ok(calls) if !calls.is_empty() && t.tool_rounds < self.settings.max_tool_rounds => {
+            Ok(mut calls) if !calls.is_empty() && t.tool_rounds < self.settings.max_tool_rounds => {
                 // Speak what came before the calls, run them, then ask the model again.
                 t.tool_rounds += 1;
+                // Results are matched by call id: give a missing or repeated one a unique id.
+                for i in 0..calls.len() {
+                    if calls[i].id.is_empty() || calls[..i].iter().any(|c| c.id == calls[i].id) {
+                        calls[i].id = format!("call_{turn}_{}_{i}", t.tool_rounds);
+                    }
+                }
                 t.messages.push(ChatMessage::assistant_tool_calls(&calls));
                 let max = self.settings.max_calls_per_round;
                 let mut refused = Vec::new();

@@ -1621,4 +1621,42 @@ mod tests {
             "{reqs:?}"
         );
     }
+
+    #[test]
+    fn calls_without_ids_or_with_repeated_ids_get_unique_ones() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.settings.dialogue.offline_llm = false;
+        s.dialogue = Dialogue::new(s.settings.dialogue.clone(), "sid".into());
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"time?"}"#,
+            now,
+            &mut vec![],
+        );
+        let Some(Request::Llm { turn, .. }) = s.take_requests().into_iter().next() else {
+            panic!()
+        };
+        let call = |id: &str| ToolCall {
+            index: 0,
+            id: id.into(),
+            name: "get_time".into(),
+            arguments: "{}".into(),
+        };
+        s.on_llm(
+            turn,
+            "",
+            Some(Ok(vec![call(""), call("x"), call("x")])),
+            now,
+            &mut vec![],
+        );
+        let Some(Request::Llm { messages, .. }) = s.take_requests().into_iter().next() else {
+            panic!("no second round")
+        };
+        let ids: Vec<_> = messages
+            .iter()
+            .filter_map(|m| m.tool_call_id.clone())
+            .collect();
+        assert_eq!(ids, ["call_1_1_0", "x", "call_1_1_2"]);
+    }
 }
