@@ -652,6 +652,54 @@ mod tests {
     }
 
     #[test]
+    fn a_device_that_never_answers_initialize_ends_with_no_tools_and_nothing_pending() {
+        let now = Instant::now();
+        let mut c = McpClient::new(settings(), "s".into());
+        c.start(now);
+        assert_eq!(c.next_deadline(), Some(now + Duration::from_secs(5)));
+        let mut events = vec![];
+        c.on_timer(now + Duration::from_secs(5), &mut events);
+        assert!(events.is_empty());
+        assert_eq!(
+            (c.pending(), c.tools().len(), c.counters.timeouts),
+            (0, 0, 1)
+        );
+        assert_eq!(c.next_deadline(), None);
+        // A late initialize result is ignored: no tools/list follows.
+        let mut sends = vec![];
+        c.on_message(
+            &json!({"jsonrpc":"2.0","id":1,"result":{}}),
+            now,
+            &mut sends,
+            &mut events,
+        );
+        assert!(sends.is_empty());
+    }
+
+    #[test]
+    fn a_tools_list_page_that_never_comes_keeps_the_tools_read_so_far() {
+        let now = Instant::now();
+        let mut c = McpClient::new(settings(), "s".into());
+        c.start(now);
+        let (mut sends, mut events) = (vec![], vec![]);
+        c.on_message(
+            &json!({"jsonrpc":"2.0","id":1,"result":{}}),
+            now,
+            &mut sends,
+            &mut events,
+        );
+        c.on_message(
+            &json!({"jsonrpc":"2.0","id":2,"result":{"tools":[tool("a")],"nextCursor":"p2"}}),
+            now,
+            &mut sends,
+            &mut events,
+        );
+        c.on_timer(now + Duration::from_secs(6), &mut events);
+        assert_eq!(events, vec![McpEvent::ToolsReady]);
+        assert_eq!(c.tools().len(), 1);
+    }
+
+    #[test]
     fn malformed_and_unexpected_messages_are_ignored() {
         let now = Instant::now();
         let mut c = ready(&["t"], now);
