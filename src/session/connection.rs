@@ -257,6 +257,7 @@ fn tool_settings(shard: &Shard) -> ToolSettings {
         }),
         iot: t.iot,
         server: shard.server_tools.clone(),
+        base: shard.base_tools.clone(),
         max_tools: t.max_tools,
         wake_greeting: t.wake_greeting.clone(),
         wake_greeting_zh: t.wake_greeting_zh.clone(),
@@ -576,14 +577,15 @@ fn execute(
             let (client, mb, buf) = (shard.http.clone(), mailbox.clone(), llm_buffer.clone());
             let settings = remote_llm_settings(&shard.config);
             let task = glommio::spawn_local(async move {
-                let result = stream_chat(&client, &settings, &messages, tools.as_ref(), |event| {
-                    if let LlmEvent::Text(t) = event {
-                        let mut b = buf.borrow_mut();
-                        b.text.push_str(&t);
-                        b.notify(&mb);
-                    }
-                })
-                .await;
+                let result =
+                    stream_chat(&client, &settings, &messages, tools.as_deref(), |event| {
+                        if let LlmEvent::Text(t) = event {
+                            let mut b = buf.borrow_mut();
+                            b.text.push_str(&t);
+                            b.notify(&mb);
+                        }
+                    })
+                    .await;
                 let mut b = buf.borrow_mut();
                 b.done = Some(result.map(|s| s.tool_calls).map_err(|e| e.to_string()));
                 b.notify(&mb);

@@ -14,6 +14,7 @@
 //! passed.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::audio::encode::DownlinkEncoder;
@@ -78,7 +79,7 @@ pub enum Request {
         /// System prompt, history and the user's message (and tool rounds so far).
         messages: Vec<ChatMessage>,
         /// The Chat Completions `tools` array, when tools are offered.
-        tools: Option<serde_json::Value>,
+        tools: Option<Rc<serde_json::Value>>,
     },
     /// Stop the running LLM stream (abort).
     CancelLlm,
@@ -251,7 +252,7 @@ pub struct Dialogue {
     stop_at: Option<Instant>,
     offline: OfflineResponder,
     /// The `tools` array offered to the LLM, if any.
-    tools: Option<serde_json::Value>,
+    tools: Option<Rc<serde_json::Value>>,
     /// Device tools the offline responder may use (by the device's names).
     offline_tools: Vec<&'static str>,
     next_call: u64,
@@ -297,7 +298,7 @@ impl Dialogue {
     /// (`has_device_tool` answers by the device's tool name).
     pub fn set_tools(
         &mut self,
-        tools: Option<serde_json::Value>,
+        tools: Option<Rc<serde_json::Value>>,
         has_device_tool: impl Fn(&str) -> bool,
     ) {
         self.tools = tools;

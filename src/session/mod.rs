@@ -72,6 +72,8 @@ pub struct ToolSettings {
     pub iot: bool,
     /// The shard's server-side tools.
     pub server: Rc<ServerTools>,
+    /// The tools offered before the device announces any (server tools; shared).
+    pub base: Rc<ToolSet>,
     /// Most tools offered to the LLM.
     pub max_tools: usize,
     /// Spoken after an English wake word (empty: no greeting).
@@ -249,7 +251,7 @@ pub struct Session {
     close_cause: Option<CloseCause>,
     mcp_client: Option<Box<McpClient>>,
     iot: IotThings,
-    toolset: ToolSet,
+    toolset: Rc<ToolSet>,
     /// Counters of what this session saw.
     pub counters: SessionCounters,
 }
@@ -270,12 +272,7 @@ impl Session {
             .and_then(|v| BinaryProtocol::from_version(v).ok())
             .unwrap_or(BinaryProtocol::V1);
         let mut dialogue = Dialogue::new(settings.dialogue.clone(), id.clone());
-        let toolset = ToolSet::build(
-            &settings.tools.server,
-            &[],
-            &IotThings::default(),
-            settings.tools.max_tools,
-        );
+        let toolset = settings.tools.base.clone();
         dialogue.set_tools(toolset.openai_tools().cloned(), |_| false);
         Session {
             id,
@@ -442,12 +439,12 @@ impl Session {
     /// Offers the current device, IoT and server tools to the dialogue.
     fn rebuild_tools(&mut self) {
         let device = self.mcp_client.as_ref().map_or(&[][..], |c| c.tools());
-        self.toolset = ToolSet::build(
+        self.toolset = Rc::new(ToolSet::build(
             &self.settings.tools.server,
             device,
             &self.iot,
             self.settings.tools.max_tools,
-        );
+        ));
         let toolset = &self.toolset;
         self.dialogue
             .set_tools(toolset.openai_tools().cloned(), |n| {
@@ -1073,6 +1070,7 @@ mod tests {
     }
 
     fn session(version: Option<u8>, now: Instant) -> Session {
+        let server_tools = Rc::new(ServerTools::from_names(&["get_time".into()]).unwrap());
         Session::new(
             "sid".into(),
             1,
@@ -1117,7 +1115,8 @@ mod tests {
                         vision: None,
                     }),
                     iot: true,
-                    server: Rc::new(ServerTools::from_names(&["get_time".into()]).unwrap()),
+                    server: server_tools.clone(),
+                    base: Rc::new(ToolSet::build(&server_tools, &[], &IotThings::default(), 8)),
                     max_tools: 8,
                     wake_greeting: "Hi!".into(),
                     wake_greeting_zh: "你好".into(),

@@ -9,6 +9,8 @@ pub mod iot;
 pub mod mcp;
 pub mod server;
 
+use std::rc::Rc;
+
 use serde_json::{json, Value};
 
 use iot::IotThings;
@@ -40,7 +42,8 @@ pub enum ToolTarget {
 #[derive(Debug, Default)]
 pub struct ToolSet {
     offered: Vec<(String, ToolTarget)>,
-    openai: Option<Value>,
+    /// Shared with the dialogue and the LLM requests (one copy per distinct set).
+    openai: Option<Rc<Value>>,
 }
 
 impl ToolSet {
@@ -104,7 +107,7 @@ impl ToolSet {
                 offer(&mut set, &name, &description, schema, target);
             }
         }
-        set.openai = (!functions.is_empty()).then_some(Value::Array(functions));
+        set.openai = (!functions.is_empty()).then(|| Rc::new(Value::Array(functions)));
         set
     }
 
@@ -135,7 +138,7 @@ impl ToolSet {
     }
 
     /// The Chat Completions `tools` array; `None` when there is no tool.
-    pub fn openai_tools(&self) -> Option<&Value> {
+    pub fn openai_tools(&self) -> Option<&Rc<Value>> {
         self.openai.as_ref()
     }
 
