@@ -5,6 +5,12 @@
 //! an inference core, or a remote call on the shard) and feeds results back tagged with the
 //! turn id, so a result of an aborted turn is recognised and dropped.
 //!
+//! Tools: an LLM round that ends with tool calls asks for them ([`Output::calls`]); when every
+//! result is in (see [`Dialogue::on_tool_result`]) the model is asked again with the results,
+//! at most `max_tool_rounds` times per turn (the last request goes without tools). Text spoken
+//! before a call stays spoken. Exit phrases and the offline responder's device commands are
+//! decided here too (see `crate::tools::intents`).
+//!
 //! Pacing is by audio time against a per-session clock: `play_end` is when the device will
 //! have played everything sent so far (each 60 ms frame pushes it forward by 60 ms from
 //! `max(play_end, now)`); the next frame is due when the device holds less than

@@ -5,6 +5,12 @@
 //! without sockets and keeps the wire format (in `protocol`) out of the I/O code.
 //!
 //! States: `AwaitingHello` → `Idle` (hello answered) → `Listening` / `Speaking` → `Closing`.
+//!
+//! The session is also where device tools meet the dialogue: it runs the device's MCP client
+//! (started after a hello with `features.mcp`), keeps legacy IoT things, offers the merged
+//! [`ToolSet`] to the dialogue and carries out the tool calls the dialogue asks for (a device
+//! call goes out as `tools/call` and its answer, error or timeout comes back later; IoT and
+//! server tools answer at once). Calls of an aborted turn are dropped from the pending map.
 
 pub mod connection;
 pub mod dialogue;
