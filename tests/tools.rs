@@ -82,8 +82,8 @@ impl Device {
             "description":"Set the volume of the audio speaker (0-100).",
             "inputSchema":{"type":"object","properties":{"volume":{"type":"integer","minimum":0,"maximum":100}},
                 "required":["volume"]}}]}));
-        // Let the server take in the last page before the test speaks.
-        std::thread::sleep(Duration::from_millis(100));
+        // The server handles one socket's messages in order: the last page is taken in before
+        // anything the test sends next.
         d
     }
 
