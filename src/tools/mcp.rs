@@ -478,17 +478,23 @@ mod tests {
         json!({"name": name, "description": "d", "inputSchema": {"type": "object"}})
     }
 
-    /// A client that has read `tools`, in one page.
-    fn ready(tools: &[&str], now: Instant) -> McpClient {
+    /// A client whose `initialize` was answered (its first `tools/list` is pending).
+    fn initialized(now: Instant) -> McpClient {
         let mut c = McpClient::new(settings(), "s".into());
         c.start(now);
-        let (mut sends, mut events) = (vec![], vec![]);
         c.on_message(
             &json!({"jsonrpc":"2.0","id":1,"result":{}}),
             now,
-            &mut sends,
-            &mut events,
+            &mut vec![],
+            &mut vec![],
         );
+        c
+    }
+
+    /// A client that has read `tools`, in one page.
+    fn ready(tools: &[&str], now: Instant) -> McpClient {
+        let mut c = initialized(now);
+        let (mut sends, mut events) = (vec![], vec![]);
         let list: Vec<Value> = tools.iter().map(|t| tool(t)).collect();
         c.on_message(
             &json!({"jsonrpc":"2.0","id":2,"result":{"tools": list}}),
@@ -679,15 +685,8 @@ mod tests {
     #[test]
     fn a_tools_list_page_that_never_comes_keeps_the_tools_read_so_far() {
         let now = Instant::now();
-        let mut c = McpClient::new(settings(), "s".into());
-        c.start(now);
+        let mut c = initialized(now);
         let (mut sends, mut events) = (vec![], vec![]);
-        c.on_message(
-            &json!({"jsonrpc":"2.0","id":1,"result":{}}),
-            now,
-            &mut sends,
-            &mut events,
-        );
         c.on_message(
             &json!({"jsonrpc":"2.0","id":2,"result":{"tools":[tool("a")],"nextCursor":"p2"}}),
             now,
