@@ -42,6 +42,53 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// English weekday names, Sunday first (index = [`LocalTime::weekday`]).
+pub const WEEKDAYS_EN: [&str; 7] = [
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+];
+
+/// A wall-clock reading in a time zone given as minutes east of UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalTime {
+    /// Year.
+    pub year: i64,
+    /// Month, 1–12.
+    pub month: u32,
+    /// Day of the month, 1–31.
+    pub day: u32,
+    /// 0 = Sunday.
+    pub weekday: usize,
+    /// Hour, 0–23.
+    pub hour: u32,
+    /// Minute, 0–59.
+    pub minute: u32,
+}
+
+impl LocalTime {
+    /// The local time at `now_unix` (seconds since the epoch, UTC), `tz_offset_minutes` east.
+    pub fn at(now_unix: u64, tz_offset_minutes: i64) -> Self {
+        let secs = i64::try_from(now_unix).unwrap_or(i64::MAX / 2) + tz_offset_minutes * 60;
+        let days = secs.div_euclid(86_400);
+        let of_day = secs.rem_euclid(86_400);
+        let (year, month, day) = civil_from_days(days);
+        Self {
+            year,
+            month,
+            day,
+            // 1970-01-01 was a Thursday.
+            weekday: (days + 4).rem_euclid(7) as usize,
+            hour: (of_day / 3600) as u32,
+            minute: (of_day % 3600 / 60) as u32,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

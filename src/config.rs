@@ -30,10 +30,83 @@ pub struct Config {
     pub tts: TtsConfig,
     /// Downlink audio: encoding and pacing.
     pub audio_out: AudioOutConfig,
+    /// Device tools (MCP, IoT), server tools, LLM tool calling and built-in intents.
+    pub tools: ToolsConfig,
     /// Logging.
     pub log: LogConfig,
     /// Latency histograms: interval log and dumps.
     pub metrics: MetricsConfig,
+}
+
+/// Device tools, server tools, LLM tool calling and the built-in intents.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ToolsConfig {
+    /// Use the device's MCP tools (initialize + tools/list after hello when it announces MCP).
+    pub mcp: bool,
+    /// Accept legacy `iot` descriptors from old firmware as tools.
+    pub iot: bool,
+    /// Deadline of each device request (initialize, a tools/list page, tools/call), ms.
+    pub call_timeout_ms: u64,
+    /// Most LLM rounds with tool calls per turn; the round after the last gets no tools; 0 = no
+    /// tools are offered to the LLM.
+    pub max_rounds: u32,
+    /// Most tool calls carried out per LLM round.
+    pub max_calls_per_round: usize,
+    /// Most device tool calls awaiting an answer per session.
+    pub max_pending_calls: usize,
+    /// Most tools kept from a device and offered to the LLM.
+    pub max_tools: usize,
+    /// Most tools/list pages read from a device.
+    pub max_list_pages: u32,
+    /// Longest tool result fed back to the LLM, bytes.
+    pub max_result_bytes: usize,
+    /// `capabilities.vision.url` sent in MCP initialize (camera explain endpoint); empty = none.
+    pub vision_url: String,
+    /// `capabilities.vision.token` sent with the vision URL.
+    pub vision_token: String,
+    /// Server-side tools offered to the LLM (built in: "get_time").
+    pub server_tools: Vec<String>,
+    /// Utterances that end the session after a spoken farewell (whole utterance, any case,
+    /// punctuation ignored).
+    pub exit_phrases: Vec<String>,
+    /// Wake words: a `listen detect` with one of these is greeted instead of answered.
+    pub wake_words: Vec<String>,
+    /// Greeting after an English wake word; empty = none.
+    pub wake_greeting: String,
+    /// Greeting after a Chinese wake word; empty = none.
+    pub wake_greeting_zh: String,
+}
+
+impl Default for ToolsConfig {
+    fn default() -> Self {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        Self {
+            mcp: true,
+            iot: true,
+            call_timeout_ms: 10_000,
+            max_rounds: 3,
+            max_calls_per_round: 4,
+            max_pending_calls: 8,
+            max_tools: 32,
+            max_list_pages: 8,
+            max_result_bytes: 2048,
+            vision_url: String::new(),
+            vision_token: String::new(),
+            server_tools: strings(&["get_time"]),
+            exit_phrases: strings(&["goodbye", "bye bye", "exit", "退出", "关闭", "再见"]),
+            wake_words: strings(&[
+                "你好小智",
+                "你好小志",
+                "嗨小智",
+                "hi xiaozhi",
+                "hey xiaozhi",
+                "hello xiaozhi",
+            ]),
+            wake_greeting: "Hi! What can I do for you?".into(),
+            wake_greeting_zh: "你好，有什么可以帮你？".into(),
+        }
+    }
 }
 
 /// Listeners, device-facing URLs, auth and per-connection limits.
@@ -792,6 +865,22 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.metrics.keep_intervals) {
             return bad("metrics.keep_intervals", "must be between 1 and 100000");
+        }
+        let t = &self.tools;
+        if t.call_timeout_ms < 100 {
+            return bad("tools.call_timeout_ms", "must be at least 100");
+        }
+        if t.max_calls_per_round == 0 || t.max_pending_calls == 0 || t.max_list_pages == 0 {
+            return bad(
+                "tools",
+                "max_calls_per_round, max_pending_calls and max_list_pages must be at least 1",
+            );
+        }
+        if t.max_result_bytes < 16 {
+            return bad("tools.max_result_bytes", "must be at least 16");
+        }
+        if let Err(e) = crate::tools::server::ServerTools::from_names(&t.server_tools) {
+            return bad("tools.server_tools", &e);
         }
         Ok(())
     }

@@ -16,4 +16,5 @@ pub mod protocol;
 pub mod providers;
 pub mod session;
 pub mod shard;
+pub mod tools;
 pub mod ws;

@@ -141,6 +141,10 @@ pub struct Shard {
     pub queues: InferenceQueues,
     /// This shard's HTTP client (keep-alive pool) for remote providers.
     pub http: Rc<HttpClient>,
+    /// Server-side tools offered to the LLM in every session of this shard.
+    pub server_tools: Rc<crate::tools::server::ServerTools>,
+    /// The tools of a session before its device announces any (shared by such sessions).
+    pub base_tools: Rc<crate::tools::ToolSet>,
     mesh: ShardMesh<ShardRequest>,
 }
 
@@ -387,6 +391,11 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     } else {
         None
     };
+    // Names were checked when the config was loaded.
+    let server_tools = Rc::new(
+        crate::tools::server::ServerTools::from_names(&config.tools.server_tools)
+            .unwrap_or_default(),
+    );
     let shard = Rc::new(Shard {
         id: ctx.id,
         signer,
@@ -408,6 +417,13 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             ..ClientSettings::default()
         })),
         mesh: ctx.mesh.clone(),
+        base_tools: Rc::new(crate::tools::ToolSet::build(
+            &server_tools,
+            &[],
+            &crate::tools::iot::IotThings::default(),
+            config.tools.max_tools,
+        )),
+        server_tools,
         config,
     });
     let replies_tq = glommio::executor().create_task_queue(

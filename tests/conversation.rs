@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -474,12 +472,7 @@ fn abort_mid_answer_stops_promptly_and_no_audio_follows_tts_stop() {
 
 #[test]
 fn xiaozhi_sdk_holds_a_conversation_and_records_the_reply() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "the sdk group is not installed: run `make test` (scripts/setup.sh sdk)"
-    );
+    assert_sdk_installed();
     let server = Server::start(&[]);
     let pcm = speech_16k("Hello, who are you?", "en-us", 0.5);
     let dir = std::env::temp_dir().join(format!("xz-sdk-{}", std::process::id()));
@@ -497,22 +490,13 @@ fn xiaozhi_sdk_holds_a_conversation_and_records_the_reply() {
     }
     w.finalize().expect("wav");
     let reply = dir.join("reply.wav");
-    let out = Command::new(&python)
-        .arg(root.join("tests/sdk/converse.py"))
-        .arg(server.ws_url("/xiaozhi/v1/"))
-        .arg(&wav)
-        .arg(&reply)
-        .args(["--mode", "auto", "--timeout", "60"])
-        .output()
-        .expect("run the sdk");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "sdk run failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let url = server.ws_url("/xiaozhi/v1/");
+    let summary = run_sdk_script(
+        "converse.py",
+        [url.as_ref(), wav.as_os_str(), reply.as_os_str()]
+            .into_iter()
+            .chain(["--mode", "auto", "--timeout", "60"].map(std::ffi::OsStr::new)),
     );
-    let summary: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary json");
     let stt = summary["stt"].as_str().unwrap_or("").to_lowercase();
     assert!(
         stt.contains("who are you") || stt.contains("hello"),

@@ -71,7 +71,7 @@ pub fn render(shards: &[ShardStats]) -> String {
     let _ = writeln!(out, "# TYPE xiaozhi_vad_queue_depth gauge");
     let _ = writeln!(out, "xiaozhi_vad_queue_depth {}", total.vad_queue_depth);
     let e = &total.ended;
-    let counters: [(&str, &str, u64); 27] = [
+    let counters: [(&str, &str, u64); 32] = [
         (
             "xiaozhi_sessions_accepted_total",
             "WebSocket sessions accepted.",
@@ -201,6 +201,31 @@ pub fn render(shards: &[ShardStats]) -> String {
             "xiaozhi_vad_queue_full_total",
             "VAD jobs refused by a full inference queue, retried (ended sessions).",
             e.vad_queue_full,
+        ),
+        (
+            "xiaozhi_device_tool_calls_total",
+            "Device tool calls (MCP tools/call) sent (ended sessions).",
+            e.mcp.calls,
+        ),
+        (
+            "xiaozhi_device_tool_errors_total",
+            "Device tool calls answered with an error (ended sessions).",
+            e.mcp.call_errors,
+        ),
+        (
+            "xiaozhi_device_tool_timeouts_total",
+            "Device MCP requests that got no answer in time (ended sessions).",
+            e.mcp.timeouts,
+        ),
+        (
+            "xiaozhi_device_tool_calls_cancelled_total",
+            "Device tool calls dropped by abort or a new turn (ended sessions).",
+            e.mcp.cancelled,
+        ),
+        (
+            "xiaozhi_mcp_ignored_total",
+            "Malformed or unexpected MCP messages from devices, ignored (ended sessions).",
+            e.mcp.ignored,
         ),
         (
             "xiaozhi_vad_orphan_results_total",

@@ -15,7 +15,9 @@ use tungstenite::Message;
 use std::cell::RefCell;
 
 use super::dialogue::{DialogueSettings, Request};
-use super::{CloseCause, Outgoing, Session, SessionEvent, SessionSettings, SessionTimers};
+use super::{
+    CloseCause, Outgoing, Session, SessionEvent, SessionSettings, SessionTimers, ToolSettings,
+};
 use crate::config::{Config, LlmProvider, TtsProvider};
 use crate::pipeline::audio_in::AudioInLimits;
 use crate::protocol::token::MISSING_CLIENT_ID;
@@ -24,9 +26,12 @@ use crate::providers::asr::openai::{transcribe, OpenAiAsrSettings};
 use crate::providers::asr::wav::wav_bytes;
 use crate::providers::asr::AsrJob;
 use crate::providers::llm::openai::{stream_chat, LlmEvent, OpenAiSettings};
+use crate::providers::llm::ToolCall;
 use crate::providers::tts::openai::{speech, OpenAiTtsSettings};
 use crate::providers::tts::{TtsEngine, TtsJob};
 use crate::shard::{Refusal, Shard};
+use crate::tools::intents::Intents;
+use crate::tools::mcp::McpSettings;
 use crate::ws::handshake::{read_head, write_plain, write_upgrade, HeadError, RequestHead};
 
 /// Text the reference sends before closing a connection without a device id.
@@ -198,6 +203,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
                 max_chunks_per_job: inference.max_chunks_per_job,
             },
             dialogue: dialogue_settings(&shard.config),
+            tools: tool_settings(&shard),
         },
         now,
     );
@@ -231,6 +237,30 @@ fn dialogue_settings(c: &Config) -> DialogueSettings {
         tts_timeout: Duration::from_millis(c.tts.timeout_ms),
         tz_offset_minutes: (c.server.timezone_offset_hours * 60.0).round() as i64,
         emotions: true,
+        max_tool_rounds: c.tools.max_rounds,
+        max_calls_per_round: c.tools.max_calls_per_round,
+        max_tool_result_bytes: c.tools.max_result_bytes,
+        intents: Intents::new(&c.tools.exit_phrases, &c.tools.wake_words),
+    }
+}
+
+fn tool_settings(shard: &Shard) -> ToolSettings {
+    let t = &shard.config.tools;
+    ToolSettings {
+        mcp: t.mcp.then(|| McpSettings {
+            call_timeout: Duration::from_millis(t.call_timeout_ms),
+            max_pending_calls: t.max_pending_calls,
+            max_tools: t.max_tools,
+            max_pages: t.max_list_pages,
+            vision: (!t.vision_url.is_empty())
+                .then(|| (t.vision_url.clone(), t.vision_token.clone())),
+        }),
+        iot: t.iot,
+        server: shard.server_tools.clone(),
+        base: shard.base_tools.clone(),
+        max_tools: t.max_tools,
+        wake_greeting: t.wake_greeting.clone(),
+        wake_greeting_zh: t.wake_greeting_zh.clone(),
     }
 }
 
@@ -475,7 +505,7 @@ impl Drop for LlmTask {
 struct LlmBuffer {
     turn: u32,
     text: String,
-    done: Option<Result<(), String>>,
+    done: Option<Result<Vec<ToolCall>, String>>,
     notified: bool,
 }
 
@@ -532,7 +562,11 @@ fn execute(
                 .detach();
             }
         },
-        Request::Llm { turn, messages } => {
+        Request::Llm {
+            turn,
+            messages,
+            tools,
+        } => {
             {
                 let mut b = llm_buffer.borrow_mut();
                 *b = LlmBuffer {
@@ -543,16 +577,17 @@ fn execute(
             let (client, mb, buf) = (shard.http.clone(), mailbox.clone(), llm_buffer.clone());
             let settings = remote_llm_settings(&shard.config);
             let task = glommio::spawn_local(async move {
-                let result = stream_chat(&client, &settings, &messages, None, |event| {
-                    if let LlmEvent::Text(t) = event {
-                        let mut b = buf.borrow_mut();
-                        b.text.push_str(&t);
-                        b.notify(&mb);
-                    }
-                })
-                .await;
+                let result =
+                    stream_chat(&client, &settings, &messages, tools.as_deref(), |event| {
+                        if let LlmEvent::Text(t) = event {
+                            let mut b = buf.borrow_mut();
+                            b.text.push_str(&t);
+                            b.notify(&mb);
+                        }
+                    })
+                    .await;
                 let mut b = buf.borrow_mut();
-                b.done = Some(result.map(|_| ()).map_err(|e| e.to_string()));
+                b.done = Some(result.map(|s| s.tool_calls).map_err(|e| e.to_string()));
                 b.notify(&mb);
             });
             *llm_task = Some(task.detach());

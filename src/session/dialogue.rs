@@ -5,6 +5,12 @@
 //! an inference core, or a remote call on the shard) and feeds results back tagged with the
 //! turn id, so a result of an aborted turn is recognised and dropped.
 //!
+//! Tools: an LLM round that ends with tool calls asks for them ([`Output::calls`]); when every
+//! result is in (see [`Dialogue::on_tool_result`]) the model is asked again with the results,
+//! at most `max_tool_rounds` times per turn (the last request goes without tools). Text spoken
+//! before a call stays spoken. Exit phrases and the offline responder's device commands are
+//! decided here too (see `crate::tools::intents`).
+//!
 //! Pacing is by audio time against a per-session clock: `play_end` is when the device will
 //! have played everything sent so far (each 60 ms frame pushes it forward by 60 ms from
 //! `max(play_end, now)`); the next frame is due when the device holds less than
@@ -14,6 +20,7 @@
 //! passed.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::audio::encode::DownlinkEncoder;
@@ -23,6 +30,8 @@ use crate::pipeline::sentences::{emotion_of, SentenceSplitter};
 use crate::protocol::ServerMessage;
 use crate::providers::llm::offline::OfflineResponder;
 use crate::providers::llm::openai::ChatMessage;
+use crate::providers::llm::ToolCall;
+use crate::tools::intents::{self, DeviceCommand, Intents};
 
 /// What the dialogue needs from config.
 #[derive(Debug, Clone)]
@@ -49,6 +58,14 @@ pub struct DialogueSettings {
     pub tz_offset_minutes: i64,
     /// Send `llm` emotion messages.
     pub emotions: bool,
+    /// Most LLM rounds with tool calls per turn (the round after the last gets no tools).
+    pub max_tool_rounds: u32,
+    /// Most tool calls carried out per round (further calls are answered with an error).
+    pub max_calls_per_round: usize,
+    /// Longest tool result fed back to the LLM, bytes.
+    pub max_tool_result_bytes: usize,
+    /// Exit phrases and wake words.
+    pub intents: Intents,
 }
 
 /// Work the connection loop must start for the dialogue.
@@ -65,8 +82,10 @@ pub enum Request {
     Llm {
         /// Turn id.
         turn: u32,
-        /// System prompt, history and the user's message.
+        /// System prompt, history and the user's message (and tool rounds so far).
         messages: Vec<ChatMessage>,
+        /// The Chat Completions `tools` array, when tools are offered.
+        tools: Option<Rc<serde_json::Value>>,
     },
     /// Stop the running LLM stream (abort).
     CancelLlm,
@@ -90,6 +109,30 @@ pub struct Output {
     pub requests: Vec<Request>,
     /// Latency samples (stage, µs).
     pub samples: Vec<(Stage, u64)>,
+    /// Tool calls to carry out; each result comes back through [`Dialogue::on_tool_result`].
+    pub calls: Vec<ToolInvocation>,
+}
+
+/// A tool call the dialogue wants made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolInvocation {
+    /// Turn that makes it.
+    pub turn: u32,
+    /// Id of the call (the LLM's, or one of ours for the offline responder).
+    pub call_id: String,
+    /// Tool name: as offered to the LLM, or a device tool's own name.
+    pub name: String,
+    /// Arguments (JSON text as the model wrote it).
+    pub arguments: String,
+}
+
+/// A step of an offline device command waiting for a tool result.
+#[derive(Debug, Clone, Copy)]
+enum OfflineStep {
+    /// Reading the status to change the volume by this much.
+    ReadVolume { change: i32, zh: bool },
+    /// Setting the volume to this value.
+    SetVolume { volume: u8, zh: bool },
 }
 
 /// One message for the device, in send order.
@@ -137,6 +180,18 @@ struct Turn {
     queue: VecDeque<Queued>,
     asr_deadline: Option<Instant>,
     first_segment_requested: bool,
+    /// The conversation sent to the LLM in this turn (grows with tool rounds).
+    messages: Vec<ChatMessage>,
+    /// LLM rounds that called tools.
+    tool_rounds: u32,
+    /// Calls of the current round and their results, in call order.
+    awaiting: Vec<(String, Option<Result<String, String>>)>,
+    /// An offline device command in progress.
+    offline_step: Option<OfflineStep>,
+    /// Close the session after this turn's `tts stop` (exit intent).
+    close_after: bool,
+    /// A tool result to speak as the answer (`{"action":"RESPONSE","response":…}`).
+    direct_reply: Option<String>,
 }
 
 impl Turn {
@@ -160,6 +215,12 @@ impl Turn {
             queue: VecDeque::new(),
             asr_deadline,
             first_segment_requested: false,
+            messages: Vec::new(),
+            tool_rounds: 0,
+            awaiting: Vec::new(),
+            offline_step: None,
+            close_after: false,
+            direct_reply: None,
         }
     }
 }
@@ -181,6 +242,8 @@ pub struct DialogueCounters {
     pub empty_transcripts: u64,
     /// Opus frames sent.
     pub frames_sent: u64,
+    /// Tool calls requested (by the LLM or the offline responder).
+    pub tool_calls: u64,
 }
 
 /// The reply state of one session.
@@ -194,6 +257,12 @@ pub struct Dialogue {
     play_end: Option<Instant>,
     stop_at: Option<Instant>,
     offline: OfflineResponder,
+    /// The `tools` array offered to the LLM, if any.
+    tools: Option<Rc<serde_json::Value>>,
+    /// Device tools the offline responder may use (by the device's names).
+    offline_tools: Vec<&'static str>,
+    next_call: u64,
+    close_requested: bool,
     /// Counters.
     pub counters: DialogueCounters,
 }
@@ -218,6 +287,10 @@ impl Dialogue {
             play_end: None,
             stop_at: None,
             offline: OfflineResponder,
+            tools: None,
+            offline_tools: Vec::new(),
+            next_call: 1,
+            close_requested: false,
             counters: DialogueCounters::default(),
         }
     }
@@ -225,6 +298,37 @@ impl Dialogue {
     /// True between `tts start` and `tts stop`.
     pub fn speaking(&self) -> bool {
         self.turn.as_ref().is_some_and(|t| t.tts_started)
+    }
+
+    /// Sets the tools offered to the LLM and which device tools the offline responder can use
+    /// (`has_device_tool` answers by the device's tool name).
+    pub fn set_tools(
+        &mut self,
+        tools: Option<Rc<serde_json::Value>>,
+        has_device_tool: impl Fn(&str) -> bool,
+    ) {
+        self.tools = tools;
+        self.offline_tools = [intents::SET_VOLUME_TOOL, intents::STATUS_TOOL]
+            .into_iter()
+            .filter(|t| has_device_tool(t))
+            .collect();
+    }
+
+    /// True once (then false) after a turn that ends the session has finished speaking.
+    pub fn take_close_request(&mut self) -> bool {
+        std::mem::take(&mut self.close_requested)
+    }
+
+    /// Says `text` as a turn of its own (wake-word greeting): no `stt`, not in the history.
+    pub fn speak(&mut self, text: &str, now: Instant, out: &mut Output) {
+        let id = self.begin_turn(now, None, out);
+        out.text(&self.session_id, ServerMessage::TtsStart);
+        if let Some(t) = self.turn.as_mut() {
+            t.tts_started = true;
+            t.stage = Stage2::Answering;
+        }
+        self.on_llm_text(id, text, now, out);
+        self.on_llm_done(id, Ok(Vec::new()), now, out);
     }
 
     /// True while a turn is being recognised or answered.
@@ -321,32 +425,200 @@ impl Dialogue {
         t.tts_started = true;
         t.stage = Stage2::Answering;
         t.user_text = text.clone();
-        if offline {
+        let zh = intents::is_chinese(&text);
+        if self.settings.intents.is_exit(&text) {
+            t.close_after = true;
+            self.on_llm_text(turn, intents::farewell(zh), now, out);
+            self.on_llm_done(turn, Ok(Vec::new()), now, out);
+        } else if offline {
+            if let Some(cmd) = intents::device_command(&text) {
+                return self.offline_command(turn, cmd, zh, now, out);
+            }
             let reply = self.offline.reply(
                 &text,
                 crate::clock::unix_now(),
                 self.settings.tz_offset_minutes,
             );
             self.on_llm_text(turn, &reply, now, out);
-            self.on_llm_done(turn, Ok(()), now, out);
+            self.on_llm_done(turn, Ok(Vec::new()), now, out);
         } else {
             let mut messages = Vec::with_capacity(self.history.len() + 2);
             messages.push(ChatMessage::system(&self.settings.system_prompt));
             messages.extend(self.history.iter().cloned());
             messages.push(ChatMessage::user(&text));
-            out.requests.push(Request::Llm { turn, messages });
+            t.messages = messages.clone();
+            let tools = self
+                .tools
+                .clone()
+                .filter(|_| self.settings.max_tool_rounds > 0);
+            out.requests.push(Request::Llm {
+                turn,
+                messages,
+                tools,
+            });
         }
+    }
+
+    /// The offline responder carries out a device command with the device's tools.
+    fn offline_command(
+        &mut self,
+        turn: u32,
+        cmd: DeviceCommand,
+        zh: bool,
+        now: Instant,
+        out: &mut Output,
+    ) {
+        let can_set = self.offline_tools.contains(&intents::SET_VOLUME_TOOL);
+        let can_read = self.offline_tools.contains(&intents::STATUS_TOOL);
+        let (step, tool, arguments) = match cmd {
+            DeviceCommand::SetVolume(volume) if can_set => (
+                OfflineStep::SetVolume { volume, zh },
+                intents::SET_VOLUME_TOOL,
+                serde_json::json!({ "volume": volume }),
+            ),
+            DeviceCommand::ChangeVolume(change) if can_set && can_read => (
+                OfflineStep::ReadVolume { change, zh },
+                intents::STATUS_TOOL,
+                serde_json::json!({}),
+            ),
+            _ => {
+                self.on_llm_text(turn, intents::no_volume_tool(zh), now, out);
+                self.on_llm_done(turn, Ok(Vec::new()), now, out);
+                return;
+            }
+        };
+        self.offline_call(turn, step, tool, arguments, out);
+    }
+
+    fn offline_call(
+        &mut self,
+        turn: u32,
+        step: OfflineStep,
+        tool: &str,
+        arguments: serde_json::Value,
+        out: &mut Output,
+    ) {
+        let call_id = format!("offline_{}", self.next_call);
+        self.next_call += 1;
+        let Some(t) = self.turn.as_mut().filter(|t| t.id == turn) else {
+            return;
+        };
+        t.offline_step = Some(step);
+        t.awaiting = vec![(call_id.clone(), None)];
+        self.counters.tool_calls += 1;
+        out.calls.push(ToolInvocation {
+            turn,
+            call_id,
+            name: tool.to_string(),
+            arguments: arguments.to_string(),
+        });
+    }
+
+    /// The result of tool call `call_id` of turn `turn` (a late or unknown one is ignored).
+    pub fn on_tool_result(
+        &mut self,
+        turn: u32,
+        call_id: &str,
+        result: Result<String, String>,
+        now: Instant,
+        out: &mut Output,
+    ) {
+        let max = self.settings.max_tool_result_bytes;
+        let sid = self.session_id.clone();
+        let Some(t) = answering(&mut self.turn, turn) else {
+            return;
+        };
+        let Some(slot) = t
+            .awaiting
+            .iter_mut()
+            .find(|(id, r)| id == call_id && r.is_none())
+        else {
+            return;
+        };
+        let result = result.map(|mut text| {
+            if let Some(reply) = direct_response(&text) {
+                t.direct_reply = Some(reply);
+            }
+            crate::tools::truncate_utf8(&mut text, max);
+            text
+        });
+        if let Err(e) = &result {
+            tracing::info!(session = %sid, call = call_id, error = %e, "tool call failed");
+        }
+        slot.1 = Some(result);
+        if t.awaiting.iter().any(|(_, r)| r.is_none()) {
+            return;
+        }
+        let results = std::mem::take(&mut t.awaiting);
+        if let Some(step) = t.offline_step.take() {
+            let result = results.into_iter().next().and_then(|(_, r)| r);
+            return self.offline_result(turn, step, result, now, out);
+        }
+        if let Some(reply) = t.direct_reply.take() {
+            // The tool answered for the model (the reference's vision tool does): say it.
+            self.on_llm_text(turn, &reply, now, out);
+            return self.on_llm_done(turn, Ok(Vec::new()), now, out);
+        }
+        for (id, r) in results {
+            let content = match r {
+                Some(Ok(text)) => text,
+                Some(Err(e)) => format!("error: {e}"),
+                None => continue,
+            };
+            t.messages.push(ChatMessage::tool_result(id, content));
+        }
+        let tools = if t.tool_rounds < self.settings.max_tool_rounds {
+            self.tools.clone()
+        } else {
+            None
+        };
+        out.requests.push(Request::Llm {
+            turn,
+            messages: t.messages.clone(),
+            tools,
+        });
+    }
+
+    fn offline_result(
+        &mut self,
+        turn: u32,
+        step: OfflineStep,
+        result: Option<Result<String, String>>,
+        now: Instant,
+        out: &mut Output,
+    ) {
+        let reply = match (step, result) {
+            (OfflineStep::ReadVolume { change, zh }, Some(Ok(status))) => {
+                match intents::volume_in_status(&status) {
+                    Some(v) => {
+                        let volume = (i32::from(v) + change).clamp(0, 100) as u8;
+                        let step = OfflineStep::SetVolume { volume, zh };
+                        let arguments = serde_json::json!({ "volume": volume });
+                        return self.offline_call(
+                            turn,
+                            step,
+                            intents::SET_VOLUME_TOOL,
+                            arguments,
+                            out,
+                        );
+                    }
+                    None => intents::command_failed(zh).to_string(),
+                }
+            }
+            (OfflineStep::SetVolume { volume, zh }, Some(Ok(_))) => intents::volume_set(volume, zh),
+            (OfflineStep::ReadVolume { zh, .. } | OfflineStep::SetVolume { zh, .. }, _) => {
+                intents::command_failed(zh).to_string()
+            }
+        };
+        self.on_llm_text(turn, &reply, now, out);
+        self.on_llm_done(turn, Ok(Vec::new()), now, out);
     }
 
     /// More answer text from the LLM.
     pub fn on_llm_text(&mut self, turn: u32, delta: &str, now: Instant, out: &mut Output) {
         let sid = self.session_id.clone();
         let emotions = self.settings.emotions;
-        let Some(t) = self
-            .turn
-            .as_mut()
-            .filter(|t| t.id == turn && t.stage == Stage2::Answering)
-        else {
+        let Some(t) = answering(&mut self.turn, turn) else {
             return;
         };
         if !t.emotion_sent && !delta.trim().is_empty() {
@@ -373,29 +645,67 @@ impl Dialogue {
         self.request_tts(now, out);
     }
 
-    /// The LLM stream ended (or failed).
+    /// The LLM stream ended (with the tool calls it made), or failed.
     pub fn on_llm_done(
         &mut self,
         turn: u32,
-        result: Result<(), String>,
+        result: Result<Vec<ToolCall>, String>,
         now: Instant,
         out: &mut Output,
     ) {
         let sid = self.session_id.clone();
-        let Some(t) = self
-            .turn
-            .as_mut()
-            .filter(|t| t.id == turn && t.stage == Stage2::Answering)
-        else {
+        let Some(t) = answering(&mut self.turn, turn) else {
             return;
         };
-        if t.llm_done {
+        if t.llm_done || !t.awaiting.is_empty() {
             return;
         }
-        t.llm_done = true;
         let mut segs = Vec::new();
         t.splitter.finish(&mut segs);
         t.segments.extend(segs);
+        let result = match result {
+            Ok(mut calls) if !calls.is_empty() && t.tool_rounds < self.settings.max_tool_rounds => {
+                // Speak what came before the calls, run them, then ask the model again.
+                t.tool_rounds += 1;
+                // Results are matched by call id: give a missing or repeated one a unique id.
+                for i in 0..calls.len() {
+                    if calls[i].id.is_empty() || calls[..i].iter().any(|c| c.id == calls[i].id) {
+                        calls[i].id = format!("call_{turn}_{}_{i}", t.tool_rounds);
+                    }
+                }
+                t.messages.push(ChatMessage::assistant_tool_calls(&calls));
+                let max = self.settings.max_calls_per_round;
+                let mut refused = Vec::new();
+                for (i, call) in calls.into_iter().enumerate() {
+                    t.awaiting.push((call.id.clone(), None));
+                    if i < max {
+                        self.counters.tool_calls += 1;
+                        out.calls.push(ToolInvocation {
+                            turn,
+                            call_id: call.id,
+                            name: call.name,
+                            arguments: call.arguments,
+                        });
+                    } else {
+                        refused.push(call.id);
+                    }
+                }
+                self.request_tts(now, out);
+                for id in refused {
+                    let e = format!("only {max} tool calls are carried out per round");
+                    self.on_tool_result(turn, &id, Err(e), now, out);
+                }
+                return;
+            }
+            Ok(calls) => {
+                if !calls.is_empty() {
+                    tracing::info!(session = %sid, "tool calls beyond the round limit ignored");
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        t.llm_done = true;
         if let Err(e) = result {
             tracing::info!(session = %sid, error = %e, "LLM failed");
             self.counters.llm_failures += 1;
@@ -639,6 +949,7 @@ impl Dialogue {
                     micros(now.saturating_duration_since(t.eos)),
                 ));
                 self.counters.turns_completed += 1;
+                self.close_requested |= t.close_after;
                 self.remember(&t);
             }
         }
@@ -662,6 +973,23 @@ impl Dialogue {
     pub fn current_turn(&self) -> Option<u32> {
         self.turn.as_ref().map(|t| t.id)
     }
+}
+
+/// The text of a tool result that asks to be spoken as it is, as the reference's tools do
+/// (`{"action":"RESPONSE","response":"…"}`).
+fn direct_response(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+    if v.get("action")?.as_str()? != "RESPONSE" {
+        return None;
+    }
+    let reply = v.get("response")?.as_str()?.trim();
+    (!reply.is_empty()).then(|| reply.to_string())
+}
+
+/// Turn `id` while it is being answered.
+fn answering(turn: &mut Option<Turn>, id: u32) -> Option<&mut Turn> {
+    turn.as_mut()
+        .filter(|t| t.id == id && t.stage == Stage2::Answering)
 }
 
 fn micros(d: Duration) -> u64 {

@@ -5,11 +5,20 @@
 //! without sockets and keeps the wire format (in `protocol`) out of the I/O code.
 //!
 //! States: `AwaitingHello` → `Idle` (hello answered) → `Listening` / `Speaking` → `Closing`.
+//!
+//! The session is also where device tools meet the dialogue: it runs the device's MCP client
+//! (started after a hello with `features.mcp`), keeps legacy IoT things, offers the merged
+//! [`ToolSet`] to the dialogue and carries out the tool calls the dialogue asks for (a device
+//! call goes out as `tools/call` and its answer, error or timeout comes back later; IoT and
+//! server tools answer at once). Calls of an aborted turn are dropped from the pending map.
 
 pub mod connection;
 pub mod dialogue;
 
+use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
 
 use crate::metrics::Stage;
 use crate::pipeline::audio_in::{AudioIn, AudioInCounters, AudioInLimits, PacketOutcome};
@@ -18,8 +27,13 @@ use crate::protocol::{
     parse_client_message, AudioParams, BinaryProtocol, ClientMessage, DeviceIdentity, ListenMode,
     ListenState, ServerMessage, Transport,
 };
+use crate::providers::llm::ToolCall;
 use crate::providers::vad::{VadJob, VadResult};
-use dialogue::{Dialogue, DialogueSettings, OutItem, Output, Request};
+use crate::tools::iot::IotThings;
+use crate::tools::mcp::{McpClient, McpCounters, McpEvent, McpSettings};
+use crate::tools::server::{ServerTools, ToolContext};
+use crate::tools::{intents, truncate_utf8, ToolSet, ToolTarget};
+use dialogue::{Dialogue, DialogueSettings, OutItem, Output, Request, ToolInvocation};
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +65,27 @@ pub struct SessionSettings {
     pub limits: AudioInLimits,
     /// The reply side.
     pub dialogue: DialogueSettings,
+    /// Device and server tools.
+    pub tools: ToolSettings,
+}
+
+/// Device tools, server tools and greetings (from config `[tools]`).
+#[derive(Debug, Clone)]
+pub struct ToolSettings {
+    /// The device MCP client's settings; `None` = device MCP tools are not used.
+    pub mcp: Option<McpSettings>,
+    /// Accept legacy `iot` descriptors as tools.
+    pub iot: bool,
+    /// The shard's server-side tools.
+    pub server: Rc<ServerTools>,
+    /// The tools offered before the device announces any (server tools; shared).
+    pub base: Rc<ToolSet>,
+    /// Most tools offered to the LLM.
+    pub max_tools: usize,
+    /// Spoken after an English wake word (empty: no greeting).
+    pub wake_greeting: String,
+    /// Spoken after a Chinese wake word (empty: no greeting).
+    pub wake_greeting_zh: String,
 }
 
 /// Session timers (from config).
@@ -93,6 +128,8 @@ pub enum CloseCause {
     NoVoice,
     /// The instance is draining.
     Drain,
+    /// The user said an exit phrase (after the farewell was spoken).
+    ExitIntent,
 }
 
 /// Events a shard delivers to a session's mailbox.
@@ -151,6 +188,8 @@ pub struct SessionCounters {
     pub shed_frames: u64,
     /// Uplink pipeline counters (folded in when the pipeline is released).
     pub audio: AudioInCounters,
+    /// Device tool (MCP) counters.
+    pub mcp: McpCounters,
 }
 
 impl SessionCounters {
@@ -172,6 +211,12 @@ impl SessionCounters {
         a.stale_results += b.stale_results;
         a.vad_errors += b.vad_errors;
         a.utterances += b.utterances;
+        let (m, n) = (&mut self.mcp, &o.mcp);
+        m.calls += n.calls;
+        m.call_errors += n.call_errors;
+        m.timeouts += n.timeouts;
+        m.cancelled += n.cancelled;
+        m.ignored += n.ignored;
     }
 }
 
@@ -210,6 +255,9 @@ pub struct Session {
     last_voice: Instant,
     drain_deadline: Option<Instant>,
     close_cause: Option<CloseCause>,
+    mcp_client: Option<Box<McpClient>>,
+    iot: IotThings,
+    toolset: Rc<ToolSet>,
     /// Counters of what this session saw.
     pub counters: SessionCounters,
 }
@@ -229,7 +277,9 @@ impl Session {
             .protocol_version
             .and_then(|v| BinaryProtocol::from_version(v).ok())
             .unwrap_or(BinaryProtocol::V1);
-        let dialogue = Dialogue::new(settings.dialogue.clone(), id.clone());
+        let mut dialogue = Dialogue::new(settings.dialogue.clone(), id.clone());
+        let toolset = settings.tools.base.clone();
+        dialogue.set_tools(toolset.openai_tools().cloned(), |_| false);
         Session {
             id,
             identity,
@@ -256,6 +306,9 @@ impl Session {
             last_voice: now,
             drain_deadline: None,
             close_cause: None,
+            mcp_client: None,
+            iot: IotThings::default(),
+            toolset,
             counters: SessionCounters::default(),
         }
     }
@@ -279,8 +332,9 @@ impl Session {
         std::mem::take(&mut self.samples)
     }
 
-    /// Moves what the dialogue produced into the session's outputs, framing audio.
-    fn absorb(&mut self, d: Output, out: &mut Vec<Outgoing>) {
+    /// Moves what the dialogue produced into the session's outputs, framing audio, and
+    /// carries out the tool calls it asked for.
+    fn absorb(&mut self, d: Output, now: Instant, out: &mut Vec<Outgoing>) {
         for item in d.items {
             match item {
                 OutItem::Text(t) => out.push(Outgoing::Text(t)),
@@ -295,6 +349,119 @@ impl Session {
         }
         self.requests.extend(d.requests);
         self.samples.extend(d.samples);
+        for call in d.calls {
+            self.dispatch_call(call, now, out);
+        }
+        // Calls of an aborted or replaced turn are forgotten: a late answer is ignored.
+        let turn = self.dialogue.current_turn();
+        if let Some(c) = self.mcp_client.as_mut() {
+            c.cancel_calls_except(turn);
+        }
+    }
+
+    /// Carries out one tool call: a device call goes out as `tools/call` (its answer comes
+    /// later), the others answer at once.
+    fn dispatch_call(&mut self, call: ToolInvocation, now: Instant, out: &mut Vec<Outgoing>) {
+        let ToolInvocation {
+            turn,
+            call_id,
+            name,
+            arguments,
+        } = call;
+        let args = match arguments.trim() {
+            "" => Ok(json!({})),
+            text => match serde_json::from_str::<Value>(text) {
+                Ok(v @ Value::Object(_)) => Ok(v),
+                _ => Err(format!("arguments of {name} are not a JSON object")),
+            },
+        };
+        let result = match (args, self.toolset.resolve(&name).cloned()) {
+            (Err(e), _) => Err(e),
+            (_, None) => Err(format!("there is no tool named {name}")),
+            (Ok(args), Some(ToolTarget::Device(device_name))) => match self.mcp_client.as_mut() {
+                Some(c) => match c.call(&device_name, args, turn, &call_id, now) {
+                    Ok(payload) => {
+                        tracing::debug!(session = %self.id, tool = %device_name, "device tool call");
+                        self.send(out, ServerMessage::Mcp { payload: &payload });
+                        return;
+                    }
+                    Err(e) => Err(e),
+                },
+                None => Err("the device has no MCP tools".to_string()),
+            },
+            (Ok(args), Some(ToolTarget::IotMethod { thing, method })) => {
+                let commands = IotThings::command(&thing, &method, &args);
+                self.send(
+                    out,
+                    ServerMessage::Iot {
+                        commands: &commands,
+                    },
+                );
+                Ok(format!("{thing}.{method} sent to the device"))
+            }
+            (Ok(_), Some(ToolTarget::IotState { thing })) => self.iot.state_text(&thing),
+            (Ok(args), Some(ToolTarget::Server(i))) => match self.settings.tools.server.get(i) {
+                Some(tool) => tool.call(
+                    &args,
+                    &ToolContext {
+                        now_unix: crate::clock::unix_now(),
+                        tz_offset_minutes: self.settings.dialogue.tz_offset_minutes,
+                        device_id: &self.identity.device_id,
+                    },
+                ),
+                None => Err(format!("there is no tool named {name}")),
+            },
+        };
+        self.on_tool_done(turn, &call_id, result, now, out);
+    }
+
+    fn on_tool_done(
+        &mut self,
+        turn: u32,
+        call_id: &str,
+        result: Result<String, String>,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let mut d = Output::default();
+        self.dialogue
+            .on_tool_result(turn, call_id, result, now, &mut d);
+        self.absorb(d, now, out);
+    }
+
+    fn on_mcp_events(&mut self, events: Vec<McpEvent>, now: Instant, out: &mut Vec<Outgoing>) {
+        for event in events {
+            match event {
+                McpEvent::ToolsReady => self.rebuild_tools(),
+                McpEvent::CallDone {
+                    turn,
+                    call_id,
+                    result,
+                } => self.on_tool_done(turn, &call_id, result, now, out),
+            }
+        }
+    }
+
+    /// Offers the current device, IoT and server tools to the dialogue.
+    fn rebuild_tools(&mut self) {
+        let device = self.mcp_client.as_ref().map_or(&[][..], |c| c.tools());
+        self.toolset = Rc::new(ToolSet::build(
+            &self.settings.tools.server,
+            device,
+            &self.iot,
+            self.settings.tools.max_tools,
+        ));
+        let toolset = &self.toolset;
+        self.dialogue
+            .set_tools(toolset.openai_tools().cloned(), |n| {
+                toolset.has_device_tool(n)
+            });
+        tracing::debug!(session = %self.id, tools = toolset.len(), "tools offered");
+    }
+
+    /// Requests of device tools awaiting an answer.
+    pub fn pending_tool_requests(&self) -> usize {
+        self.mcp_client.as_ref().map_or(0, |c| c.pending())
     }
 
     /// A recognition result for turn `turn`.
@@ -307,15 +474,15 @@ impl Session {
     ) {
         let mut d = Output::default();
         self.dialogue.on_asr(turn, result, now, &mut d);
-        self.absorb(d, out);
+        self.absorb(d, now, out);
     }
 
-    /// LLM text for turn `turn`; `done` carries the end of the stream.
+    /// LLM text for turn `turn`; `done` carries the end of the stream (with its tool calls).
     pub fn on_llm(
         &mut self,
         turn: u32,
         text: &str,
-        done: Option<Result<(), String>>,
+        done: Option<Result<Vec<ToolCall>, String>>,
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) {
@@ -326,7 +493,7 @@ impl Session {
         if let Some(result) = done {
             self.dialogue.on_llm_done(turn, result, now, &mut d);
         }
-        self.absorb(d, out);
+        self.absorb(d, now, out);
     }
 
     /// A synthesis result for segment `seq` of turn `turn`.
@@ -340,7 +507,7 @@ impl Session {
     ) {
         let mut d = Output::default();
         self.dialogue.on_tts(turn, seq, result, now, &mut d);
-        self.absorb(d, out);
+        self.absorb(d, now, out);
     }
 
     /// Dialogue counters.
@@ -424,6 +591,7 @@ impl Session {
                     self.uplink = params;
                 }
                 self.mcp = hello.features.mcp;
+                let start_mcp = self.mcp && self.mcp_client.is_none();
                 if self.state == SessionState::AwaitingHello {
                     self.state = SessionState::Idle;
                     self.samples.push((
@@ -440,6 +608,13 @@ impl Session {
                         udp: None,
                     },
                 );
+                if let Some(settings) = self.settings.tools.mcp.clone().filter(|_| start_mcp) {
+                    let mut client = Box::new(McpClient::new(settings, self.id.clone()));
+                    if let Some(init) = client.start(now) {
+                        self.send(out, ServerMessage::Mcp { payload: &init });
+                    }
+                    self.mcp_client = Some(client);
+                }
             }
             _ if self.state == SessionState::AwaitingHello => {
                 let message = "send hello first";
@@ -476,8 +651,21 @@ impl Session {
                         if let Some(text) = listen.text.as_deref().filter(|t| !t.trim().is_empty())
                         {
                             let mut d = Output::default();
-                            self.dialogue.on_text_turn(text, now, &mut d);
-                            self.absorb(d, out);
+                            if self.settings.dialogue.intents.is_wake_word(text) {
+                                let t = &self.settings.tools;
+                                let greeting = if intents::is_chinese(text) {
+                                    &t.wake_greeting_zh
+                                } else {
+                                    &t.wake_greeting
+                                };
+                                if !greeting.trim().is_empty() {
+                                    let greeting = greeting.clone();
+                                    self.dialogue.speak(&greeting, now, &mut d);
+                                }
+                            } else {
+                                self.dialogue.on_text_turn(text, now, &mut d);
+                            }
+                            self.absorb(d, now, out);
                         }
                     }
                 }
@@ -490,7 +678,7 @@ impl Session {
                 let was_speaking = self.dialogue.speaking();
                 let mut d = Output::default();
                 self.dialogue.abort(now, &mut d);
-                self.absorb(d, out);
+                self.absorb(d, now, out);
                 if !was_speaking {
                     // The reference always answers abort with an immediate tts stop.
                     self.send(out, ServerMessage::TtsStop);
@@ -506,9 +694,35 @@ impl Session {
             ClientMessage::Goodbye => {
                 self.close(out, CloseCause::DeviceGoodbye, 1000, "goodbye");
             }
-            ClientMessage::Mcp { .. } | ClientMessage::Iot(_) => {
-                // Device tools arrive with the tools issue; accepted and ignored for now.
+            ClientMessage::Mcp { payload } => {
                 self.last_activity = now;
+                let Some(client) = self.mcp_client.as_mut() else {
+                    self.counters.mcp.ignored += 1;
+                    tracing::info!(session = %self.id, "mcp message without an MCP session ignored");
+                    return;
+                };
+                let (mut sends, mut events) = (Vec::new(), Vec::new());
+                client.on_message(&payload, now, &mut sends, &mut events);
+                for payload in &sends {
+                    self.send(out, ServerMessage::Mcp { payload });
+                }
+                self.on_mcp_events(events, now, out);
+            }
+            ClientMessage::Iot(iot) => {
+                self.last_activity = now;
+                if !self.settings.tools.iot {
+                    return;
+                }
+                let mut changed = false;
+                if let Some(d) = &iot.descriptors {
+                    changed = self.iot.on_descriptors(d);
+                }
+                if let Some(states) = &iot.states {
+                    self.iot.on_states(states);
+                }
+                if changed {
+                    self.rebuild_tools();
+                }
             }
             ClientMessage::Server { action, .. } => {
                 self.send(
@@ -699,7 +913,7 @@ impl Session {
                     tracing::debug!(session = %self.id, start_ms = u.start_ms, end_ms = u.end_ms, "utterance");
                     let mut d = Output::default();
                     self.dialogue.on_utterance(u.pcm, now, &mut d);
-                    self.absorb(d, out);
+                    self.absorb(d, now, out);
                 }
                 Event::Discarded { reason } => {
                     tracing::debug!(session = %self.id, ?reason, "speech discarded");
@@ -711,6 +925,12 @@ impl Session {
     /// Counters including the live uplink pipeline's.
     pub fn counters(&self) -> SessionCounters {
         let mut c = self.counters;
+        if let Some(m) = &self.mcp_client {
+            c.add(&SessionCounters {
+                mcp: m.counters,
+                ..Default::default()
+            });
+        }
         if let Some(a) = &self.audio {
             c.add(&SessionCounters {
                 audio: a.counters,
@@ -738,6 +958,9 @@ impl Session {
             d = d.min(self.last_audio + AUDIO_IDLE_RELEASE);
         }
         if let Some(x) = self.dialogue.next_deadline() {
+            d = d.min(x);
+        }
+        if let Some(x) = self.mcp_client.as_ref().and_then(|c| c.next_deadline()) {
             d = d.min(x);
         }
         d
@@ -772,9 +995,18 @@ impl Session {
             }
             return;
         }
+        if let Some(c) = self.mcp_client.as_mut() {
+            let mut events = Vec::new();
+            c.on_timer(now, &mut events);
+            self.on_mcp_events(events, now, out);
+        }
         let mut d = Output::default();
         self.dialogue.on_timer(now, &mut d);
-        self.absorb(d, out);
+        self.absorb(d, now, out);
+        if self.dialogue.take_close_request() {
+            self.goodbye(out, CloseCause::ExitIntent, 1000, "goodbye");
+            return;
+        }
         if self.dialogue.busy() {
             // An answer in progress counts as activity.
             self.last_activity = now;
@@ -821,16 +1053,6 @@ fn segmenter_mode(mode: ListenMode) -> Mode {
     }
 }
 
-fn truncate_utf8(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -854,6 +1076,7 @@ mod tests {
     }
 
     fn session(version: Option<u8>, now: Instant) -> Session {
+        let server_tools = Rc::new(ServerTools::from_names(&["get_time".into()]).unwrap());
         Session::new(
             "sid".into(),
             1,
@@ -881,6 +1104,28 @@ mod tests {
                     tts_timeout: Duration::from_secs(5),
                     tz_offset_minutes: 0,
                     emotions: true,
+                    max_tool_rounds: 2,
+                    max_calls_per_round: 2,
+                    max_tool_result_bytes: 64,
+                    intents: crate::tools::intents::Intents::new(
+                        &["goodbye".into()],
+                        &["hi xiaozhi".into()],
+                    ),
+                },
+                tools: ToolSettings {
+                    mcp: Some(McpSettings {
+                        call_timeout: Duration::from_secs(5),
+                        max_pending_calls: 4,
+                        max_tools: 8,
+                        max_pages: 4,
+                        vision: None,
+                    }),
+                    iot: true,
+                    server: server_tools.clone(),
+                    base: Rc::new(ToolSet::build(&server_tools, &[], &IotThings::default(), 8)),
+                    max_tools: 8,
+                    wake_greeting: "Hi!".into(),
+                    wake_greeting_zh: "你好".into(),
                 },
             },
             now,
@@ -1003,5 +1248,420 @@ mod tests {
         s.on_drain(now + Duration::from_secs(5), now, &mut out);
         assert_eq!(json(&out[0])["type"], "goodbye");
         assert!(matches!(&out[1], Outgoing::Close { code: 1001, .. }));
+    }
+
+    /// Device MCP payloads the session sent, in order.
+    fn mcp_sent(out: &[Outgoing]) -> Vec<serde_json::Value> {
+        out.iter()
+            .filter_map(|o| match o {
+                Outgoing::Text(t) => serde_json::from_str::<serde_json::Value>(t).ok(),
+                _ => None,
+            })
+            .filter(|v| v["type"] == "mcp")
+            .map(|v| v["payload"].clone())
+            .collect()
+    }
+
+    fn mcp_text(payload: serde_json::Value) -> String {
+        json!({"type": "mcp", "payload": payload}).to_string()
+    }
+
+    /// A session whose device announced MCP and listed a volume and a status tool.
+    fn session_with_device_tools(offline: bool, now: Instant) -> Session {
+        let mut s = session(None, now);
+        s.settings.dialogue.offline_llm = offline;
+        s.dialogue = Dialogue::new(s.settings.dialogue.clone(), "sid".into());
+        let mut out = vec![];
+        s.on_text(r#"{"type":"hello","features":{"mcp":true}}"#, now, &mut out);
+        let init = mcp_sent(&out);
+        assert_eq!(init[0]["method"], "initialize");
+        out.clear();
+        s.on_text(
+            &mcp_text(json!({"jsonrpc":"2.0","id":1,"result":{}})),
+            now,
+            &mut out,
+        );
+        assert_eq!(mcp_sent(&out)[1]["method"], "tools/list");
+        out.clear();
+        let tools = json!([
+            {"name":"self.get_device_status","description":"status","inputSchema":{"type":"object"}},
+            {"name":"self.audio_speaker.set_volume","description":"volume","inputSchema":{"type":"object"}}
+        ]);
+        s.on_text(
+            &mcp_text(json!({"jsonrpc":"2.0","id":2,"result":{"tools":tools}})),
+            now,
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:?}");
+        s
+    }
+
+    /// Synthesises every segment the session asks for (100 ms of silence each); their texts.
+    fn spoken(s: &mut Session, now: Instant, out: &mut Vec<Outgoing>) -> Vec<String> {
+        let mut texts = Vec::new();
+        loop {
+            let tts: Vec<_> = s
+                .take_requests()
+                .into_iter()
+                .filter_map(|r| match r {
+                    Request::Tts { turn, seq, text } => Some((turn, seq, text)),
+                    _ => None,
+                })
+                .collect();
+            if tts.is_empty() {
+                return texts;
+            }
+            for (turn, seq, text) in tts {
+                texts.push(text);
+                s.on_tts_result(turn, seq, Ok((vec![0; 2400], 24_000)), now, out);
+            }
+        }
+    }
+
+    #[test]
+    fn offline_volume_command_reads_status_then_sets_and_confirms() {
+        let now = Instant::now();
+        let mut s = session_with_device_tools(true, now);
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"Turn the volume up"}"#,
+            now,
+            &mut out,
+        );
+        let call = &mcp_sent(&out)[0];
+        assert_eq!(call["id"], 10_000);
+        assert_eq!(call["params"]["name"], "self.get_device_status");
+        out.clear();
+        s.on_text(
+            &mcp_text(json!({"jsonrpc":"2.0","id":10000,"result":{"content":[{"type":"text","text":"{\"audio_speaker\":{\"volume\":70}}"}]}})),
+            now,
+            &mut out,
+        );
+        let call = &mcp_sent(&out)[0];
+        assert_eq!(
+            call["params"],
+            json!({"name":"self.audio_speaker.set_volume","arguments":{"volume":80}})
+        );
+        out.clear();
+        s.on_text(
+            &mcp_text(json!({"jsonrpc":"2.0","id":10001,"result":{"content":[{"type":"text","text":"true"}]}})),
+            now,
+            &mut out,
+        );
+        assert_eq!(
+            spoken(&mut s, now, &mut out).concat(),
+            "OK,the volume is now 80."
+        );
+        assert_eq!(s.pending_tool_requests(), 0);
+    }
+
+    #[test]
+    fn llm_tool_call_goes_to_the_device_and_its_result_back_to_the_llm() {
+        let now = Instant::now();
+        let mut s = session_with_device_tools(false, now);
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"set the volume to 50"}"#,
+            now,
+            &mut out,
+        );
+        let reqs = s.take_requests();
+        let Some(Request::Llm { turn, tools, .. }) = reqs.into_iter().next() else {
+            panic!("no llm request");
+        };
+        let names: Vec<String> = tools
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["function"]["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "get_time",
+                "self_get_device_status",
+                "self_audio_speaker_set_volume"
+            ]
+        );
+        out.clear();
+        let calls = vec![
+            ToolCall {
+                index: 0,
+                id: "c1".into(),
+                name: "self_audio_speaker_set_volume".into(),
+                arguments: r#"{"volume":50}"#.into(),
+            },
+            ToolCall {
+                index: 1,
+                id: "c2".into(),
+                name: "get_time".into(),
+                arguments: String::new(),
+            },
+        ];
+        s.on_llm(turn, "", Some(Ok(calls)), now, &mut out);
+        let sent = mcp_sent(&out);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0]["params"]["arguments"]["volume"], 50);
+        assert!(s.take_requests().is_empty(), "waits for the device");
+        s.on_text(
+            &mcp_text(json!({"jsonrpc":"2.0","id":10000,"result":{"content":[{"type":"text","text":"x".repeat(100)}]}})),
+            now,
+            &mut out,
+        );
+        let reqs = s.take_requests();
+        let Some(Request::Llm {
+            messages, tools, ..
+        }) = reqs.into_iter().next()
+        else {
+            panic!("no second llm request");
+        };
+        assert!(tools.is_some(), "round 1 of 2: tools still offered");
+        let tail: Vec<_> = messages.iter().rev().take(3).rev().collect();
+        assert!(tail[0].tool_calls.is_some());
+        assert_eq!(tail[1].tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(
+            tail[1].content.as_deref().map(str::len),
+            Some(64),
+            "result bounded"
+        );
+        assert_eq!(tail[2].tool_call_id.as_deref(), Some("c2"));
+        assert!(tail[2].content.as_deref().unwrap().contains("UTC+00:00"));
+    }
+
+    #[test]
+    fn abort_during_a_device_call_forgets_it_and_ignores_the_late_answer() {
+        let now = Instant::now();
+        let mut s = session_with_device_tools(true, now);
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"set volume to 20"}"#,
+            now,
+            &mut out,
+        );
+        assert_eq!(s.pending_tool_requests(), 1);
+        assert!(s.next_deadline() <= now + Duration::from_secs(5));
+        out.clear();
+        s.on_text(r#"{"type":"abort"}"#, now, &mut out);
+        assert_eq!(json(&out[0])["state"], "stop");
+        assert_eq!(s.pending_tool_requests(), 0);
+        s.take_requests();
+        out.clear();
+        s.on_text(
+            &mcp_text(json!({"jsonrpc":"2.0","id":10000,"result":{"content":[]}})),
+            now,
+            &mut out,
+        );
+        assert!(out.is_empty() && s.take_requests().is_empty());
+        let c = s.counters();
+        assert_eq!((c.mcp.cancelled, c.mcp.ignored), (1, 1));
+    }
+
+    #[test]
+    fn device_call_timeout_is_spoken_as_a_failure() {
+        let now = Instant::now();
+        let mut s = session_with_device_tools(true, now);
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"mute"}"#,
+            now,
+            &mut out,
+        );
+        s.take_requests();
+        s.on_timer(now + Duration::from_secs(5), &mut out);
+        assert_eq!(
+            spoken(&mut s, now, &mut out).concat(),
+            "Sorry,the device could not do that."
+        );
+        assert_eq!(s.counters().mcp.timeouts, 1);
+    }
+
+    #[test]
+    fn exit_phrase_speaks_a_farewell_then_closes_after_tts_stop() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"Goodbye!"}"#,
+            now,
+            &mut out,
+        );
+        assert_eq!(
+            spoken(&mut s, now, &mut out).concat(),
+            "Goodbye!Talk to you soon."
+        );
+        out.clear();
+        s.on_timer(now + Duration::from_secs(2), &mut out);
+        let kinds: Vec<String> = out
+            .iter()
+            .map(|o| match o {
+                Outgoing::Text(t) => serde_json::from_str::<serde_json::Value>(t).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                Outgoing::Close { code, .. } => format!("close {code}"),
+                Outgoing::Binary(_) => "audio".into(),
+            })
+            .collect();
+        assert_eq!(kinds, ["tts", "goodbye", "close 1000"]);
+        assert_eq!(s.close_cause(), Some(CloseCause::ExitIntent));
+    }
+
+    #[test]
+    fn wake_word_is_greeted_without_stt() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"Hi, Xiaozhi."}"#,
+            now,
+            &mut out,
+        );
+        assert!(!out
+            .iter()
+            .any(|o| matches!(o, Outgoing::Text(t) if t.contains("\"stt\""))));
+        assert_eq!(spoken(&mut s, now, &mut out), ["Hi!"]);
+    }
+
+    #[test]
+    fn iot_descriptors_become_tools_and_calls_send_iot_commands() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.settings.dialogue.offline_llm = false;
+        s.dialogue = Dialogue::new(s.settings.dialogue.clone(), "sid".into());
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        s.on_text(r#"{"type":"iot","descriptors":[{"name":"Lamp","description":"a lamp","properties":{"power":{"type":"boolean"}},"methods":{"TurnOn":{"description":"switch on"}}}]}"#, now, &mut vec![]);
+        s.on_text(
+            r#"{"type":"iot","states":[{"name":"Lamp","state":{"power":false}}]}"#,
+            now,
+            &mut vec![],
+        );
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"lamp on"}"#,
+            now,
+            &mut out,
+        );
+        let Some(Request::Llm { turn, tools, .. }) = s.take_requests().into_iter().next() else {
+            panic!()
+        };
+        assert!(tools.unwrap().to_string().contains("iot_Lamp_TurnOn"));
+        out.clear();
+        let calls = vec![
+            ToolCall {
+                index: 0,
+                id: "a".into(),
+                name: "iot_Lamp_TurnOn".into(),
+                arguments: "{}".into(),
+            },
+            ToolCall {
+                index: 1,
+                id: "b".into(),
+                name: "iot_Lamp_get_state".into(),
+                arguments: "{}".into(),
+            },
+        ];
+        s.on_llm(turn, "", Some(Ok(calls)), now, &mut out);
+        let v = json(&out[0]);
+        assert_eq!(v["type"], "iot");
+        assert_eq!(v["commands"][0]["method"], "TurnOn");
+        let Some(Request::Llm { messages, .. }) = s.take_requests().into_iter().next() else {
+            panic!()
+        };
+        assert_eq!(
+            messages.last().unwrap().content.as_deref(),
+            Some(r#"{"power":false}"#)
+        );
+    }
+
+    #[test]
+    fn a_tool_result_with_action_response_is_spoken_without_asking_the_llm_again() {
+        let now = Instant::now();
+        let mut s = session_with_device_tools(false, now);
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"what do you see"}"#,
+            now,
+            &mut out,
+        );
+        let Some(Request::Llm { turn, .. }) = s.take_requests().into_iter().next() else {
+            panic!("no llm request")
+        };
+        let call = ToolCall {
+            index: 0,
+            id: "c".into(),
+            name: "self_get_device_status".into(),
+            arguments: "{}".into(),
+        };
+        s.on_llm(turn, "", Some(Ok(vec![call])), now, &mut out);
+        let text = json!({"success":true,"action":"RESPONSE","response":"A cat on a sofa."});
+        s.on_text(
+            &mcp_text(json!({"jsonrpc":"2.0","id":10000,"result":{"content":[{"type":"text","text":text.to_string()}]}})),
+            now,
+            &mut out,
+        );
+        let reqs = s.take_requests();
+        assert!(!reqs.iter().any(|r| matches!(r, Request::Llm { .. })));
+        assert!(matches!(&reqs[..], [Request::Tts { text, .. }] if text == "A cat on a sofa."));
+    }
+
+    #[test]
+    fn zero_tool_rounds_offers_no_tools_to_the_llm() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.settings.dialogue.offline_llm = false;
+        s.settings.dialogue.max_tool_rounds = 0;
+        s.dialogue = Dialogue::new(s.settings.dialogue.clone(), "sid".into());
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"what time is it"}"#,
+            now,
+            &mut vec![],
+        );
+        let reqs = s.take_requests();
+        assert!(
+            matches!(&reqs[..], [Request::Llm { tools: None, .. }]),
+            "{reqs:?}"
+        );
+    }
+
+    #[test]
+    fn calls_without_ids_or_with_repeated_ids_get_unique_ones() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.settings.dialogue.offline_llm = false;
+        s.dialogue = Dialogue::new(s.settings.dialogue.clone(), "sid".into());
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"time?"}"#,
+            now,
+            &mut vec![],
+        );
+        let Some(Request::Llm { turn, .. }) = s.take_requests().into_iter().next() else {
+            panic!()
+        };
+        let call = |id: &str| ToolCall {
+            index: 0,
+            id: id.into(),
+            name: "get_time".into(),
+            arguments: "{}".into(),
+        };
+        s.on_llm(
+            turn,
+            "",
+            Some(Ok(vec![call(""), call("x"), call("x")])),
+            now,
+            &mut vec![],
+        );
+        let Some(Request::Llm { messages, .. }) = s.take_requests().into_iter().next() else {
+            panic!("no second round")
+        };
+        let ids: Vec<_> = messages
+            .iter()
+            .filter_map(|m| m.tool_call_id.clone())
+            .collect();
+        assert_eq!(ids, ["call_1_1_0", "x", "call_1_1_2"]);
     }
 }

@@ -227,7 +227,12 @@ pub fn device_headers<'a>(device: &'a str, version: &'a str) -> Vec<(&'a str, &'
     ]
 }
 
-pub const HELLO: &str = r#"{"type":"hello","version":1,"features":{"mcp":true},"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
+/// A device hello without MCP: the server then sends no MCP requests, so these tests see only
+/// the messages they are about (tests/tools.rs plays a device that serves MCP, [`HELLO_MCP`]).
+pub const HELLO: &str = r#"{"type":"hello","version":1,"features":{"mcp":false},"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
+
+/// A hello as current firmware sends it (`features.mcp`): the server starts MCP after it.
+pub const HELLO_MCP: &str = r#"{"type":"hello","version":1,"features":{"mcp":true},"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
 
 /// Reads the next text message as JSON (skipping pings/pongs).
 pub fn next_json(ws: &mut Ws) -> serde_json::Value {
@@ -293,6 +298,44 @@ pub fn speech_16k(text: &str, voice: &str, pad_s: f32) -> Vec<i16> {
         .samples::<i16>()
         .map(|s| s.expect("sample"))
         .collect()
+}
+
+/// Fails clearly when the sdk group (the `.venv` with `xiaozhi-sdk`) is not installed.
+pub fn assert_sdk_installed() {
+    assert!(
+        sdk_python().exists(),
+        "the sdk group is not installed: run `make test` (scripts/setup.sh sdk)"
+    );
+}
+
+fn sdk_python() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+}
+
+/// Runs `tests/sdk/<script>` with the sdk venv's Python, asserts it succeeded and returns the
+/// JSON summary it printed last.
+pub fn run_sdk_script<I, S>(script: &str, args: I) -> serde_json::Value
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    assert_sdk_installed();
+    let out = Command::new(sdk_python())
+        .arg(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/sdk")
+                .join(script),
+        )
+        .args(args)
+        .output()
+        .expect("run the sdk");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sdk run failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("summary json")
 }
 
 /// Encodes 16 kHz PCM into 60 ms Opus packets, as the firmware does (the last frame zero-padded).

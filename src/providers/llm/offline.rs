@@ -10,18 +10,11 @@
 //! It is pure (the caller passes the clock and the device's time-zone offset), so its tests pin
 //! exact replies for fixed timestamps.
 
+use crate::clock::{LocalTime, WEEKDAYS_EN};
+
 /// Longest echoed text, in characters; longer input is cut and ends with `…`.
 const MAX_ECHO_CHARS: usize = 100;
 
-const WEEKDAYS_EN: [&str; 7] = [
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-];
 const WEEKDAYS_ZH: [&str; 7] = ["日", "一", "二", "三", "四", "五", "六"];
 const MONTHS_EN: [&str; 12] = [
     "January",
@@ -219,34 +212,7 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// A wall-clock reading in the device's time zone.
-struct LocalTime {
-    year: i64,
-    month: u32,
-    day: u32,
-    /// 0 = Sunday.
-    weekday: usize,
-    hour: u32,
-    minute: u32,
-}
-
 impl LocalTime {
-    fn at(now_unix: u64, tz_offset_minutes: i64) -> Self {
-        let secs = i64::try_from(now_unix).unwrap_or(i64::MAX / 2) + tz_offset_minutes * 60;
-        let days = secs.div_euclid(86_400);
-        let of_day = secs.rem_euclid(86_400);
-        let (year, month, day) = crate::clock::civil_from_days(days);
-        Self {
-            year,
-            month,
-            day,
-            // 1970-01-01 was a Thursday.
-            weekday: (days + 4).rem_euclid(7) as usize,
-            hour: (of_day / 3600) as u32,
-            minute: (of_day % 3600 / 60) as u32,
-        }
-    }
-
     fn time_en(&self) -> String {
         let (hour12, half) = match self.hour {
             0 => (12, "AM"),

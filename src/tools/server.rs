@@ -1,0 +1,152 @@
+//! Server-side tools: abilities of the server itself offered to the LLM beside the device's.
+//!
+//! A tool implements [`ServerTool`] (a name, a description, a JSON schema and a synchronous
+//! `call`) and is registered by name in [`ServerTools::from_names`]; the config key
+//! `tools.server_tools` picks which are offered. Session code never changes for a new tool.
+//! Calls run on the shard, so a tool must be quick and must not block; one that needs I/O
+//! should answer from state it keeps fresh elsewhere.
+
+use serde_json::{json, Value};
+
+/// What a server tool may know about the call.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolContext<'a> {
+    /// Seconds since the Unix epoch (UTC).
+    pub now_unix: u64,
+    /// The device's time zone, minutes east of UTC.
+    pub tz_offset_minutes: i64,
+    /// The device's id (its MAC).
+    pub device_id: &'a str,
+}
+
+/// One server-side tool.
+pub trait ServerTool {
+    /// Name offered to the LLM (`[a-zA-Z0-9_-]`, at most 64 characters).
+    fn name(&self) -> &str;
+    /// What it does, for the LLM.
+    fn description(&self) -> &str;
+    /// JSON schema of its arguments.
+    fn parameters(&self) -> Value;
+    /// Runs it: the result text for the LLM, or an error text.
+    fn call(&self, arguments: &Value, ctx: &ToolContext<'_>) -> Result<String, String>;
+}
+
+/// The server tools a shard offers.
+#[derive(Default)]
+pub struct ServerTools {
+    tools: Vec<Box<dyn ServerTool>>,
+}
+
+impl std::fmt::Debug for ServerTools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.tools.iter().map(|t| t.name()))
+            .finish()
+    }
+}
+
+impl ServerTools {
+    /// The built-in tools named in `names` (config `tools.server_tools`); an unknown name is an
+    /// error naming it.
+    pub fn from_names(names: &[String]) -> Result<ServerTools, String> {
+        let mut set = ServerTools::default();
+        for name in names {
+            let tool: Box<dyn ServerTool> = match name.as_str() {
+                "get_time" => Box::new(TimeTool),
+                other => return Err(format!("unknown server tool {other:?} (known: get_time)")),
+            };
+            set = set.with(tool);
+        }
+        Ok(set)
+    }
+
+    /// Adds `tool`.
+    pub fn with(mut self, tool: Box<dyn ServerTool>) -> ServerTools {
+        self.tools.push(tool);
+        self
+    }
+
+    /// The tools, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &dyn ServerTool> {
+        self.tools.iter().map(|t| t.as_ref())
+    }
+
+    /// Tool number `index`.
+    pub fn get(&self, index: usize) -> Option<&dyn ServerTool> {
+        self.tools.get(index).map(|t| t.as_ref())
+    }
+}
+
+/// `get_time`: the current local date, time and weekday of the device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TimeTool;
+
+impl ServerTool for TimeTool {
+    fn name(&self) -> &str {
+        "get_time"
+    }
+
+    fn description(&self) -> &str {
+        "Current local date, time and weekday where the device is."
+    }
+
+    fn parameters(&self) -> Value {
+        json!({"type": "object", "properties": {}})
+    }
+
+    fn call(&self, _arguments: &Value, ctx: &ToolContext<'_>) -> Result<String, String> {
+        let t = crate::clock::LocalTime::at(ctx.now_unix, ctx.tz_offset_minutes);
+        let weekday = crate::clock::WEEKDAYS_EN[t.weekday];
+        let off = ctx.tz_offset_minutes;
+        let sign = if off < 0 { '-' } else { '+' };
+        Ok(format!(
+            "{:04}-{:02}-{:02} {:02}:{:02} ({weekday}), UTC{sign}{:02}:{:02}",
+            t.year,
+            t.month,
+            t.day,
+            t.hour,
+            t.minute,
+            off.abs() / 60,
+            off.abs() % 60
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_tool_answers_in_the_device_time_zone() {
+        let ctx = ToolContext {
+            // 2024-03-05 15:07:00 UTC, a Tuesday.
+            now_unix: 1_709_651_220,
+            tz_offset_minutes: 8 * 60,
+            device_id: "aa",
+        };
+        assert_eq!(
+            TimeTool.call(&json!({}), &ctx).unwrap(),
+            "2024-03-05 23:07 (Tuesday), UTC+08:00"
+        );
+        let west = ToolContext {
+            tz_offset_minutes: -330,
+            ..ctx
+        };
+        assert_eq!(
+            TimeTool.call(&json!({}), &west).unwrap(),
+            "2024-03-05 09:37 (Tuesday), UTC-05:30"
+        );
+    }
+
+    #[test]
+    fn registry_knows_built_in_names_only() {
+        let set = ServerTools::from_names(&["get_time".into()]).unwrap();
+        assert_eq!(
+            set.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            ["get_time"]
+        );
+        assert!(ServerTools::from_names(&["rm_rf".into()])
+            .unwrap_err()
+            .contains("rm_rf"));
+    }
+}

@@ -1,0 +1,591 @@
+//! Device tools over real sockets: a tungstenite client plays a device that serves MCP tools
+//! (initialize, a paginated tools/list, tools/call answered with a result, an error or not at
+//! all), the server calls them for the remote LLM (the loopback OpenAI-compatible mock returning
+//! a streamed tool call) and for the offline responder, and the answer is spoken.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tungstenite::Message;
+use xiaozhi_bench::mock_upstream::{self, MockHandle, MockSettings};
+
+/// How the simulated device answers `tools/call`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Answer {
+    /// A result, and the volume changes.
+    Ok,
+    /// A JSON-RPC error.
+    RpcError,
+    /// No answer at all.
+    Silent,
+}
+
+/// A device with a speaker: serves `self.get_device_status` and
+/// `self.audio_speaker.set_volume`, listed over two pages.
+struct Device {
+    ws: Ws,
+    volume: u64,
+    answer: Answer,
+    /// Every `tools/call` request received.
+    calls: Vec<Value>,
+    /// The `initialize` request received.
+    initialize: Value,
+}
+
+impl Device {
+    /// Connects, says hello and serves MCP until the tool list has been read.
+    fn connect(server: &Server, mac: &str) -> Device {
+        let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &device_headers(mac, "1"));
+        hello(&mut ws, HELLO_MCP);
+        let mut d = Device {
+            ws,
+            volume: 30,
+            answer: Answer::Ok,
+            calls: vec![],
+            initialize: Value::Null,
+        };
+        let init = d.next_mcp();
+        assert_eq!(init["method"], "initialize", "{init}");
+        d.reply(
+            &init,
+            json!({"protocolVersion":"2024-11-05","capabilities":{"tools":{}},
+            "serverInfo":{"name":"test-board","version":"1.0"}}),
+        );
+        d.initialize = init;
+        // Malformed and unexpected JSON-RPC is ignored, never fatal.
+        for junk in [
+            json!("not an object"),
+            json!({"jsonrpc":"2.0","id":424242,"result":{}}),
+            json!({"jsonrpc":"1.0","id":2}),
+            json!({"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info"}}),
+        ] {
+            d.send_mcp(junk);
+        }
+        let mut list = d.next_mcp();
+        while list["method"] != "tools/list" {
+            list = d.next_mcp();
+        }
+        assert_eq!(list["id"], 2);
+        d.reply(
+            &list,
+            json!({"tools":[{"name":"self.get_device_status",
+            "description":"Current status of the device: speaker volume, screen, battery.",
+            "inputSchema":{"type":"object","properties":{}}}], "nextCursor":"page-2"}),
+        );
+        let list = d.next_mcp();
+        assert_eq!(list["method"], "tools/list");
+        assert_eq!(list["params"]["cursor"], "page-2");
+        d.reply(&list, json!({"tools":[{"name":"self.audio_speaker.set_volume",
+            "description":"Set the volume of the audio speaker (0-100).",
+            "inputSchema":{"type":"object","properties":{"volume":{"type":"integer","minimum":0,"maximum":100}},
+                "required":["volume"]}}]}));
+        // The server handles one socket's messages in order: the last page is taken in before
+        // anything the test sends next.
+        d
+    }
+
+    fn send_mcp(&mut self, payload: Value) {
+        let msg = json!({"session_id":"","type":"mcp","payload":payload}).to_string();
+        self.ws.send(Message::text(msg)).expect("send mcp");
+    }
+
+    fn reply(&mut self, request: &Value, result: Value) {
+        self.send_mcp(json!({"jsonrpc":"2.0","id":request["id"],"result":result}));
+    }
+
+    /// The next MCP payload from the server (nothing else may come in between).
+    fn next_mcp(&mut self) -> Value {
+        let v = next_json(&mut self.ws);
+        assert_eq!(v["type"], "mcp", "{v}");
+        v["payload"].clone()
+    }
+
+    /// Answers a `tools/call` as the firmware would.
+    fn serve_call(&mut self, call: &Value) {
+        self.calls.push(call.clone());
+        match self.answer {
+            Answer::Silent => {}
+            Answer::RpcError => self.send_mcp(json!({"jsonrpc":"2.0","id":call["id"],
+                "error":{"code":-32000,"message":"speaker is busy"}})),
+            Answer::Ok => {
+                let args = &call["params"]["arguments"];
+                let text = match call["params"]["name"].as_str() {
+                    Some("self.get_device_status") => {
+                        json!({"audio_speaker":{"volume":self.volume}}).to_string()
+                    }
+                    Some("self.audio_speaker.set_volume") => {
+                        self.volume = args["volume"].as_u64().expect("volume argument");
+                        "true".to_string()
+                    }
+                    other => panic!("unexpected tool {other:?}"),
+                };
+                self.reply(
+                    call,
+                    json!({"content":[{"type":"text","text":text}],"isError":false}),
+                );
+            }
+        }
+    }
+
+    /// Sends a text turn and collects the messages until `tts stop`, serving tool calls.
+    fn ask(&mut self, text: &str, limit: Duration) -> Vec<Value> {
+        let detect = json!({"type":"listen","state":"detect","text":text}).to_string();
+        self.ws.send(Message::text(detect)).expect("detect");
+        self.collect(limit)
+    }
+
+    fn collect(&mut self, limit: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + limit;
+        let mut texts = vec![];
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no tts stop in {limit:?}: {texts:?}"
+            );
+            let v = next_json_skipping_audio(&mut self.ws);
+            if v["type"] == "mcp" && v["payload"]["method"] == "tools/call" {
+                let call = v["payload"].clone();
+                self.serve_call(&call);
+                continue;
+            }
+            let stop = v["type"] == "tts" && v["state"] == "stop";
+            texts.push(v);
+            if stop {
+                return texts;
+            }
+        }
+    }
+}
+
+/// The next text message, skipping audio frames.
+fn next_json_skipping_audio(ws: &mut Ws) -> Value {
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("json"),
+            Message::Binary(_) | Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The spoken subtitles of a turn, joined.
+fn spoken(texts: &[Value]) -> String {
+    texts
+        .iter()
+        .filter(|v| v["type"] == "tts" && v["state"] == "sentence_start")
+        .map(|v| v["text"].as_str().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A fast mock LLM that answers a user message containing `trigger` with a streamed call of
+/// `tool` with `arguments`, and anything else (the tool result included) with `reply`.
+fn tool_mock(reply: &str, trigger: &str, tool: &str, arguments: &str) -> MockHandle {
+    mock_upstream::serve(MockSettings {
+        llm_first_token: Duration::from_millis(20),
+        llm_token: Duration::from_millis(2),
+        llm_reply: reply.into(),
+        tool_trigger: Some(trigger.into()),
+        tool_name: Some(tool.into()),
+        tool_arguments: arguments.into(),
+        tts_delay: Duration::from_millis(10),
+        tts_audio: Duration::from_millis(200),
+        ..MockSettings::default()
+    })
+    .expect("mock upstream")
+}
+
+fn volume_mock() -> MockHandle {
+    tool_mock(
+        "Done. The speaker volume is set.",
+        "volume",
+        "self_audio_speaker_set_volume",
+        r#"{"volume":55}"#,
+    )
+}
+
+/// A server whose LLM (`remote_llm`) and TTS are the mock.
+fn server(mock: &MockHandle, remote_llm: bool, extra: &[&str]) -> Server {
+    let base = format!("\"{}\"", mock.base_url());
+    let mut sets: Vec<String> = vec![
+        "tts.provider=\"openai\"".into(),
+        format!("tts.openai.base_url={base}"),
+        format!("llm.openai.base_url={base}"),
+    ];
+    if remote_llm {
+        sets.push("llm.provider=\"openai\"".into());
+    }
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    Server::start(&refs)
+}
+
+/// The `tool` messages of a chat request.
+fn tool_messages(request: &Value) -> Vec<Value> {
+    request["messages"]
+        .as_array()
+        .map(|m| m.iter().filter(|m| m["role"] == "tool").cloned().collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn remote_llm_tool_call_sets_the_device_volume_and_the_answer_is_spoken() {
+    let mock = volume_mock();
+    let server = server(&mock, true, &[]);
+    let mut device = Device::connect(&server, "aa:dd:00:00:00:01");
+    assert!(
+        device.initialize["params"]["capabilities"]
+            .get("vision")
+            .is_none(),
+        "no vision capability unless configured"
+    );
+    let texts = device.ask("Please set the volume to 55", Duration::from_secs(20));
+    assert_eq!(device.calls.len(), 1, "{:?}", device.calls);
+    let call = &device.calls[0];
+    assert!(call["id"].as_u64().unwrap() >= 10_000, "{call}");
+    assert_eq!(call["params"]["name"], "self.audio_speaker.set_volume");
+    assert_eq!(call["params"]["arguments"], json!({"volume":55}));
+    assert_eq!(device.volume, 55);
+    assert_eq!(spoken(&texts), "Done. The speaker volume is set.");
+    let kinds: Vec<&str> = texts
+        .iter()
+        .map(|v| v["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"stt"), "{kinds:?}");
+    // Two LLM rounds: the first offered the tools of both pages (and get_time), the second
+    // carried the device's result back.
+    let requests = mock.chat_requests();
+    assert_eq!(requests.len(), 2);
+    let offered: Vec<&str> = requests[0]["tools"]
+        .as_array()
+        .expect("tools offered")
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
+    assert_eq!(
+        offered,
+        [
+            "get_time",
+            "self_get_device_status",
+            "self_audio_speaker_set_volume"
+        ]
+    );
+    let results = tool_messages(&requests[1]);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["content"], "true");
+    assert_eq!(
+        results[0]["tool_call_id"],
+        requests[1]["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|m| m["tool_calls"][0]["id"].as_str())
+            .unwrap()
+    );
+    // A turn without a tool call still works on the same session.
+    let texts = device.ask("Tell me a joke", Duration::from_secs(20));
+    assert_eq!(spoken(&texts), "Done. The speaker volume is set.");
+    assert_eq!(device.calls.len(), 1);
+}
+
+#[test]
+fn device_tool_errors_and_timeouts_go_back_to_the_llm_and_the_turn_still_ends() {
+    let mock = volume_mock();
+    let server = server(&mock, true, &["tools.call_timeout_ms=700"]);
+    let mut device = Device::connect(&server, "aa:dd:00:00:00:02");
+    device.answer = Answer::RpcError;
+    let texts = device.ask("volume to 55 please", Duration::from_secs(20));
+    assert_eq!(spoken(&texts), "Done. The speaker volume is set.");
+    let results = tool_messages(&mock.chat_requests()[1]);
+    assert_eq!(
+        results[0]["content"],
+        "error: speaker is busy (code -32000)"
+    );
+
+    device.answer = Answer::Silent;
+    let asked = Instant::now();
+    let texts = device.ask("volume to 55 again", Duration::from_secs(20));
+    assert!(asked.elapsed() >= Duration::from_millis(700));
+    assert_eq!(spoken(&texts), "Done. The speaker volume is set.");
+    let requests = mock.chat_requests();
+    assert_eq!(requests.len(), 4);
+    let results = tool_messages(&requests[3]);
+    assert_eq!(
+        results.last().unwrap()["content"],
+        "error: the device did not answer within 700 ms"
+    );
+    assert_eq!(device.calls.len(), 2);
+}
+
+#[test]
+fn abort_during_a_pending_tool_call_drops_it_and_the_late_answer_is_ignored() {
+    let mock = volume_mock();
+    let server = server(&mock, true, &[]);
+    let mut device = Device::connect(&server, "aa:dd:00:00:00:03");
+    device.answer = Answer::Silent;
+    let detect = json!({"type":"listen","state":"detect","text":"set the volume to 55"});
+    device
+        .ws
+        .send(Message::text(detect.to_string()))
+        .expect("detect");
+    let call = loop {
+        let v = next_json_skipping_audio(&mut device.ws);
+        if v["type"] == "mcp" && v["payload"]["method"] == "tools/call" {
+            break v["payload"].clone();
+        }
+    };
+    let aborted = Instant::now();
+    device
+        .ws
+        .send(Message::text(r#"{"type":"abort"}"#))
+        .expect("abort");
+    loop {
+        let v = next_json_skipping_audio(&mut device.ws);
+        if v["type"] == "tts" && v["state"] == "stop" {
+            break;
+        }
+    }
+    assert!(aborted.elapsed() < Duration::from_millis(500));
+    // The device answers late: nothing follows, the LLM is not asked again.
+    device.reply(
+        &call,
+        json!({"content":[{"type":"text","text":"true"}],"isError":false}),
+    );
+    set_timeout(&device.ws, Duration::from_millis(800));
+    match device.ws.read() {
+        Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("nothing expected after the abort, got {other:?}"),
+    }
+    set_timeout(&device.ws, Duration::from_secs(10));
+    assert_eq!(mock.chat_requests().len(), 1);
+    // The session carries on: the next turn's call is answered and used.
+    device.answer = Answer::Ok;
+    let texts = device.ask("set the volume to 55", Duration::from_secs(20));
+    assert_eq!(spoken(&texts), "Done. The speaker volume is set.");
+    assert_eq!(device.volume, 55);
+    assert_eq!(mock.chat_requests().len(), 3);
+    drop(device);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.metric("xiaozhi_device_tool_calls_cancelled_total") == 0 {
+        assert!(Instant::now() < deadline, "cancelled call not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        server.metric("xiaozhi_device_tool_calls_cancelled_total"),
+        1
+    );
+    assert_eq!(server.metric("xiaozhi_device_tool_timeouts_total"), 0);
+    // The junk at connect (3 ignored) plus the late answer.
+    assert_eq!(server.metric("xiaozhi_mcp_ignored_total"), 4);
+}
+
+#[test]
+fn offline_responder_drives_the_device_volume_with_its_tools() {
+    let mock = volume_mock();
+    let server = server(&mock, false, &[]);
+    let mut device = Device::connect(&server, "aa:dd:00:00:00:04");
+    let texts = device.ask("Set the volume to 40.", Duration::from_secs(20));
+    assert_eq!(spoken(&texts), "OK, the volume is now 40.");
+    assert_eq!(device.volume, 40);
+    // "louder" reads the status first, then sets it 10 higher.
+    let texts = device.ask("Louder, please", Duration::from_secs(20));
+    let names: Vec<&str> = device.calls[1..]
+        .iter()
+        .filter_map(|c| c["params"]["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["self.get_device_status", "self.audio_speaker.set_volume"]
+    );
+    assert_eq!(device.volume, 50);
+    assert_eq!(spoken(&texts), "OK, the volume is now 50.");
+    // A failing device is reported, not ignored.
+    device.answer = Answer::RpcError;
+    let texts = device.ask("音量调到20", Duration::from_secs(20));
+    assert_eq!(
+        spoken(&texts).replace(' ', ""),
+        "抱歉，设备没有完成这个操作。"
+    );
+    assert_eq!(
+        mock.chat_requests().len(),
+        0,
+        "the offline responder needs no LLM"
+    );
+}
+
+#[test]
+fn a_spoken_volume_command_reaches_the_device_with_the_offline_responder() {
+    let mock = volume_mock();
+    let server = server(&mock, false, &[]);
+    let mut device = Device::connect(&server, "aa:dd:00:00:00:05");
+    // (whisper-tiny.en often mishears espeak's "volume"; "louder" it gets right.)
+    let frames = opus_frames(&speech_16k("Make it louder.", "en-us", 0.8));
+    device
+        .ws
+        .send(Message::text(
+            r#"{"type":"listen","state":"start","mode":"auto"}"#,
+        ))
+        .expect("listen");
+    let t0 = Instant::now();
+    let silence = opus_frames(&vec![0i16; 960]).remove(0);
+    for (i, f) in frames
+        .iter()
+        .chain(std::iter::repeat_n(&silence, 25))
+        .enumerate()
+    {
+        device.ws.send(Message::binary(f.clone())).expect("audio");
+        let due = t0 + Duration::from_millis(60) * (i as u32 + 1);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let texts = device.collect(Duration::from_secs(60));
+    let stt = texts.iter().find(|v| v["type"] == "stt").expect("stt");
+    assert_eq!(device.calls.len(), 2, "transcript {stt}");
+    assert_eq!(device.calls[0]["params"]["name"], "self.get_device_status");
+    assert_eq!(device.calls[1]["params"]["arguments"], json!({"volume":40}));
+    assert_eq!(spoken(&texts), "OK, the volume is now 40.");
+}
+
+#[test]
+fn legacy_iot_things_are_tools_for_the_llm() {
+    let mock = tool_mock(
+        "The lamp is on.",
+        "lamp",
+        "iot_Lamp_TurnOn",
+        r#"{"brightness":80}"#,
+    );
+    let server = server(&mock, true, &[]);
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:dd:00:00:00:06", "1"),
+    );
+    // Old firmware: no MCP, IoT descriptors and states instead.
+    hello(&mut ws, HELLO);
+    ws.send(Message::text(
+        json!({"type":"iot","update":true,"descriptors":[{"name":"Lamp",
+        "description":"a lamp","properties":{"power":{"description":"on or off","type":"boolean"}},
+        "methods":{"TurnOn":{"description":"switch on","parameters":{"brightness":
+        {"description":"0-100","type":"number"}}}}}]})
+        .to_string(),
+    ))
+    .expect("iot");
+    ws.send(Message::text(
+        r#"{"type":"iot","states":[{"name":"Lamp","state":{"power":false}}]}"#,
+    ))
+    .expect("states");
+    let detect = json!({"type":"listen","state":"detect","text":"switch the lamp on"});
+    ws.send(Message::text(detect.to_string())).expect("detect");
+    let mut command = None;
+    let mut texts = vec![];
+    loop {
+        let v = next_json_skipping_audio(&mut ws);
+        if v["type"] == "iot" {
+            command = Some(v);
+            continue;
+        }
+        let stop = v["type"] == "tts" && v["state"] == "stop";
+        texts.push(v);
+        if stop {
+            break;
+        }
+    }
+    let command = command.expect("iot command sent");
+    assert_eq!(
+        command["commands"],
+        json!([{"name":"Lamp","method":"TurnOn","parameters":{"brightness":80}}])
+    );
+    assert_eq!(spoken(&texts), "The lamp is on.");
+    let requests = mock.chat_requests();
+    let offered = requests[0]["tools"].to_string();
+    assert!(offered.contains("iot_Lamp_get_state"), "{offered}");
+}
+
+#[test]
+fn exit_phrase_says_goodbye_and_closes_and_a_wake_word_is_greeted() {
+    let mock = volume_mock();
+    let server = server(&mock, false, &[]);
+    let mut device = Device::connect(&server, "aa:dd:00:00:00:07");
+    let texts = device.ask("Hi, Xiaozhi!", Duration::from_secs(20));
+    assert!(texts.iter().all(|v| v["type"] != "stt"), "{texts:?}");
+    assert_eq!(spoken(&texts), "Hi! What can I do for you?");
+    let texts = device.ask("Goodbye.", Duration::from_secs(20));
+    assert_eq!(spoken(&texts), "Goodbye! Talk to you soon.");
+    let (code, _) = expect_close(&mut device.ws);
+    assert_eq!(code, 1000);
+}
+
+/// Runs tests/sdk/tool_call.py against a server whose LLM is the mock (`remote_llm`) or the
+/// offline responder, sending `texts` as turns; returns the script's summary.
+fn sdk_tool_run(mock: &MockHandle, remote_llm: bool, texts: &[&str]) -> Value {
+    assert_sdk_installed();
+    // The SDK answers `initialize` only when it carries the vision capability.
+    let server = server(
+        mock,
+        remote_llm,
+        &[
+            "tools.vision_url=\"http://127.0.0.1:9/mcp/vision/explain\"",
+            "tools.vision_token=\"test-token\"",
+        ],
+    );
+    let url = server.ws_url("/xiaozhi/v1/");
+    run_sdk_script(
+        "tool_call.py",
+        std::iter::once(url.as_str()).chain(texts.iter().copied()),
+    )
+}
+
+/// What the server said in turn `i` of an SDK run.
+fn sdk_said(summary: &Value, i: usize) -> String {
+    summary["turns"][i]["sentences"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn xiaozhi_sdk_with_a_registered_volume_tool_is_driven_through_tool_calls() {
+    let mock = volume_mock();
+    let summary = sdk_tool_run(
+        &mock,
+        false,
+        &["Set the volume to 40.", "A bit louder, please."],
+    );
+    assert_eq!(
+        summary["calls"],
+        json!([
+            ["self.audio_speaker.set_volume", {"volume": 40}],
+            ["self.get_device_status", {}],
+            ["self.audio_speaker.set_volume", {"volume": 50}],
+        ]),
+        "{summary}"
+    );
+    assert_eq!(summary["volume"], 50);
+    assert_eq!(sdk_said(&summary, 0), "OK, the volume is now 40.");
+    assert_eq!(sdk_said(&summary, 1), "OK, the volume is now 50.");
+}
+
+#[test]
+fn xiaozhi_sdk_tool_is_called_by_the_remote_llm_and_its_result_fed_back() {
+    let mock = volume_mock();
+    let summary = sdk_tool_run(&mock, true, &["Please make the volume 55."]);
+    assert_eq!(
+        summary["calls"],
+        json!([["self.audio_speaker.set_volume", {"volume": 55}]]),
+        "{summary}"
+    );
+    assert_eq!(sdk_said(&summary, 0), "Done. The speaker volume is set.");
+    let requests = mock.chat_requests();
+    assert_eq!(requests.len(), 2);
+    // The SDK's result text is the JSON its tool function returned.
+    let results = tool_messages(&requests[1]);
+    assert_eq!(results[0]["content"], r#"{"success": true, "volume": 55}"#);
+}
