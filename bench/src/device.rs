@@ -234,7 +234,7 @@ enum Step {
     BadText,
     SpeechDone(Instant),
     Deadline,
-    Closed(String),
+    Closed(ErrorKind, String),
 }
 
 /// Where an interaction is.
@@ -465,7 +465,8 @@ impl Device<'_> {
                 },
                 Some(Some(Ok(Message::Binary(b)))) => return Step::Audio(b, at),
                 Some(Some(Ok(Message::Close(frame)))) => {
-                    return self.closed(close_kind(frame.as_ref()).1)
+                    let (kind, why) = close_kind(frame.as_ref());
+                    return self.closed_as(kind, why);
                 }
                 Some(Some(Ok(_))) => continue,
             }
@@ -473,9 +474,14 @@ impl Device<'_> {
     }
 
     fn closed(&mut self, why: String) -> Step {
+        self.closed_as(ErrorKind::Disconnected, why)
+    }
+
+    /// The channel ended; `kind` says whether the server closed it cleanly (1000/1001).
+    fn closed_as(&mut self, kind: ErrorKind, why: String) -> Step {
         self.chan = None;
         self.mic = Mic::Off;
-        Step::Closed(why)
+        Step::Closed(kind, why)
     }
 
     /// The mic goes off when the device starts speaking (auto and manual modes).
@@ -593,9 +599,9 @@ impl Device<'_> {
                     self.note(Instant::now(), || "timed out".into());
                     break;
                 }
-                Step::Closed(why) => {
+                Step::Closed(kind, why) => {
                     self.note(Instant::now(), || format!("connection lost: {why}"));
-                    o.end = End::Disconnected;
+                    o.end = End::closed(kind);
                     break;
                 }
                 Step::BadText => o.violations.bad_messages += 1,
@@ -645,13 +651,13 @@ impl Device<'_> {
         loop {
             match self.step(until).await {
                 Step::Deadline => return,
-                Step::Closed(why) => {
+                Step::Closed(kind, why) => {
                     self.note(Instant::now(), || {
                         format!("connection lost while idle: {why}")
                     });
                     if let Some(o) = finished.as_deref_mut() {
                         if o.end == End::Completed {
-                            o.end = End::Disconnected;
+                            o.end = End::closed(kind);
                         }
                     }
                     sleep_until(until).await;
