@@ -79,8 +79,8 @@ pub struct ServerConfig {
     pub proxy_protocol: ProxyProtocol,
     /// Balancers (CIDRs or addresses) whose PROXY header and forwarded headers are believed.
     pub trusted_proxies: Vec<String>,
-    /// Believe `X-Real-IP` / `X-Forwarded-For` from trusted proxies.
-    pub forwarded_headers: bool,
+    /// Which header, from trusted proxies only, names the device: off, x-forwarded-for, x-real-ip.
+    pub forwarded_header: ForwardedHeader,
     /// New connections per client address.
     pub rate_limit: RateLimitConfig,
 }
@@ -97,6 +97,19 @@ pub enum ProxyProtocol {
     V2,
     /// Trusted peers must send a v1 or v2 header.
     Any,
+}
+
+/// The header a trusted balancer names the device in. One, chosen by the operator: a balancer
+/// that sets one header passes the other through from the client untouched (forgeable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// Headers are ignored.
+    Off,
+    /// The right-most `X-Forwarded-For` entry that is not a trusted proxy.
+    XForwardedFor,
+    /// `X-Real-IP` (the balancer must overwrite it).
+    XRealIp,
 }
 
 /// Token bucket per client address (per shard) for new WebSocket connections.
@@ -144,7 +157,7 @@ impl Default for ServerConfig {
             drain: DrainConfig::default(),
             proxy_protocol: ProxyProtocol::Off,
             trusted_proxies: Vec::new(),
-            forwarded_headers: false,
+            forwarded_header: ForwardedHeader::Off,
             rate_limit: RateLimitConfig::default(),
         }
     }

@@ -42,6 +42,9 @@ pub fn render_histograms(out: &mut String, h: &StageHistograms) {
     }
 }
 
+/// A per-shard gauge: name, help, and how to read it from a shard's stats.
+type PerShardGauge = (&'static str, &'static str, fn(&ShardStats) -> u64);
+
 /// Renders per-shard gauges and instance-wide counters in the Prometheus text format.
 pub fn render(shards: &[ShardStats]) -> String {
     let mut total = ShardStats::default();
@@ -61,7 +64,7 @@ pub fn render(shards: &[ShardStats]) -> String {
             s.shard, s.sessions
         );
     }
-    let per_shard: [(&str, &str, fn(&ShardStats) -> u64); 2] = [
+    let per_shard: [PerShardGauge; 2] = [
         (
             "xiaozhi_connection_limit",
             "Most sessions a shard admits (the smaller of max_connections_per_shard and its share of max_connections).",

@@ -16,8 +16,8 @@ use std::cell::RefCell;
 
 use super::dialogue::{DialogueSettings, Request};
 use super::{CloseCause, Outgoing, Session, SessionEvent, SessionSettings, SessionTimers};
-use crate::config::ProxyProtocol;
 use crate::config::{Config, LlmProvider, TtsProvider};
+use crate::config::{ForwardedHeader, ProxyProtocol};
 use crate::pipeline::audio_in::AudioInLimits;
 use crate::protocol::token::MISSING_CLIENT_ID;
 use crate::protocol::{identify, AudioParams};
@@ -74,13 +74,14 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
     let (head, mut client) = match futures_lite::future::or(read, timeout).await {
         Ok(h) => h,
         Err(e) => {
-            let mut stats = shard.stats.borrow_mut();
-            stats.handshake_errors += 1;
-            if matches!(e, HeadError::Proxy(_)) {
-                stats.proxy_header_errors += 1;
-                tracing::info!(%peer, error = %e, "trusted balancer sent no valid PROXY header");
+            {
+                let mut stats = shard.stats.borrow_mut();
+                stats.handshake_errors += 1;
+                if matches!(e, HeadError::Proxy(_)) {
+                    stats.proxy_header_errors += 1;
+                    tracing::info!(%peer, error = %e, "trusted balancer sent no valid PROXY header");
+                }
             }
-            drop(stats);
             let status = match e {
                 HeadError::TooLarge(_) => "431 Request Header Fields Too Large",
                 HeadError::Malformed(_) | HeadError::Proxy(_) => "400 Bad Request",
@@ -90,14 +91,15 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
             return;
         }
     };
-    if cfg.forwarded_headers {
-        if let Some(ip) = shard.trusted.forwarded_client(
-            client.ip(),
-            head.header("x-real-ip"),
-            head.header("x-forwarded-for"),
-        ) {
-            client = SocketAddr::new(ip, 0);
-        }
+    let forwarded = match cfg.forwarded_header {
+        ForwardedHeader::Off => None,
+        ForwardedHeader::XRealIp => shard.trusted.real_ip(client.ip(), head.header("x-real-ip")),
+        ForwardedHeader::XForwardedFor => shard
+            .trusted
+            .forwarded_for(client.ip(), head.header_list("x-forwarded-for").as_deref()),
+    };
+    if let Some(ip) = forwarded {
+        client = SocketAddr::new(ip, 0);
     }
     if !head.is_websocket_upgrade() {
         shard.stats.borrow_mut().plain_http += 1;

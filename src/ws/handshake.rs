@@ -26,6 +26,18 @@ impl RequestHead {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every value of header `name`, joined with commas in order (repeated headers are one list,
+    /// RFC 9110 §5.3: a balancer may add its own `X-Forwarded-For` line after the client's).
+    pub fn header_list(&self, name: &str) -> Option<String> {
+        let values: Vec<&str> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    }
+
     /// True when the client asks for a WebSocket upgrade.
     pub fn is_websocket_upgrade(&self) -> bool {
         let upgrade = self
@@ -189,6 +201,18 @@ mod tests {
             Some("dGhlIHNhbXBsZSBub25jZQ==")
         );
         assert_eq!(head.leftover, b"EXTRA");
+    }
+
+    #[test]
+    fn repeated_headers_join_in_order() {
+        let raw = b"GET / HTTP/1.1\r\nX-Forwarded-For: 6.6.6.6\r\nHost: x\r\nx-forwarded-for: 10.0.0.1\r\n\r\n";
+        let mut r = futures_lite::io::Cursor::new(raw.to_vec());
+        let head = block_on(read_head(&mut r, 8192)).unwrap();
+        assert_eq!(
+            head.header_list("X-Forwarded-For").as_deref(),
+            Some("6.6.6.6, 10.0.0.1")
+        );
+        assert_eq!(head.header_list("x-real-ip"), None);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Who a device really is when it comes through a load balancer: the trusted-proxy list
 //! (CIDRs) and the forwarded headers (`X-Real-IP`, `X-Forwarded-For`).
 //!
-//! Only a peer in the trusted list may speak for someone else. From such a peer,
-//! `X-Real-IP` wins (the balancer sets it), else the right-most `X-Forwarded-For` entry that is
-//! not itself a trusted proxy (entries to its left were written by the client and can be forged).
+//! Only a peer in the trusted list may speak for someone else, and only in the one header the
+//! operator chose: `X-Real-IP` (the balancer overwrites it), or the right-most
+//! `X-Forwarded-For` entry that is not itself a trusted proxy (entries to its left were written
+//! by the client and can be forged).
 
 use std::net::IpAddr;
 
@@ -87,19 +88,20 @@ impl TrustedProxies {
         self.0.iter().any(|c| c.contains(ip))
     }
 
-    /// The client address a trusted `peer` reports in its headers, if any. `None` when the
-    /// peer is not trusted or the headers name no usable address.
-    pub fn forwarded_client(
-        &self,
-        peer: IpAddr,
-        x_real_ip: Option<&str>,
-        x_forwarded_for: Option<&str>,
-    ) -> Option<IpAddr> {
+    /// The client address a trusted `peer` reports in `X-Real-IP`. `None` when the peer is not
+    /// trusted or the header names no usable address.
+    pub fn real_ip(&self, peer: IpAddr, x_real_ip: Option<&str>) -> Option<IpAddr> {
         if !self.contains(peer) {
             return None;
         }
-        if let Some(ip) = x_real_ip.and_then(parse_ip) {
-            return Some(ip);
+        x_real_ip.and_then(parse_ip)
+    }
+
+    /// The client address a trusted `peer` reports in `X-Forwarded-For` (all its lines joined
+    /// with commas). `None` when the peer is not trusted or the list names no usable address.
+    pub fn forwarded_for(&self, peer: IpAddr, x_forwarded_for: Option<&str>) -> Option<IpAddr> {
+        if !self.contains(peer) {
+            return None;
         }
         let xff = x_forwarded_for?;
         let mut last_trusted = None;
@@ -157,16 +159,14 @@ mod tests {
     }
 
     #[test]
-    fn only_trusted_peers_may_forward_and_real_ip_wins() {
+    fn only_trusted_peers_may_forward() {
         let t = trusted();
         assert_eq!(
-            t.forwarded_client(ip("127.0.0.1"), Some("203.0.113.5"), Some("1.1.1.1")),
+            t.real_ip(ip("127.0.0.1"), Some("203.0.113.5")),
             Some(ip("203.0.113.5"))
         );
-        assert_eq!(
-            t.forwarded_client(ip("127.0.0.2"), Some("203.0.113.5"), Some("1.1.1.1")),
-            None
-        );
+        assert_eq!(t.real_ip(ip("127.0.0.2"), Some("203.0.113.5")), None);
+        assert_eq!(t.forwarded_for(ip("127.0.0.2"), Some("203.0.113.5")), None);
     }
 
     #[test]
@@ -175,21 +175,14 @@ mod tests {
         // The client forged "6.6.6.6"; the balancer appended the real 203.0.113.5, then an inner
         // trusted proxy appended itself.
         assert_eq!(
-            t.forwarded_client(
-                ip("127.0.0.1"),
-                None,
-                Some("6.6.6.6, 203.0.113.5, 10.1.1.1")
-            ),
+            t.forwarded_for(ip("127.0.0.1"), Some("6.6.6.6, 203.0.113.5, 10.1.1.1")),
             Some(ip("203.0.113.5"))
         );
         assert_eq!(
-            t.forwarded_client(ip("127.0.0.1"), None, Some("[2001:db8::7]:443")),
+            t.forwarded_for(ip("127.0.0.1"), Some("[2001:db8::7]:443")),
             Some(ip("2001:db8::7"))
         );
-        assert_eq!(
-            t.forwarded_client(ip("127.0.0.1"), None, Some("garbage")),
-            None
-        );
-        assert_eq!(t.forwarded_client(ip("127.0.0.1"), None, None), None);
+        assert_eq!(t.forwarded_for(ip("127.0.0.1"), Some("garbage")), None);
+        assert_eq!(t.forwarded_for(ip("127.0.0.1"), None), None);
     }
 }
