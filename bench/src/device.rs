@@ -420,7 +420,11 @@ impl Device<'_> {
                 match self.send_mic_frame().await {
                     Ok(Some(at)) => return Step::SpeechDone(at),
                     Ok(None) => continue,
-                    Err(e) => return self.closed(format!("send audio: {e}")),
+                    Err(e) => {
+                        return self
+                            .closed_after_send_error(format!("send audio: {e}"))
+                            .await
+                    }
                 }
             }
             if now >= deadline {
@@ -475,6 +479,30 @@ impl Device<'_> {
 
     fn closed(&mut self, why: String) -> Step {
         self.closed_as(ErrorKind::Disconnected, why)
+    }
+
+    /// A send failed: the server may have closed the channel with a close frame we have not
+    /// read yet. Read for a moment; if a close frame is there, its code says how it ended.
+    async fn closed_after_send_error(&mut self, why: String) -> Step {
+        if let Some(chan) = self.chan.as_mut() {
+            let until = Instant::now() + Duration::from_millis(200);
+            loop {
+                let got = futures_lite::future::or(async { Some(chan.ws.next().await) }, async {
+                    sleep_until(until).await;
+                    None
+                })
+                .await;
+                match got {
+                    Some(Some(Ok(Message::Close(frame)))) => {
+                        let (kind, reason) = close_kind(frame.as_ref());
+                        return self.closed_as(kind, format!("{why}; {reason}"));
+                    }
+                    Some(Some(Ok(_))) => continue,
+                    _ => break,
+                }
+            }
+        }
+        self.closed(why)
     }
 
     /// The channel ended; `kind` says whether the server closed it cleanly (1000/1001).
