@@ -507,3 +507,76 @@ fn invalid_config_fails_at_start_naming_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn instance_connection_limit_is_split_into_per_shard_budgets() {
+    let server = Server::start(&[
+        "server.max_connections=3",
+        "runtime.shard_cores=[0,1]",
+        "runtime.inference_cores=[1]",
+    ]);
+    let metrics = http_request(server.http_port, "GET", "/metrics", &[], "").expect("metrics");
+    for shard in 0..2 {
+        // ceil(3 / 2 shards) = 2 per shard: no shard consults another.
+        assert!(
+            metrics.body.contains(&format!(
+                "xiaozhi_connection_limit{{shard=\"{shard}\"}} 2\n"
+            )),
+            "{}",
+            metrics.body
+        );
+    }
+    let (mut admitted, mut refused) = (Vec::new(), 0);
+    for i in 0..6 {
+        let url = format!("{}?device-id=aa:bb:cc:dd:f0:0{i}", server.ws_url("/"));
+        match tungstenite::connect(url.as_str()) {
+            Ok((mut ws, _)) => {
+                set_timeout(&ws, Duration::from_secs(10));
+                hello(&mut ws, HELLO);
+                admitted.push(ws);
+            }
+            Err(tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), 503);
+                let body =
+                    String::from_utf8_lossy(resp.body().as_deref().unwrap_or(&[])).to_string();
+                assert!(body.contains("server full"), "{body}");
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert!(
+        admitted.len() <= 4 && refused >= 2,
+        "{} admitted",
+        admitted.len()
+    );
+    assert_eq!(server.metric("xiaozhi_refused_full_total"), refused);
+}
+
+#[test]
+fn drain_delay_keeps_accepting_while_not_ready_then_closes_everyone() {
+    let mut server = Server::start(&["server.drain.delay_ms=1500", "server.drain.grace_ms=3000"]);
+    let mut early = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:f1:00", "1"),
+    );
+    hello(&mut early, HELLO);
+    server.terminate();
+    wait_until(|| {
+        http_request(server.http_port, "GET", "/readyz", &[], "")
+            .map(|r| r.status == 503)
+            .unwrap_or(false)
+    });
+    // Not ready, but within the delay: a device the balancer still sends is served.
+    let mut late = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:f1:01", "1"),
+    );
+    hello(&mut late, HELLO);
+    // After the delay both idle devices are told goodbye and closed with 1001.
+    for ws in [&mut early, &mut late] {
+        assert_eq!(next_json(ws)["type"], "goodbye");
+        assert_eq!(expect_close(ws).0, 1001);
+    }
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
