@@ -954,6 +954,27 @@ mod tests {
     }
 
     #[test]
+    fn fleet_profile_parses_with_the_balancer_settings() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fleet.toml");
+        // Auth needs a secret; the profile leaves it to the environment.
+        let c = Config::load(Some(&path), &["server.auth.secrets=[\"k\"]".into()]).unwrap();
+        assert_eq!(c.server.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(c.server.trusted_proxies, vec!["10.0.0.0/24".to_string()]);
+        assert_eq!(c.server.drain.delay_ms, 2000);
+        assert_eq!(c.llm.provider, LlmProvider::Openai);
+    }
+
+    #[test]
+    fn proxy_protocol_without_trusted_proxies_or_with_a_bad_cidr_is_refused() {
+        let err = load(&["server.proxy_protocol=\"v1\""]).unwrap_err().to_string();
+        assert!(err.contains("server.trusted_proxies"), "{err}");
+        let err = load(&["server.trusted_proxies=[\"10.0.0.0/40\"]"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.trusted_proxies"), "{err}");
+    }
+
+    #[test]
     fn default_toml_file_parses_and_equals_builtin_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
         let from_file = Config::load(Some(&path), &[]).unwrap();
