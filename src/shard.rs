@@ -79,6 +79,8 @@ pub struct ShardStats {
     pub slow_consumers: u64,
     /// Sessions closed for an oversized message.
     pub oversized: u64,
+    /// Sessions closed for an oversized frame.
+    pub oversized_frames: u64,
     /// Sessions closed by a WebSocket protocol error.
     pub protocol_errors: u64,
     /// Sessions closed by the hello timeout.
@@ -111,6 +113,7 @@ impl ShardStats {
         self.auth_failures += o.auth_failures;
         self.slow_consumers += o.slow_consumers;
         self.oversized += o.oversized;
+        self.oversized_frames += o.oversized_frames;
         self.protocol_errors += o.protocol_errors;
         self.hello_timeouts += o.hello_timeouts;
         self.idle_closes += o.idle_closes;

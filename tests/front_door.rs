@@ -308,6 +308,23 @@ fn oversized_message_closes_with_1009_and_a_reason() {
 }
 
 #[test]
+fn oversized_frame_closes_with_1009_and_its_own_counter() {
+    let server = Server::start(&["server.max_frame_bytes=2048"]);
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:17", "1"),
+    );
+    hello(&mut ws, HELLO);
+    ws.send(Message::binary(vec![0u8; 3000])).expect("send");
+    let (code, reason) = expect_close(&mut ws);
+    assert_eq!(code, 1009);
+    assert!(reason.contains("frame too big"), "{reason}");
+    drop(ws);
+    wait_until(|| server.metric("xiaozhi_oversized_frames_total") == 1);
+    assert_eq!(server.metric("xiaozhi_oversized_messages_total"), 0);
+}
+
+#[test]
 fn no_voice_timeout_says_goodbye_and_closes() {
     let server = Server::start(&["session.no_voice_close_s=1"]);
     let mut ws = connect(

@@ -90,7 +90,7 @@ pub fn render(shards: &[ShardStats]) -> String {
     let _ = writeln!(out, "# TYPE xiaozhi_vad_queue_depth gauge");
     let _ = writeln!(out, "xiaozhi_vad_queue_depth {}", total.vad_queue_depth);
     let e = &total.ended;
-    let counters: [(&str, &str, u64); 30] = [
+    let counters: [(&str, &str, u64); 31] = [
         (
             "xiaozhi_sessions_accepted_total",
             "WebSocket sessions accepted.",
@@ -148,8 +148,13 @@ pub fn render(shards: &[ShardStats]) -> String {
         ),
         (
             "xiaozhi_oversized_messages_total",
-            "Sessions closed for an oversized message.",
+            "Sessions closed for a message above max_message_bytes (close 1009).",
             total.oversized,
+        ),
+        (
+            "xiaozhi_oversized_frames_total",
+            "Sessions closed for a frame above max_frame_bytes (close 1009).",
+            total.oversized_frames,
         ),
         (
             "xiaozhi_protocol_errors_total",

@@ -270,6 +270,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
     match outcome.end {
         End::SlowConsumer => stats.slow_consumers += 1,
         End::Oversized => stats.oversized += 1,
+        End::OversizedFrame => stats.oversized_frames += 1,
         End::ProtocolError => stats.protocol_errors += 1,
         End::HelloTimeout => stats.hello_timeouts += 1,
         End::Timeout => stats.idle_closes += 1,
@@ -318,6 +319,7 @@ enum End {
     Normal,
     SlowConsumer,
     Oversized,
+    OversizedFrame,
     ProtocolError,
     HelloTimeout,
     Timeout,
@@ -427,6 +429,17 @@ async fn run(
                 use tungstenite::error::CapacityError;
                 use tungstenite::Error as E;
                 let (code, reason, why) = match &e {
+                    // tungstenite reports both limits alike; the limit tells which one it was.
+                    E::Capacity(CapacityError::MessageTooLong { size, max_size })
+                        if *max_size == shard.config.server.max_frame_bytes
+                            && *max_size != shard.config.server.max_message_bytes =>
+                    {
+                        (
+                            1009,
+                            format!("frame too big: {size} bytes, limit {max_size}"),
+                            End::OversizedFrame,
+                        )
+                    }
                     E::Capacity(CapacityError::MessageTooLong { size, max_size }) => (
                         1009,
                         format!("message too big: {size} bytes, limit {max_size}"),
