@@ -239,15 +239,7 @@ fn espeak_provider_sends_exactly_the_synthesized_audio() {
 }
 
 fn remote_server(mock: &mock_upstream::MockHandle, extra: &[&str]) -> Server {
-    let base = format!("\"{}\"", mock.base_url());
-    let mut sets: Vec<String> = vec![
-        "asr.provider=\"openai\"".into(),
-        "llm.provider=\"openai\"".into(),
-        "tts.provider=\"openai\"".into(),
-        format!("asr.openai.base_url={base}"),
-        format!("llm.openai.base_url={base}"),
-        format!("tts.openai.base_url={base}"),
-    ];
+    let mut sets = remote_provider_sets(&mock.base_url());
     sets.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
     Server::start(&refs)

@@ -290,6 +290,14 @@ fn ota(port: u16, device: &str) -> serde_json::Value {
     serde_json::from_str(&resp.body).expect("ota json")
 }
 
+/// `Bearer <token>` from the OTA answer of HTTP port `port` for `device`.
+fn bearer(port: u16, device: &str) -> String {
+    let answer = ota(port, device);
+    let token = answer["websocket"]["token"].as_str().expect("token");
+    assert!(!token.is_empty(), "auth is on: {answer}");
+    format!("Bearer {token}")
+}
+
 #[test]
 fn ota_through_the_balancer_hands_out_its_url_and_any_instance_accepts_the_token() {
     let (lb_ws, lb_xrip, lb_http) = (free_port(), free_port(), free_port());
@@ -375,32 +383,23 @@ fn ota_through_the_balancer_hands_out_its_url_and_any_instance_accepts_the_token
     assert_eq!(b.metric("xiaozhi_auth_failures_total"), 0);
 
     // X-Real-IP set by the balancer; c ignores the device's forged X-Forwarded-For.
-    let token_c = ota(c.http_port, "aa:bb:cc:01:00:10")["websocket"]["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
+    let token_c = bearer(c.http_port, "aa:bb:cc:01:00:10");
     let _r = device_from(
         "127.0.0.3",
         lb_xrip,
         "aa:bb:cc:01:00:10",
-        &[
-            ("Authorization", &format!("Bearer {token_c}")),
-            ("X-Forwarded-For", "6.6.6.6"),
-        ],
+        &[("Authorization", &token_c), ("X-Forwarded-For", "6.6.6.6")],
     );
     assert_eq!(logged_addrs(&c), ["127.0.0.3"]);
 
     // Forwarded headers from a peer that is not a trusted balancer are ignored.
-    let token_b = ota(b.http_port, "aa:bb:cc:01:00:20")["websocket"]["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
+    let token_b = bearer(b.http_port, "aa:bb:cc:01:00:20");
     let _d = device_from(
         "127.0.0.4",
         a.ws_port,
         "aa:bb:cc:01:00:20",
         &[
-            ("Authorization", &format!("Bearer {token_b}")),
+            ("Authorization", &token_b),
             ("X-Forwarded-For", "6.6.6.6"),
             ("X-Real-IP", "6.6.6.6"),
         ],
@@ -411,15 +410,12 @@ fn ota_through_the_balancer_hands_out_its_url_and_any_instance_accepts_the_token
     }
 
     // Tokens cross instances directly too: b's (k1) on a, a's (k2) on b; an unknown key fails.
-    let token_a = ota(a.http_port, "aa:bb:cc:01:00:21")["websocket"]["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
+    let token_a = bearer(a.http_port, "aa:bb:cc:01:00:21");
     let _x = device_from(
         "127.0.0.5",
         b.ws_port,
         "aa:bb:cc:01:00:21",
-        &[("Authorization", &format!("Bearer {token_a}"))],
+        &[("Authorization", &token_a)],
     );
     let mut bad = ws_from(
         "127.0.0.5",
@@ -428,7 +424,7 @@ fn ota_through_the_balancer_hands_out_its_url_and_any_instance_accepts_the_token
         &[
             ("Device-Id", "aa:bb:cc:01:00:22"),
             ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
-            ("Authorization", &format!("Bearer {token_a}")),
+            ("Authorization", &token_a),
         ],
     )
     .expect("upgrade (auth is checked after it, as the reference does)");
@@ -453,23 +449,17 @@ fn rolling_restart_behind_the_balancer_loses_no_interaction_but_those_the_drain_
         ..MockSettings::default()
     })
     .expect("mock upstream");
-    let base = format!("\"{}\"", mock.base_url());
     let (lb_ws, lb_http) = (free_port(), free_port());
     let public = format!("server.public_ws_url=\"ws://127.0.0.1:{lb_ws}/xiaozhi/v1/\"");
-    let owned: Vec<String> = vec![
-        "asr.provider=\"openai\"".into(),
-        "llm.provider=\"openai\"".into(),
-        "tts.provider=\"openai\"".into(),
-        format!("asr.openai.base_url={base}"),
-        format!("llm.openai.base_url={base}"),
-        format!("tts.openai.base_url={base}"),
+    let mut owned = remote_provider_sets(&mock.base_url());
+    owned.extend([
         "server.proxy_protocol=\"v2\"".into(),
         "server.trusted_proxies=[\"127.0.0.1\"]".into(),
         "server.auth.enabled=true".into(),
         "server.drain.delay_ms=600".into(),
         "server.drain.grace_ms=8000".into(),
         public,
-    ];
+    ]);
     let sets: Vec<&str> = owned.iter().map(String::as_str).collect();
     let env = [("XIAOZHI_AUTH_SECRETS", "fleet-secret")];
     let mut a = Server::start_with_env(&sets, &env);
@@ -578,17 +568,9 @@ fn rolling_restart_behind_the_balancer_loses_no_interaction_but_those_the_drain_
     std::thread::sleep(Duration::from_millis(400));
     let _devices: Vec<Ws> = (0..2)
         .map(|i| {
-            let answer = ota(lb_http, &format!("aa:bb:cc:02:00:0{i}"));
-            let token = answer["websocket"]["token"]
-                .as_str()
-                .unwrap_or("")
-                .to_string();
-            device_from(
-                "127.0.0.2",
-                lb_ws,
-                &format!("aa:bb:cc:02:00:0{i}"),
-                &[("Authorization", &format!("Bearer {token}"))],
-            )
+            let device = format!("aa:bb:cc:02:00:0{i}");
+            let auth = bearer(lb_http, &device);
+            device_from("127.0.0.2", lb_ws, &device, &[("Authorization", &auth)])
         })
         .collect();
     assert!(a2.metric("xiaozhi_sessions_accepted_total") >= 1);

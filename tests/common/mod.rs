@@ -150,6 +150,19 @@ impl Drop for Server {
     }
 }
 
+/// `--set` overrides that send ASR, LLM and TTS to one OpenAI-compatible `base_url`.
+pub fn remote_provider_sets(base_url: &str) -> Vec<String> {
+    let base = format!("\"{base_url}\"");
+    vec![
+        "asr.provider=\"openai\"".into(),
+        "llm.provider=\"openai\"".into(),
+        "tts.provider=\"openai\"".into(),
+        format!("asr.openai.base_url={base}"),
+        format!("llm.openai.base_url={base}"),
+        format!("tts.openai.base_url={base}"),
+    ]
+}
+
 /// A minimal HTTP/1.1 response.
 pub struct HttpResponse {
     pub status: u16,
