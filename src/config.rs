@@ -966,7 +966,9 @@ mod tests {
 
     #[test]
     fn proxy_protocol_without_trusted_proxies_or_with_a_bad_cidr_is_refused() {
-        let err = load(&["server.proxy_protocol=\"v1\""]).unwrap_err().to_string();
+        let err = load(&["server.proxy_protocol=\"v1\""])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server.trusted_proxies"), "{err}");
         let err = load(&["server.trusted_proxies=[\"10.0.0.0/40\"]"])
             .unwrap_err()
