@@ -17,6 +17,8 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# User + system CPU time of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 "$BIN/xiaozhi-bench" mock-upstream --port 28080 >"$OUT/mock.log" 2>&1 &
 PIDS+=($!)
@@ -59,6 +61,7 @@ for n in "${TALKING[@]}"; do
   start_server
   sleep 1
   base=$(rss_kib "$SERVER")
+  cpu0=$(cpu_ticks "$SERVER")
   "$BIN/xiaozhi-bench" fleet --url ws://127.0.0.1:28000/xiaozhi/v1/ --devices "$n" \
     --duration-s 20 --ramp-s 2 --think-ms 500 --expected-reply-ms 2500 --cores 1 \
     --out "$OUT/fleet-$n" >"$OUT/fleet-$n.txt" 2>&1 &
@@ -70,8 +73,11 @@ for n in "${TALKING[@]}"; do
     sleep 0.2
   done
   wait "$FLEET" || true
+  cpu=$(($(cpu_ticks "$SERVER") - cpu0))
   grep -E '^devices|^errors' "$OUT/fleet-$n.txt" || true
+  ok=$(sed -n 's/.*(ok \([0-9]*\),.*/\1/p' "$OUT/fleet-$n.txt")
   echo "server RSS before $base KiB, peak $peak KiB, per talking device $(((peak - base) / n)) KiB"
+  echo "server CPU $((cpu * 1000 / $(getconf CLK_TCK))) ms for ${ok:-?} interactions"
   kill "$SERVER"
   wait "$SERVER" 2>/dev/null || true
 done
