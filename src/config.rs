@@ -125,8 +125,13 @@ pub struct ServerConfig {
     pub timezone_offset_hours: f64,
     /// Most WebSocket connections one shard holds; further ones are refused with a message.
     pub max_connections_per_shard: usize,
+    /// Most WebSocket connections the instance holds (0 = only the per-shard limit). Split into
+    /// equal per-shard budgets (rounded up), so no shard consults another.
+    pub max_connections: usize,
     /// Largest WebSocket message accepted from a device, bytes.
     pub max_message_bytes: usize,
+    /// Largest single WebSocket frame accepted from a device, bytes.
+    pub max_frame_bytes: usize,
     /// WebSocket read buffer per connection, bytes (the main term of idle memory per device).
     pub read_buffer_bytes: usize,
     /// Largest HTTP request head on the WebSocket port, bytes.
@@ -145,6 +150,63 @@ pub struct ServerConfig {
     pub firmware: FirmwareConfig,
     /// Graceful shutdown.
     pub drain: DrainConfig,
+    /// PROXY protocol on the WebSocket port: off, v1, v2 or any (from trusted proxies only).
+    pub proxy_protocol: ProxyProtocol,
+    /// Balancers (CIDRs or addresses) whose PROXY header and forwarded headers are believed.
+    pub trusted_proxies: Vec<String>,
+    /// Which header, from trusted proxies only, names the device: off, x-forwarded-for, x-real-ip.
+    pub forwarded_header: ForwardedHeader,
+    /// New connections per client address.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Whether the WebSocket port expects a PROXY protocol header from trusted balancers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// No PROXY header is read.
+    Off,
+    /// Trusted peers must send a v1 (text) header.
+    V1,
+    /// Trusted peers must send a v2 (binary) header.
+    V2,
+    /// Trusted peers must send a v1 or v2 header.
+    Any,
+}
+
+/// The header a trusted balancer names the device in. One, chosen by the operator: a balancer
+/// that sets one header passes the other through from the client untouched (forgeable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// Headers are ignored.
+    Off,
+    /// The right-most `X-Forwarded-For` entry that is not a trusted proxy.
+    XForwardedFor,
+    /// `X-Real-IP` (the balancer must overwrite it).
+    XRealIp,
+}
+
+/// Token bucket per client address (per shard) for new WebSocket connections.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// New connections per second per address and shard; 0 = no limit.
+    pub per_address_per_s: f64,
+    /// Connections an address may open at once (bucket size) per shard.
+    pub burst: u32,
+    /// Addresses each shard tracks; beyond it the stalest bucket is forgotten.
+    pub max_addresses: usize,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            per_address_per_s: 0.0,
+            burst: 20,
+            max_addresses: 65_536,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -156,7 +218,9 @@ impl Default for ServerConfig {
             public_ws_url: String::new(),
             timezone_offset_hours: 8.0,
             max_connections_per_shard: 10_000,
+            max_connections: 0,
             max_message_bytes: 64 * 1024,
+            max_frame_bytes: 64 * 1024,
             read_buffer_bytes: 4096,
             max_request_head_bytes: 8192,
             handshake_timeout_ms: 10_000,
@@ -166,6 +230,10 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             firmware: FirmwareConfig::default(),
             drain: DrainConfig::default(),
+            proxy_protocol: ProxyProtocol::Off,
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::Off,
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -210,13 +278,19 @@ pub struct FirmwareConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DrainConfig {
+    /// After readiness turns false, new devices are still accepted this long (the balancer's
+    /// health check needs time to notice), ms.
+    pub delay_ms: u64,
     /// Time in-flight replies get to finish before sessions are closed, ms.
     pub grace_ms: u64,
 }
 
 impl Default for DrainConfig {
     fn default() -> Self {
-        Self { grace_ms: 10_000 }
+        Self {
+            delay_ms: 0,
+            grace_ms: 10_000,
+        }
     }
 }
 
@@ -798,6 +872,28 @@ impl Config {
         if s.max_message_bytes < 1024 {
             return bad("server.max_message_bytes", "must be at least 1024");
         }
+        if s.max_frame_bytes < 1024 {
+            return bad("server.max_frame_bytes", "must be at least 1024");
+        }
+        if let Err(e) = crate::ws::peer::TrustedProxies::parse(&s.trusted_proxies) {
+            return bad("server.trusted_proxies", &e);
+        }
+        if s.proxy_protocol != ProxyProtocol::Off && s.trusted_proxies.is_empty() {
+            return bad(
+                "server.trusted_proxies",
+                "proxy_protocol is on but no balancer is trusted (list its address)",
+            );
+        }
+        let rl = &s.rate_limit;
+        if !(rl.per_address_per_s >= 0.0 && rl.per_address_per_s.is_finite()) {
+            return bad("server.rate_limit.per_address_per_s", "must be 0 or more");
+        }
+        if rl.burst == 0 || rl.max_addresses == 0 {
+            return bad(
+                "server.rate_limit",
+                "burst and max_addresses must be at least 1",
+            );
+        }
         if !(256..=1 << 20).contains(&s.read_buffer_bytes) {
             return bad(
                 "server.read_buffer_bytes",
@@ -983,6 +1079,29 @@ mod tests {
             load(&["server.port"]),
             Err(ConfigError::SetSyntax(_))
         ));
+    }
+
+    #[test]
+    fn fleet_profile_parses_with_the_balancer_settings() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fleet.toml");
+        // Auth needs a secret; the profile leaves it to the environment.
+        let c = Config::load(Some(&path), &["server.auth.secrets=[\"k\"]".into()]).unwrap();
+        assert_eq!(c.server.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(c.server.trusted_proxies, vec!["10.0.0.0/24".to_string()]);
+        assert_eq!(c.server.drain.delay_ms, 2000);
+        assert_eq!(c.llm.provider, LlmProvider::Openai);
+    }
+
+    #[test]
+    fn proxy_protocol_without_trusted_proxies_or_with_a_bad_cidr_is_refused() {
+        let err = load(&["server.proxy_protocol=\"v1\""])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.trusted_proxies"), "{err}");
+        let err = load(&["server.trusted_proxies=[\"10.0.0.0/40\"]"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.trusted_proxies"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,8 @@ use crate::providers::http_client::{ClientSettings, HttpClient};
 use crate::providers::tts::TtsResult;
 use crate::providers::vad::VadResult;
 use crate::session::{SessionCounters, SessionEvent};
+use crate::ws::peer::TrustedProxies;
+use crate::ws::rate_limit::ConnectionRateLimiter;
 
 /// Cross-shard requests carried by `shards::Control::User`.
 pub enum ShardRequest {
@@ -70,6 +72,17 @@ pub struct ShardStats {
     pub refused_full: u64,
     /// Upgrades refused because the instance was draining.
     pub refused_draining: u64,
+    /// Upgrades refused by the per-address connection rate (HTTP 429).
+    pub refused_rate_limited: u64,
+    /// Connections from trusted balancers without a valid PROXY header.
+    pub proxy_header_errors: u64,
+    /// Addresses in this shard's rate-limit table (gauge).
+    pub rate_limit_addresses: u64,
+    /// Rate-limit buckets forgotten because the table was full.
+    pub rate_limit_evictions: u64,
+    /// This shard's connection limit (gauge: the smaller of the per-shard limit and its share of
+    /// the instance limit).
+    pub connection_limit: u64,
     /// Connections that failed before or during the HTTP handshake.
     pub handshake_errors: u64,
     /// Plain HTTP requests answered on the WebSocket port.
@@ -82,6 +95,8 @@ pub struct ShardStats {
     pub slow_consumers: u64,
     /// Sessions closed for an oversized message.
     pub oversized: u64,
+    /// Sessions closed for an oversized frame.
+    pub oversized_frames: u64,
     /// Sessions closed by a WebSocket protocol error.
     pub protocol_errors: u64,
     /// Sessions closed by the hello timeout.
@@ -103,12 +118,18 @@ impl ShardStats {
         self.accepted += o.accepted;
         self.refused_full += o.refused_full;
         self.refused_draining += o.refused_draining;
+        self.refused_rate_limited += o.refused_rate_limited;
+        self.proxy_header_errors += o.proxy_header_errors;
+        self.rate_limit_addresses += o.rate_limit_addresses;
+        self.rate_limit_evictions += o.rate_limit_evictions;
+        self.connection_limit += o.connection_limit;
         self.handshake_errors += o.handshake_errors;
         self.plain_http += o.plain_http;
         self.identity_errors += o.identity_errors;
         self.auth_failures += o.auth_failures;
         self.slow_consumers += o.slow_consumers;
         self.oversized += o.oversized;
+        self.oversized_frames += o.oversized_frames;
         self.protocol_errors += o.protocol_errors;
         self.hello_timeouts += o.hello_timeouts;
         self.idle_closes += o.idle_closes;
@@ -126,6 +147,11 @@ pub struct Shard {
     pub config: Config,
     /// Token signer/verifier when auth is on.
     pub signer: Option<TokenSigner>,
+    /// Balancers whose PROXY header and forwarded headers are believed.
+    pub trusted: TrustedProxies,
+    /// Most sessions this shard admits (its share of the instance limit).
+    pub connection_limit: usize,
+    rate_limiter: RefCell<Option<ConnectionRateLimiter>>,
     sessions: RefCell<HashMap<u64, Rc<Mailbox<SessionEvent>>>>,
     next_key: Cell<u64>,
     /// False while draining (`/readyz`).
@@ -171,7 +197,7 @@ impl Drop for SessionSlot {
 
 /// Why a new session was not admitted.
 pub enum Refusal {
-    /// At `max_connections_per_shard`.
+    /// At this shard's connection limit.
     Full(usize),
     /// Draining.
     Draining,
@@ -194,7 +220,7 @@ impl Shard {
             self.stats.borrow_mut().refused_draining += 1;
             return Err(Refusal::Draining);
         }
-        let max = self.config.server.max_connections_per_shard;
+        let max = self.connection_limit;
         if self.session_count() >= max {
             self.stats.borrow_mut().refused_full += 1;
             return Err(Refusal::Full(max));
@@ -212,10 +238,28 @@ impl Shard {
         })
     }
 
+    /// Takes a token from `ip`'s connection-rate bucket; false means refuse (HTTP 429).
+    pub fn allow_connection_from(&self, ip: std::net::IpAddr) -> bool {
+        let mut limiter = self.rate_limiter.borrow_mut();
+        let Some(l) = limiter.as_mut() else {
+            return true;
+        };
+        let ok = l.allow(ip, Instant::now());
+        if !ok {
+            self.stats.borrow_mut().refused_rate_limited += 1;
+        }
+        ok
+    }
+
     /// A snapshot of this shard's counters and histograms.
     pub fn snapshot(&self) -> ShardSnapshot {
         let mut s = *self.stats.borrow();
         s.shard = self.id;
+        s.connection_limit = self.connection_limit as u64;
+        if let Some(l) = self.rate_limiter.borrow().as_ref() {
+            s.rate_limit_addresses = l.len() as u64;
+            s.rate_limit_evictions = l.evictions();
+        }
         s.sessions = self.session_count() as u64;
         s.vad_queue_depth = self.queues.vad.queue_depths().iter().sum::<usize>() as u64;
         ShardSnapshot {
@@ -396,9 +440,27 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
         crate::tools::server::ServerTools::from_names(&config.tools.server_tools)
             .unwrap_or_default(),
     );
+    let shards = ctx.mesh.len().max(1);
+    let s = &config.server;
+    let connection_limit = match s.max_connections {
+        0 => s.max_connections_per_shard,
+        n => s.max_connections_per_shard.min(n.div_ceil(shards)),
+    };
+    let rate_limiter = (s.rate_limit.per_address_per_s > 0.0).then(|| {
+        ConnectionRateLimiter::new(
+            s.rate_limit.per_address_per_s,
+            s.rate_limit.burst,
+            s.rate_limit.max_addresses,
+        )
+    });
+    // Validated at load; an error here cannot happen, and trusting nobody is the safe fallback.
+    let trusted = TrustedProxies::parse(&s.trusted_proxies).unwrap_or_default();
     let shard = Rc::new(Shard {
         id: ctx.id,
         signer,
+        trusted,
+        connection_limit,
+        rate_limiter: RefCell::new(rate_limiter),
         sessions: RefCell::new(HashMap::new()),
         next_key: Cell::new(0),
         ready: Rc::new(Cell::new(true)),
@@ -544,11 +606,36 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             Control::Drain => break,
         }
     }
+    // Answers stats requests (and ignores repeated drains) for the rest of the shard's life.
+    let control_during_drain = || async {
+        while let Ok(msg) = ctx.control.recv_async().await {
+            if let Control::User(request) = msg {
+                answer(&shard, request);
+            }
+        }
+    };
 
-    // Drain: not ready, stop accepting new devices, let sessions finish, then return.
+    // Drain, step 1: not ready, so the balancer's health check takes us out of rotation; keep
+    // accepting for `delay_ms` so devices it still sends meanwhile are served.
+    shard.ready.set(false);
+    let delay = Duration::from_millis(shard.config.server.drain.delay_ms);
+    tracing::info!(
+        shard = shard.id,
+        delay_ms = delay.as_millis() as u64,
+        "not ready; still accepting until the drain delay ends"
+    );
+    if !delay.is_zero() {
+        futures_lite::future::or(glommio::timer::sleep(delay), async {
+            control_during_drain().await;
+            // The control channel is gone: nobody waits for us; still honour the delay.
+            glommio::timer::sleep(delay).await
+        })
+        .await;
+    }
+
+    // Step 2: stop accepting new devices, let answers finish, say goodbye, then return.
     let grace = Duration::from_millis(shard.config.server.drain.grace_ms);
     let deadline = Instant::now() + grace;
-    shard.ready.set(false);
     shard.drain_deadline.set(Some(deadline));
     drop(ws_accept);
     let open = shard.session_count();
@@ -564,19 +651,12 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     }
     // Sessions close themselves by the deadline; allow a little extra for close handshakes.
     let hard_stop = deadline + Duration::from_secs(2);
-    let control_during_drain = async {
-        while let Ok(msg) = ctx.control.recv_async().await {
-            if let Control::User(request) = msg {
-                answer(&shard, request);
-            }
-        }
-    };
     let wait_sessions = async {
         while shard.session_count() > 0 && Instant::now() < hard_stop {
             glommio::timer::sleep(Duration::from_millis(20)).await;
         }
     };
-    futures_lite::future::or(wait_sessions, control_during_drain).await;
+    futures_lite::future::or(wait_sessions, control_during_drain()).await;
     drop(http_accept);
     drop(_intervals);
     drop(_timer_probe);

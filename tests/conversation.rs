@@ -237,15 +237,7 @@ fn espeak_provider_sends_exactly_the_synthesized_audio() {
 }
 
 fn remote_server(mock: &mock_upstream::MockHandle, extra: &[&str]) -> Server {
-    let base = format!("\"{}\"", mock.base_url());
-    let mut sets: Vec<String> = vec![
-        "asr.provider=\"openai\"".into(),
-        "llm.provider=\"openai\"".into(),
-        "tts.provider=\"openai\"".into(),
-        format!("asr.openai.base_url={base}"),
-        format!("llm.openai.base_url={base}"),
-        format!("tts.openai.base_url={base}"),
-    ];
+    let mut sets = remote_provider_sets(&mock.base_url());
     sets.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
     Server::start(&refs)
@@ -508,4 +500,43 @@ fn xiaozhi_sdk_holds_a_conversation_and_records_the_reply() {
     );
     let r = hound::WavReader::open(&reply).expect("reply wav");
     assert!(r.duration() > 16_000, "reply audio recorded");
+}
+
+#[test]
+fn a_drain_lets_the_sentence_being_spoken_and_its_answer_finish_then_says_goodbye() {
+    let mock = mock_upstream::serve(MockSettings {
+        asr_text: "What is the weather like today?".into(),
+        llm_reply: "It is sunny today.".into(),
+        tts_audio: Duration::from_millis(400),
+        ..MockSettings::default()
+    })
+    .expect("mock upstream");
+    let mut server = remote_server(&mock, &["server.drain.grace_ms=10000"]);
+    let frames = opus_frames(&speech_16k("What is the weather like today?", "en-us", 0.8));
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:cc:00:00:00:0d", "1"),
+    );
+    hello(&mut ws, HELLO);
+    // SIGTERM while the device is mid-sentence (0.8 s of silence, then speech).
+    let pid = server.child.id().to_string();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1600));
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+    });
+    let turn = speak(&mut ws, &frames, Duration::from_secs(30));
+    assert!(killer.join().expect("killer").success());
+    assert_eq!(
+        turn.first("stt").expect("stt")["text"],
+        "What is the weather like today"
+    );
+    assert_turn_shape(&turn);
+    // Then the idle device is told goodbye and closed as going away, and the server exits.
+    assert_eq!(next_json(&mut ws)["type"], "goodbye");
+    let (code, reason) = expect_close(&mut ws);
+    assert_eq!(code, 1001, "{reason}");
+    assert!(server.wait_exit(Duration::from_secs(15)).success());
 }

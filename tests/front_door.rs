@@ -291,9 +291,10 @@ fn malformed_and_unknown_messages_get_errors_or_are_ignored_without_dropping_the
     assert_eq!(next_json(&mut ws)["type"], "pong");
 }
 
-#[test]
-fn oversized_message_closes_with_1009_and_a_reason() {
-    let server = Server::start(&["server.max_message_bytes=4096"]);
+/// Sends one 10 000-byte binary frame under `limit`; expects close 1009 naming `what`, and
+/// `counter` (not `other`) counted.
+fn oversized_closes_with_1009(limit: &str, what: &str, counter: &str, other: &str) {
+    let server = Server::start(&[limit]);
     let mut ws = connect(
         &server.ws_url("/"),
         &device_headers("aa:bb:cc:dd:ee:07", "1"),
@@ -302,9 +303,30 @@ fn oversized_message_closes_with_1009_and_a_reason() {
     ws.send(Message::binary(vec![0u8; 10_000])).expect("send");
     let (code, reason) = expect_close(&mut ws);
     assert_eq!(code, 1009);
-    assert!(reason.contains("too big"), "{reason}");
+    assert!(reason.contains(what), "{reason}");
     drop(ws);
-    wait_until(|| server.metric("xiaozhi_oversized_messages_total") == 1);
+    wait_until(|| server.metric(counter) == 1);
+    assert_eq!(server.metric(other), 0);
+}
+
+#[test]
+fn oversized_message_closes_with_1009_and_a_reason() {
+    oversized_closes_with_1009(
+        "server.max_message_bytes=4096",
+        "message too big",
+        "xiaozhi_oversized_messages_total",
+        "xiaozhi_oversized_frames_total",
+    );
+}
+
+#[test]
+fn oversized_frame_closes_with_1009_and_its_own_counter() {
+    oversized_closes_with_1009(
+        "server.max_frame_bytes=2048",
+        "frame too big",
+        "xiaozhi_oversized_frames_total",
+        "xiaozhi_oversized_messages_total",
+    );
 }
 
 #[test]
@@ -475,14 +497,9 @@ fn sigterm_says_goodbye_closes_cleanly_and_exits_zero() {
     );
 }
 
-#[test]
-fn readiness_turns_false_while_draining() {
-    let mut server = Server::start(&["server.drain.grace_ms=3000"]);
-    // A device that does not answer the close handshake keeps the drain going for a moment.
-    let mut ws = connect(
-        &server.ws_url("/"),
-        &device_headers("aa:bb:cc:dd:ee:0e", "1"),
-    );
+/// Opens a session for `device`, sends SIGTERM, and waits until `/readyz` answers 503.
+fn connect_then_terminate_until_not_ready(server: &Server, device: &str) -> Ws {
+    let mut ws = connect(&server.ws_url("/"), &device_headers(device, "1"));
     hello(&mut ws, HELLO);
     server.terminate();
     wait_until(|| {
@@ -490,6 +507,14 @@ fn readiness_turns_false_while_draining() {
             .map(|r| r.status == 503)
             .unwrap_or(false)
     });
+    ws
+}
+
+#[test]
+fn readiness_turns_false_while_draining() {
+    let mut server = Server::start(&["server.drain.grace_ms=3000"]);
+    // A device that does not answer the close handshake keeps the drain going for a moment.
+    let ws = connect_then_terminate_until_not_ready(&server, "aa:bb:cc:dd:ee:0e");
     drop(ws);
     assert!(server.wait_exit(Duration::from_secs(10)).success());
 }
@@ -506,4 +531,67 @@ fn invalid_config_fails_at_start_naming_the_key() {
         err.contains("server.prot") && err.contains("unknown field"),
         "{err}"
     );
+}
+
+#[test]
+fn instance_connection_limit_is_split_into_per_shard_budgets() {
+    let server = Server::start(&[
+        "server.max_connections=3",
+        "runtime.shard_cores=[0,1]",
+        "runtime.inference_cores=[1]",
+    ]);
+    let metrics = http_request(server.http_port, "GET", "/metrics", &[], "").expect("metrics");
+    for shard in 0..2 {
+        // ceil(3 / 2 shards) = 2 per shard: no shard consults another.
+        assert!(
+            metrics.body.contains(&format!(
+                "xiaozhi_connection_limit{{shard=\"{shard}\"}} 2\n"
+            )),
+            "{}",
+            metrics.body
+        );
+    }
+    let (mut admitted, mut refused) = (Vec::new(), 0);
+    for i in 0..6 {
+        let url = format!("{}?device-id=aa:bb:cc:dd:f0:0{i}", server.ws_url("/"));
+        match tungstenite::connect(url.as_str()) {
+            Ok((mut ws, _)) => {
+                set_timeout(&ws, Duration::from_secs(10));
+                hello(&mut ws, HELLO);
+                admitted.push(ws);
+            }
+            Err(tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), 503);
+                let body =
+                    String::from_utf8_lossy(resp.body().as_deref().unwrap_or(&[])).to_string();
+                assert!(body.contains("server full"), "{body}");
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert!(
+        admitted.len() <= 4 && refused >= 2,
+        "{} admitted",
+        admitted.len()
+    );
+    assert_eq!(server.metric("xiaozhi_refused_full_total"), refused);
+}
+
+#[test]
+fn drain_delay_keeps_accepting_while_not_ready_then_closes_everyone() {
+    let mut server = Server::start(&["server.drain.delay_ms=1500", "server.drain.grace_ms=3000"]);
+    let mut early = connect_then_terminate_until_not_ready(&server, "aa:bb:cc:dd:f1:00");
+    // Not ready, but within the delay: a device the balancer still sends is served.
+    let mut late = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:f1:01", "1"),
+    );
+    hello(&mut late, HELLO);
+    // After the delay both idle devices are told goodbye and closed with 1001.
+    for ws in [&mut early, &mut late] {
+        assert_eq!(next_json(ws)["type"], "goodbye");
+        assert_eq!(expect_close(ws).0, 1001);
+    }
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
 }

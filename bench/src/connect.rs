@@ -249,12 +249,17 @@ pub async fn open(
     })
 }
 
-/// The error kind for a close frame: 1013 (try again later) is a refusal.
+/// The error kind for a close frame: 1013 (try again later) is a refusal; 1000 (normal) and
+/// 1001 (going away) are a clean close by the server.
 pub fn close_kind(frame: Option<&tungstenite::protocol::CloseFrame>) -> (ErrorKind, String) {
     match frame {
         Some(f) if u16::from(f.code) == 1013 => {
             (ErrorKind::Refused, format!("closed 1013: {}", f.reason))
         }
+        Some(f) if matches!(u16::from(f.code), 1000 | 1001) => (
+            ErrorKind::ServerClosed,
+            format!("closed {}: {}", u16::from(f.code), f.reason),
+        ),
         Some(f) => (
             ErrorKind::Disconnected,
             format!("closed {}: {}", u16::from(f.code), f.reason),
@@ -363,8 +368,15 @@ mod tests {
             reason: "busy".into(),
         };
         assert_eq!(close_kind(Some(&f)).0, ErrorKind::Refused);
+        for code in [CloseCode::Normal, CloseCode::Away] {
+            let f = CloseFrame {
+                code,
+                reason: "server shutting down".into(),
+            };
+            assert_eq!(close_kind(Some(&f)).0, ErrorKind::ServerClosed);
+        }
         let f = CloseFrame {
-            code: CloseCode::Normal,
+            code: CloseCode::Error,
             reason: "".into(),
         };
         assert_eq!(close_kind(Some(&f)).0, ErrorKind::Disconnected);

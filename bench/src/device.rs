@@ -234,7 +234,7 @@ enum Step {
     BadText,
     SpeechDone(Instant),
     Deadline,
-    Closed(String),
+    Closed(ErrorKind, String),
 }
 
 /// Where an interaction is.
@@ -420,7 +420,11 @@ impl Device<'_> {
                 match self.send_mic_frame().await {
                     Ok(Some(at)) => return Step::SpeechDone(at),
                     Ok(None) => continue,
-                    Err(e) => return self.closed(format!("send audio: {e}")),
+                    Err(e) => {
+                        return self
+                            .closed_after_send_error(format!("send audio: {e}"))
+                            .await
+                    }
                 }
             }
             if now >= deadline {
@@ -465,7 +469,8 @@ impl Device<'_> {
                 },
                 Some(Some(Ok(Message::Binary(b)))) => return Step::Audio(b, at),
                 Some(Some(Ok(Message::Close(frame)))) => {
-                    return self.closed(close_kind(frame.as_ref()).1)
+                    let (kind, why) = close_kind(frame.as_ref());
+                    return self.closed_as(kind, why);
                 }
                 Some(Some(Ok(_))) => continue,
             }
@@ -473,9 +478,38 @@ impl Device<'_> {
     }
 
     fn closed(&mut self, why: String) -> Step {
+        self.closed_as(ErrorKind::Disconnected, why)
+    }
+
+    /// A send failed: the server may have closed the channel with a close frame we have not
+    /// read yet. Read for a moment; if a close frame is there, its code says how it ended.
+    async fn closed_after_send_error(&mut self, why: String) -> Step {
+        if let Some(chan) = self.chan.as_mut() {
+            let until = Instant::now() + Duration::from_millis(200);
+            loop {
+                let got = futures_lite::future::or(async { Some(chan.ws.next().await) }, async {
+                    sleep_until(until).await;
+                    None
+                })
+                .await;
+                match got {
+                    Some(Some(Ok(Message::Close(frame)))) => {
+                        let (kind, reason) = close_kind(frame.as_ref());
+                        return self.closed_as(kind, format!("{why}; {reason}"));
+                    }
+                    Some(Some(Ok(_))) => continue,
+                    _ => break,
+                }
+            }
+        }
+        self.closed(why)
+    }
+
+    /// The channel ended; `kind` says whether the server closed it cleanly (1000/1001).
+    fn closed_as(&mut self, kind: ErrorKind, why: String) -> Step {
         self.chan = None;
         self.mic = Mic::Off;
-        Step::Closed(why)
+        Step::Closed(kind, why)
     }
 
     /// The mic goes off when the device starts speaking (auto and manual modes).
@@ -593,9 +627,9 @@ impl Device<'_> {
                     self.note(Instant::now(), || "timed out".into());
                     break;
                 }
-                Step::Closed(why) => {
+                Step::Closed(kind, why) => {
                     self.note(Instant::now(), || format!("connection lost: {why}"));
-                    o.end = End::Disconnected;
+                    o.end = End::closed(kind);
                     break;
                 }
                 Step::BadText => o.violations.bad_messages += 1,
@@ -645,13 +679,13 @@ impl Device<'_> {
         loop {
             match self.step(until).await {
                 Step::Deadline => return,
-                Step::Closed(why) => {
+                Step::Closed(kind, why) => {
                     self.note(Instant::now(), || {
                         format!("connection lost while idle: {why}")
                     });
                     if let Some(o) = finished.as_deref_mut() {
                         if o.end == End::Completed {
-                            o.end = End::Disconnected;
+                            o.end = End::closed(kind);
                         }
                     }
                     sleep_until(until).await;

@@ -37,11 +37,14 @@ pub enum ErrorKind {
     Alert,
     /// The connection closed or failed while the interaction ran.
     Disconnected,
+    /// The server closed the channel cleanly (close code 1000 or 1001, e.g. a drain or an idle
+    /// timeout) while the interaction or its think time ran; a device just reconnects.
+    ServerClosed,
 }
 
 impl ErrorKind {
     /// Every kind, in report order.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::ConnectFailed,
         ErrorKind::Refused,
         ErrorKind::NoHello,
@@ -54,6 +57,7 @@ impl ErrorKind {
         ErrorKind::BadMessage,
         ErrorKind::Alert,
         ErrorKind::Disconnected,
+        ErrorKind::ServerClosed,
     ];
 
     /// The snake_case name used in reports.
@@ -71,6 +75,7 @@ impl ErrorKind {
             ErrorKind::BadMessage => "bad_message",
             ErrorKind::Alert => "alert",
             ErrorKind::Disconnected => "disconnected",
+            ErrorKind::ServerClosed => "server_closed",
         }
     }
 }
@@ -88,6 +93,19 @@ pub enum End {
     Stalled,
     /// The connection closed or failed mid-interaction.
     Disconnected,
+    /// The server closed the channel cleanly (1000/1001) mid-interaction or in its think time.
+    ServerClosed,
+}
+
+impl End {
+    /// How an interaction ends when its channel closes with error kind `kind`.
+    pub fn closed(kind: ErrorKind) -> End {
+        if kind == ErrorKind::ServerClosed {
+            End::ServerClosed
+        } else {
+            End::Disconnected
+        }
+    }
 }
 
 /// Protocol violations counted during one interaction (including its think time afterwards).
@@ -181,6 +199,7 @@ pub fn classify(o: &Observed) -> Verdict {
         End::NoReply => errors.push(ErrorKind::NoStt),
         End::Stalled => errors.push(ErrorKind::ReplyStalled),
         End::Disconnected => errors.push(ErrorKind::Disconnected),
+        End::ServerClosed => errors.push(ErrorKind::ServerClosed),
         End::Completed => {}
     }
     let early = match (o.stt, o.actual_last_frame) {

@@ -260,6 +260,16 @@ fn respond(ws: &mut Ws, path: &str, version: u8, reply: &[Vec<u8>]) -> tungsteni
     if path == "/after" {
         audio(ws, &reply[0])?;
     }
+    if path == "/goodbye" {
+        // A draining server: goodbye, then a clean close (1001) while the device thinks.
+        ws.send(Message::text(r#"{"type":"goodbye"}"#))?;
+        ws.close(Some(tungstenite::protocol::CloseFrame {
+            code: tungstenite::protocol::frame::coding::CloseCode::Away,
+            reason: "server shutting down".into(),
+        }))?;
+        while ws.read().is_ok() {}
+        return Err(tungstenite::Error::ConnectionClosed);
+    }
     Ok(())
 }
 
@@ -508,6 +518,7 @@ fn fleet_classifies_misbehaving_servers() {
         ("/silent", "no_stt"),
         ("/refuse", "refused"),
         ("/drop", "disconnected"),
+        ("/goodbye", "server_closed"),
     ] {
         let (s, _, text) = fleet(&fake.url(path), &path[1..], &[]);
         let e = errors(&s);

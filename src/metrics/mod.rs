@@ -45,6 +45,9 @@ pub fn render_histograms(out: &mut String, h: &StageHistograms) {
     }
 }
 
+/// A per-shard gauge: name, help, and how to read it from a shard's stats.
+type PerShardGauge = (&'static str, &'static str, fn(&ShardStats) -> u64);
+
 /// Renders per-shard gauges and instance-wide counters in the Prometheus text format.
 pub fn render(shards: &[ShardStats]) -> String {
     let mut total = ShardStats::default();
@@ -64,6 +67,25 @@ pub fn render(shards: &[ShardStats]) -> String {
             s.shard, s.sessions
         );
     }
+    let per_shard: [PerShardGauge; 2] = [
+        (
+            "xiaozhi_connection_limit",
+            "Most sessions a shard admits (the smaller of max_connections_per_shard and its share of max_connections).",
+            |s| s.connection_limit,
+        ),
+        (
+            "xiaozhi_rate_limit_addresses",
+            "Client addresses in a shard's connection-rate table (bounded by rate_limit.max_addresses).",
+            |s| s.rate_limit_addresses,
+        ),
+    ];
+    for (name, help, get) in per_shard {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for s in shards {
+            let _ = writeln!(out, "{name}{{shard=\"{}\"}} {}", s.shard, get(s));
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP xiaozhi_vad_queue_depth Jobs waiting in the VAD workers' queues."
@@ -71,7 +93,7 @@ pub fn render(shards: &[ShardStats]) -> String {
     let _ = writeln!(out, "# TYPE xiaozhi_vad_queue_depth gauge");
     let _ = writeln!(out, "xiaozhi_vad_queue_depth {}", total.vad_queue_depth);
     let e = &total.ended;
-    let counters: [(&str, &str, u64); 32] = [
+    let counters: &[(&str, &str, u64)] = &[
         (
             "xiaozhi_sessions_accepted_total",
             "WebSocket sessions accepted.",
@@ -79,13 +101,28 @@ pub fn render(shards: &[ShardStats]) -> String {
         ),
         (
             "xiaozhi_refused_full_total",
-            "Upgrades refused because a shard was full.",
+            "Upgrades refused because a shard was at its connection limit (HTTP 503).",
             total.refused_full,
         ),
         (
             "xiaozhi_refused_draining_total",
             "Upgrades refused while draining.",
             total.refused_draining,
+        ),
+        (
+            "xiaozhi_refused_rate_limited_total",
+            "Upgrades refused by the per-address connection rate (HTTP 429).",
+            total.refused_rate_limited,
+        ),
+        (
+            "xiaozhi_proxy_header_errors_total",
+            "Connections from trusted balancers without a valid PROXY header (HTTP 400).",
+            total.proxy_header_errors,
+        ),
+        (
+            "xiaozhi_rate_limit_evictions_total",
+            "Connection-rate buckets forgotten because a shard's table was full.",
+            total.rate_limit_evictions,
         ),
         (
             "xiaozhi_handshake_errors_total",
@@ -114,8 +151,13 @@ pub fn render(shards: &[ShardStats]) -> String {
         ),
         (
             "xiaozhi_oversized_messages_total",
-            "Sessions closed for an oversized message.",
+            "Sessions closed for a message above max_message_bytes (close 1009).",
             total.oversized,
+        ),
+        (
+            "xiaozhi_oversized_frames_total",
+            "Sessions closed for a frame above max_frame_bytes (close 1009).",
+            total.oversized_frames,
         ),
         (
             "xiaozhi_protocol_errors_total",

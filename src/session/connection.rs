@@ -19,6 +19,7 @@ use super::{
     CloseCause, Outgoing, Session, SessionEvent, SessionSettings, SessionTimers, ToolSettings,
 };
 use crate::config::{Config, LlmProvider, TtsProvider};
+use crate::config::{ForwardedHeader, ProxyProtocol};
 use crate::pipeline::audio_in::AudioInLimits;
 use crate::protocol::token::MISSING_CLIENT_ID;
 use crate::protocol::{identify, AudioParams};
@@ -32,7 +33,11 @@ use crate::providers::tts::{TtsEngine, TtsJob};
 use crate::shard::{Refusal, Shard};
 use crate::tools::intents::Intents;
 use crate::tools::mcp::McpSettings;
-use crate::ws::handshake::{read_head, write_plain, write_upgrade, HeadError, RequestHead};
+use crate::ws::handshake::{
+    read_head_after, read_proxy_header, write_plain, write_upgrade, HeadError, RequestHead,
+};
+use crate::ws::proxy;
+use std::net::SocketAddr;
 
 /// Text the reference sends before closing a connection without a device id.
 const REF_MISSING_DEVICE_ID: &str = "端口正常，如需测试连接，请启动digital-human测试";
@@ -43,29 +48,64 @@ const REF_AUTH_FAILED: &str = "认证失败";
 pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
     let _ = stream.set_nodelay(true);
     let cfg = &shard.config.server;
-    let head = {
-        let read = read_head(&mut stream, cfg.max_request_head_bytes);
-        let timeout = async {
-            glommio::timer::sleep(Duration::from_millis(cfg.handshake_timeout_ms)).await;
-            Err(HeadError::Malformed(
-                "request head not received in time".into(),
-            ))
-        };
-        futures_lite::future::or(read, timeout).await
+    let peer = match stream.peer_addr() {
+        Ok(a) => a,
+        Err(_) => return,
     };
-    let head = match head {
+    let read = async {
+        let mut client = peer;
+        let mut already = Vec::new();
+        let accept = match cfg.proxy_protocol {
+            ProxyProtocol::Off => None,
+            ProxyProtocol::V1 => Some(proxy::Accept::V1),
+            ProxyProtocol::V2 => Some(proxy::Accept::V2),
+            ProxyProtocol::Any => Some(proxy::Accept::Any),
+        };
+        // Only a trusted balancer's PROXY header is read; anyone else is a direct client.
+        if let Some(accept) = accept.filter(|_| shard.trusted.contains(peer.ip())) {
+            let (header, rest) = read_proxy_header(&mut stream, accept).await?;
+            client = header.source.unwrap_or(peer);
+            already = rest;
+        }
+        let head = read_head_after(&mut stream, cfg.max_request_head_bytes, already).await?;
+        Ok((head, client))
+    };
+    let timeout = async {
+        glommio::timer::sleep(Duration::from_millis(cfg.handshake_timeout_ms)).await;
+        Err(HeadError::Malformed(
+            "request head not received in time".into(),
+        ))
+    };
+    let (head, mut client) = match futures_lite::future::or(read, timeout).await {
         Ok(h) => h,
         Err(e) => {
-            shard.stats.borrow_mut().handshake_errors += 1;
+            {
+                let mut stats = shard.stats.borrow_mut();
+                stats.handshake_errors += 1;
+                if matches!(e, HeadError::Proxy(_)) {
+                    stats.proxy_header_errors += 1;
+                    tracing::info!(%peer, error = %e, "trusted balancer sent no valid PROXY header");
+                }
+            }
             let status = match e {
                 HeadError::TooLarge(_) => "431 Request Header Fields Too Large",
-                HeadError::Malformed(_) => "400 Bad Request",
+                HeadError::Malformed(_) | HeadError::Proxy(_) => "400 Bad Request",
                 HeadError::Closed | HeadError::Io(_) => return,
             };
             let _ = write_plain(&mut stream, status, "", &format!("{e}\n")).await;
             return;
         }
     };
+    let forwarded = match cfg.forwarded_header {
+        ForwardedHeader::Off => None,
+        ForwardedHeader::XRealIp => shard.trusted.real_ip(client.ip(), head.header("x-real-ip")),
+        ForwardedHeader::XForwardedFor => shard
+            .trusted
+            .forwarded_for(client.ip(), head.header_list("x-forwarded-for").as_deref()),
+    };
+    if let Some(ip) = forwarded {
+        client = SocketAddr::new(ip, 0);
+    }
     if !head.is_websocket_upgrade() {
         shard.stats.borrow_mut().plain_http += 1;
         let _ = match head.method.as_str() {
@@ -99,6 +139,20 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
             return;
         }
     };
+    if !shard.allow_connection_from(client.ip()) {
+        tracing::info!(addr = %client.ip(), "connection rate limit: refused");
+        let _ = write_plain(
+            &mut stream,
+            "429 Too Many Requests",
+            "Retry-After: 1\r\n",
+            &format!(
+                "too many new connections from {}; retry later\n",
+                client.ip()
+            ),
+        )
+        .await;
+        return;
+    }
     let slot = match shard.admit() {
         Ok(slot) => slot,
         Err(Refusal::Full(max)) => {
@@ -132,7 +186,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
         .read_buffer_size(cfg.read_buffer_bytes)
         .write_buffer_size(0)
         .max_message_size(Some(cfg.max_message_bytes))
-        .max_frame_size(Some(cfg.max_message_bytes));
+        .max_frame_size(Some(cfg.max_frame_bytes));
     let RequestHead {
         headers,
         target,
@@ -207,13 +261,22 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
         },
         now,
     );
-    tracing::debug!(session = %session.id, device = %session.identity.device_id, "connected");
+    // The device's address as the balancer reported it (PROXY header or trusted forwarded
+    // headers), else the TCP peer: what an operator greps for.
+    tracing::info!(
+        session = %session.id,
+        device = %session.identity.device_id,
+        addr = %client.ip(),
+        shard = shard.id,
+        "device connected"
+    );
     let drain_deadline = shard.drain_deadline();
     let outcome = run(&mut ws, session, &slot.mailbox, &shard, drain_deadline).await;
     let mut stats = shard.stats.borrow_mut();
     match outcome.end {
         End::SlowConsumer => stats.slow_consumers += 1,
         End::Oversized => stats.oversized += 1,
+        End::OversizedFrame => stats.oversized_frames += 1,
         End::ProtocolError => stats.protocol_errors += 1,
         End::HelloTimeout => stats.hello_timeouts += 1,
         End::Timeout => stats.idle_closes += 1,
@@ -286,6 +349,7 @@ enum End {
     Normal,
     SlowConsumer,
     Oversized,
+    OversizedFrame,
     ProtocolError,
     HelloTimeout,
     Timeout,
@@ -395,6 +459,17 @@ async fn run(
                 use tungstenite::error::CapacityError;
                 use tungstenite::Error as E;
                 let (code, reason, why) = match &e {
+                    // tungstenite reports both limits alike; the limit tells which one it was.
+                    E::Capacity(CapacityError::MessageTooLong { size, max_size })
+                        if *max_size == shard.config.server.max_frame_bytes
+                            && *max_size != shard.config.server.max_message_bytes =>
+                    {
+                        (
+                            1009,
+                            format!("frame too big: {size} bytes, limit {max_size}"),
+                            End::OversizedFrame,
+                        )
+                    }
                     E::Capacity(CapacityError::MessageTooLong { size, max_size }) => (
                         1009,
                         format!("message too big: {size} bytes, limit {max_size}"),

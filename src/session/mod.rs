@@ -254,6 +254,8 @@ pub struct Session {
     last_activity: Instant,
     last_voice: Instant,
     drain_deadline: Option<Instant>,
+    /// VAD heard speech start and the utterance has not ended yet: the user is mid-sentence.
+    speech_open: bool,
     close_cause: Option<CloseCause>,
     mcp_client: Option<Box<McpClient>>,
     iot: IotThings,
@@ -305,6 +307,7 @@ impl Session {
             last_activity: now,
             last_voice: now,
             drain_deadline: None,
+            speech_open: false,
             close_cause: None,
             mcp_client: None,
             iot: IotThings::default(),
@@ -645,6 +648,7 @@ impl Session {
                         // wake-word audio sent before it is not an utterance; the text is
                         // answered like a spoken turn.
                         self.last_voice = now;
+                        self.speech_open = false;
                         if let Some(audio) = self.audio.as_mut() {
                             audio.new_turn(segmenter_mode(self.mode));
                         }
@@ -672,6 +676,7 @@ impl Session {
             }
             ClientMessage::Abort { .. } => {
                 self.last_activity = now;
+                self.speech_open = false;
                 if let Some(audio) = self.audio.as_mut() {
                     audio.new_turn(segmenter_mode(self.mode));
                 }
@@ -786,11 +791,13 @@ impl Session {
                     emotion: "sad",
                 },
             );
+            self.speech_open = false;
             if let Some(audio) = self.audio.as_mut() {
                 audio.new_turn(segmenter_mode(self.mode));
             }
             return;
         }
+        self.speech_open = false;
         let mode = segmenter_mode(self.mode);
         match self.audio.as_mut() {
             Some(audio) => audio.new_turn(mode),
@@ -832,6 +839,7 @@ impl Session {
             Ok(PacketOutcome::Queued) | Ok(PacketOutcome::Garbage) => {}
             Ok(PacketOutcome::Overloaded) => {
                 // Shed this turn: its audio waited too long for VAD.
+                self.speech_open = false;
                 audio.new_turn(segmenter_mode(self.mode));
                 self.turn_refused = true;
                 self.counters.turns_shed += 1;
@@ -885,6 +893,7 @@ impl Session {
             match event {
                 Event::SpeechStart { audio_ms, .. } => {
                     self.last_voice = now;
+                    self.speech_open = true;
                     if self.settings.vad_events {
                         self.send(
                             out,
@@ -899,6 +908,7 @@ impl Session {
                 }
                 Event::Utterance(u) => {
                     self.last_voice = now;
+                    self.speech_open = false;
                     if self.settings.vad_events {
                         self.send(
                             out,
@@ -916,6 +926,7 @@ impl Session {
                     self.absorb(d, now, out);
                 }
                 Event::Discarded { reason } => {
+                    self.speech_open = false;
                     tracing::debug!(session = %self.id, ?reason, "speech discarded");
                 }
             }
@@ -1011,7 +1022,7 @@ impl Session {
             // An answer in progress counts as activity.
             self.last_activity = now;
         }
-        let drained = self.drain_deadline.is_some() && !self.dialogue.busy();
+        let drained = self.drain_deadline.is_some() && !self.mid_interaction();
         if self.drain_deadline.is_some_and(|d| now >= d) || drained {
             self.goodbye(out, CloseCause::Drain, 1001, "server shutting down");
         } else if now >= self.last_activity + self.timers.idle_close {
@@ -1026,12 +1037,18 @@ impl Session {
         }
     }
 
-    /// The instance is draining: close now unless an answer is being spoken.
+    /// True while an interaction is under way: the user is mid-sentence or an answer is being
+    /// prepared or spoken. A drain lets it finish (until its deadline).
+    fn mid_interaction(&self) -> bool {
+        self.dialogue.busy() || (self.speech_open && self.audio.is_some())
+    }
+
+    /// The instance is draining: close now unless an interaction is under way.
     pub fn on_drain(&mut self, deadline: Instant, now: Instant, out: &mut Vec<Outgoing>) {
         self.drain_deadline = Some(deadline);
         match self.state() {
             SessionState::Closing => {}
-            _ if self.dialogue.busy() => {}
+            _ if self.mid_interaction() => {}
             _ => {
                 let _ = now;
                 self.goodbye(out, CloseCause::Drain, 1001, "server shutting down");

@@ -2,6 +2,8 @@
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
+use crate::ws::proxy;
+
 /// A parsed request head.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
@@ -22,6 +24,18 @@ impl RequestHead {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of header `name`, joined with commas in order (repeated headers are one list,
+    /// RFC 9110 §5.3: a balancer may add its own `X-Forwarded-For` line after the client's).
+    pub fn header_list(&self, name: &str) -> Option<String> {
+        let values: Vec<&str> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
     }
 
     /// True when the client asks for a WebSocket upgrade.
@@ -49,6 +63,9 @@ pub enum HeadError {
     /// Not HTTP/1.x.
     #[error("malformed HTTP request: {0}")]
     Malformed(String),
+    /// A trusted balancer's connection without a valid PROXY header.
+    #[error("{0}")]
+    Proxy(#[from] proxy::ProxyError),
     /// Socket error.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -59,14 +76,29 @@ pub async fn read_head<S: futures_lite::AsyncRead + Unpin>(
     stream: &mut S,
     limit: usize,
 ) -> Result<RequestHead, HeadError> {
-    let mut buf = Vec::with_capacity(1024);
+    read_head_after(stream, limit, Vec::new()).await
+}
+
+/// Reads one request head whose first bytes (`already`, e.g. read past a PROXY header) are
+/// already in hand.
+pub async fn read_head_after<S: futures_lite::AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: usize,
+    already: Vec<u8>,
+) -> Result<RequestHead, HeadError> {
+    let mut buf = already;
+    buf.reserve(1024);
     let mut chunk = [0u8; 1024];
+    let mut first = !buf.is_empty();
     loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(HeadError::Closed);
+        if !first {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(HeadError::Closed);
+            }
+            buf.extend_from_slice(&chunk[..n]);
         }
-        buf.extend_from_slice(&chunk[..n]);
+        first = false;
         let mut headers = [httparse::EMPTY_HEADER; 48];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
@@ -94,6 +126,32 @@ pub async fn read_head<S: futures_lite::AsyncRead + Unpin>(
                 }
             }
             Err(e) => return Err(HeadError::Malformed(e.to_string())),
+        }
+    }
+}
+
+/// Reads a PROXY protocol header (bounded by [`crate::ws::proxy::MAX_V2_LEN`]); returns it and
+/// the bytes read past it (the start of the HTTP request).
+pub async fn read_proxy_header<S: futures_lite::AsyncRead + Unpin>(
+    stream: &mut S,
+    accept: proxy::Accept,
+) -> Result<(proxy::ProxyHeader, Vec<u8>), HeadError> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HeadError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match proxy::parse(&buf, accept) {
+            Ok(proxy::Parsed::Incomplete) => {
+                if buf.len() > proxy::MAX_V2_LEN {
+                    return Err(HeadError::Malformed("PROXY header too long".into()));
+                }
+            }
+            Ok(proxy::Parsed::Header(h, len)) => return Ok((h, buf.split_off(len))),
+            Err(e) => return Err(HeadError::Proxy(e)),
         }
     }
 }
@@ -146,6 +204,18 @@ mod tests {
     }
 
     #[test]
+    fn repeated_headers_join_in_order() {
+        let raw = b"GET / HTTP/1.1\r\nX-Forwarded-For: 6.6.6.6\r\nHost: x\r\nx-forwarded-for: 10.0.0.1\r\n\r\n";
+        let mut r = futures_lite::io::Cursor::new(raw.to_vec());
+        let head = block_on(read_head(&mut r, 8192)).unwrap();
+        assert_eq!(
+            head.header_list("X-Forwarded-For").as_deref(),
+            Some("6.6.6.6, 10.0.0.1")
+        );
+        assert_eq!(head.header_list("x-real-ip"), None);
+    }
+
+    #[test]
     fn plain_get_is_not_an_upgrade() {
         let raw = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
         let mut r = futures_lite::io::Cursor::new(raw.to_vec());
@@ -161,6 +231,23 @@ mod tests {
         assert!(matches!(
             block_on(read_head(&mut r, 2048)),
             Err(HeadError::TooLarge(2048))
+        ));
+    }
+
+    #[test]
+    fn proxy_header_then_head_from_the_leftover() {
+        let raw =
+            b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 8000\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\nWS";
+        let mut r = futures_lite::io::Cursor::new(raw.to_vec());
+        let (h, rest) = block_on(read_proxy_header(&mut r, proxy::Accept::Any)).unwrap();
+        assert_eq!(h.source, Some("203.0.113.7:51000".parse().unwrap()));
+        let head = block_on(read_head_after(&mut r, 8192, rest)).unwrap();
+        assert_eq!(head.target, "/x");
+        assert_eq!(head.leftover, b"WS");
+        let mut plain = futures_lite::io::Cursor::new(b"GET / HTTP/1.1\r\n\r\n".to_vec());
+        assert!(matches!(
+            block_on(read_proxy_header(&mut plain, proxy::Accept::Any)),
+            Err(HeadError::Proxy(_))
         ));
     }
 

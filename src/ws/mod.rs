@@ -7,3 +7,6 @@
 //! or the query string.
 
 pub mod handshake;
+pub mod peer;
+pub mod proxy;
+pub mod rate_limit;

@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use tungstenite::client::IntoClientRequest;
@@ -38,10 +38,23 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment variables.
     pub fn start_with_env(sets: &[&str], env: &[(&str, &str)]) -> Server {
-        let ws_port = free_port();
-        let http_port = free_port();
-        let log = std::env::temp_dir().join(format!("xiaozhi-test-{ws_port}.log"));
-        let log_file = std::fs::File::create(&log).expect("log file");
+        let (ws_port, http_port) = (free_port(), free_port());
+        let _ = std::fs::remove_file(Self::log_path(ws_port));
+        Self::start_on(ws_port, http_port, sets, env)
+    }
+
+    fn log_path(ws_port: u16) -> PathBuf {
+        std::env::temp_dir().join(format!("xiaozhi-test-{ws_port}.log"))
+    }
+
+    /// Starts the server on the given ports (e.g. again after a restart); the log is appended.
+    pub fn start_on(ws_port: u16, http_port: u16, sets: &[&str], env: &[(&str, &str)]) -> Server {
+        let log = Self::log_path(ws_port);
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_xiaozhi-tpc"));
         cmd.arg("serve")
             .arg("--set")
@@ -55,7 +68,8 @@ impl Server {
         }
         cmd.env("RUST_LOG", "info")
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
+            // The log (tracing writes to stdout) and any panic message (stderr), in one file.
+            .stdout(log_file.try_clone().expect("log file"))
             .stderr(log_file);
         let child = cmd.spawn().expect("spawn xiaozhi-tpc");
         let mut server = Server {
@@ -134,6 +148,19 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `--set` overrides that send ASR, LLM and TTS to one OpenAI-compatible `base_url`.
+pub fn remote_provider_sets(base_url: &str) -> Vec<String> {
+    let base = format!("\"{base_url}\"");
+    vec![
+        "asr.provider=\"openai\"".into(),
+        "llm.provider=\"openai\"".into(),
+        "tts.provider=\"openai\"".into(),
+        format!("asr.openai.base_url={base}"),
+        format!("llm.openai.base_url={base}"),
+        format!("tts.openai.base_url={base}"),
+    ]
 }
 
 /// A minimal HTTP/1.1 response.

@@ -1,0 +1,188 @@
+//! Who a device really is when it comes through a load balancer: the trusted-proxy list
+//! (CIDRs) and the forwarded headers (`X-Real-IP`, `X-Forwarded-For`).
+//!
+//! Only a peer in the trusted list may speak for someone else, and only in the one header the
+//! operator chose: `X-Real-IP` (the balancer overwrites it), or the right-most
+//! `X-Forwarded-For` entry that is not itself a trusted proxy (entries to its left were written
+//! by the client and can be forged).
+
+use std::net::IpAddr;
+
+/// One `address/prefix` block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `::1/128` or a bare address (a single host).
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let s = s.trim();
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or CIDR"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: prefix must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Cidr {
+            net: canonical(net),
+            prefix,
+        })
+    }
+
+    /// True when `ip` is inside the block.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, canonical(ip)) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, so `::ffff:10.0.0.1` matches `10.0.0.0/8`.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The balancers allowed to speak for a client.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<Cidr>);
+
+impl TrustedProxies {
+    /// Parses every entry; the first bad one is the error.
+    pub fn parse(entries: &[String]) -> Result<TrustedProxies, String> {
+        entries
+            .iter()
+            .map(|e| Cidr::parse(e))
+            .collect::<Result<Vec<_>, _>>()
+            .map(TrustedProxies)
+    }
+
+    /// True when `ip` is a trusted balancer.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
+    }
+
+    /// The client address a trusted `peer` reports in `X-Real-IP`. `None` when the peer is not
+    /// trusted or the header names no usable address.
+    pub fn real_ip(&self, peer: IpAddr, x_real_ip: Option<&str>) -> Option<IpAddr> {
+        if !self.contains(peer) {
+            return None;
+        }
+        x_real_ip.and_then(parse_ip)
+    }
+
+    /// The client address a trusted `peer` reports in `X-Forwarded-For` (all its lines joined
+    /// with commas). `None` when the peer is not trusted or the list names no usable address.
+    pub fn forwarded_for(&self, peer: IpAddr, x_forwarded_for: Option<&str>) -> Option<IpAddr> {
+        if !self.contains(peer) {
+            return None;
+        }
+        let xff = x_forwarded_for?;
+        let mut last_trusted = None;
+        for entry in xff.rsplit(',') {
+            let ip = parse_ip(entry)?;
+            if !self.contains(ip) {
+                return Some(ip);
+            }
+            last_trusted = Some(ip);
+        }
+        // Every hop is a trusted proxy: the left-most one is the closest we know to the client.
+        last_trusted
+    }
+}
+
+/// An address from a header entry: `1.2.3.4`, `1.2.3.4:5`, `[::1]:5` or `::1`.
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    s.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| canonical(a.ip()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn trusted() -> TrustedProxies {
+        TrustedProxies::parse(&[
+            "127.0.0.1/32".into(),
+            "10.0.0.0/8".into(),
+            "fd00::/8".into(),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn cidrs_match_their_blocks_and_mapped_addresses() {
+        let t = trusted();
+        assert!(t.contains(ip("10.200.3.4")));
+        assert!(t.contains(ip("::ffff:10.0.0.1")));
+        assert!(t.contains(ip("fd12::1")));
+        assert!(!t.contains(ip("127.0.0.2")));
+        assert!(!t.contains(ip("11.0.0.1")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn only_trusted_peers_may_forward() {
+        let t = trusted();
+        assert_eq!(
+            t.real_ip(ip("127.0.0.1"), Some("203.0.113.5")),
+            Some(ip("203.0.113.5"))
+        );
+        assert_eq!(t.real_ip(ip("127.0.0.2"), Some("203.0.113.5")), None);
+        assert_eq!(t.forwarded_for(ip("127.0.0.2"), Some("203.0.113.5")), None);
+    }
+
+    #[test]
+    fn forwarded_for_takes_the_rightmost_untrusted_hop() {
+        let t = trusted();
+        // The client forged "6.6.6.6"; the balancer appended the real 203.0.113.5, then an inner
+        // trusted proxy appended itself.
+        assert_eq!(
+            t.forwarded_for(ip("127.0.0.1"), Some("6.6.6.6, 203.0.113.5, 10.1.1.1")),
+            Some(ip("203.0.113.5"))
+        );
+        assert_eq!(
+            t.forwarded_for(ip("127.0.0.1"), Some("[2001:db8::7]:443")),
+            Some(ip("2001:db8::7"))
+        );
+        assert_eq!(t.forwarded_for(ip("127.0.0.1"), Some("garbage")), None);
+        assert_eq!(t.forwarded_for(ip("127.0.0.1"), None), None);
+    }
+}

@@ -1,0 +1,580 @@
+//! A real HAProxy (installed by `scripts/setup.sh apt`) in front of two `xiaozhi-tpc`
+//! instances on loopback: PROXY protocol v1 and v2, forwarded headers, trust only for listed
+//! balancers, per-address limits keyed on the device's real address, OTA handing out the
+//! balancer's URL, tokens valid on every instance, and a rolling restart under a bench fleet.
+//!
+//! Devices use distinct loopback source addresses (127.0.0.2, .3, …) while HAProxy reaches the
+//! servers from 127.0.0.1, so the address a session reports says who told it: the TCP peer or
+//! the balancer. The session's address is read where an operator reads it: the server's
+//! `device connected … addr=…` log line and the 429 refusal text.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tungstenite::client::IntoClientRequest;
+use xiaozhi_bench::mock_upstream::{self, MockSettings};
+
+/// A running `haproxy -db` with a generated config, killed (and reaped) on drop.
+struct Haproxy {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Haproxy {
+    /// Starts HAProxy with `body` after a common `global`/`defaults` section; `None` (after a
+    /// loud message) when HAProxy is not installed.
+    fn start(body: &str, listen_ports: &[u16]) -> Option<Haproxy> {
+        if !Command::new("haproxy")
+            .arg("-v")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            eprintln!(
+                "\n*** SKIPPED: haproxy is not installed. `make test` installs it \
+                 (scripts/setup.sh apt); this test needs it. ***\n"
+            );
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "xiaozhi-haproxy-{}-{}",
+            std::process::id(),
+            listen_ports[0]
+        ));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let cfg = format!(
+            "global\n  maxconn 2000\n\ndefaults\n  timeout connect 2s\n  timeout client 60s\n  \
+             timeout server 60s\n  timeout tunnel 60s\n  timeout check 1s\n\n{body}"
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, cfg).expect("write haproxy.cfg");
+        let log = std::fs::File::create(dir.join("haproxy.log")).expect("log");
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn haproxy");
+        let mut h = Haproxy { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for &port in listen_ports {
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if let Ok(Some(status)) = h.child.try_wait() {
+                    panic!("haproxy exited ({status}):\n{}", h.log());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "haproxy not listening:\n{}",
+                    h.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Some(h)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the loopback source address `src` (e.g. 127.0.0.2).
+fn tcp_from(src: &str, port: u16) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let local: SocketAddr = format!("{src}:0").parse().expect("src");
+    s.bind(&local.into())?;
+    let remote: SocketAddr = ([127, 0, 0, 1], port).into();
+    s.connect_timeout(&remote.into(), Duration::from_secs(5))?;
+    let t: TcpStream = s.into();
+    t.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(t)
+}
+
+/// Opens a WebSocket from source address `src`; `Err` carries the HTTP status and body of a
+/// refused upgrade.
+fn ws_from(
+    src: &str,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, (u16, String)> {
+    let stream = tcp_from(src, port).map_err(|e| (0, e.to_string()))?;
+    let mut req = format!("ws://127.0.0.1:{port}{path}")
+        .into_client_request()
+        .expect("request");
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            v.parse().expect("value"),
+        );
+    }
+    match tungstenite::client::client(req, tungstenite::stream::MaybeTlsStream::Plain(stream)) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).to_string())
+                .unwrap_or_default();
+            Err((resp.status().as_u16(), body))
+        }
+        Err(e) => Err((0, e.to_string())),
+    }
+}
+
+/// Connects from `src`, says hello, and returns the open session.
+fn device_from(src: &str, port: u16, device: &str, extra: &[(&str, &str)]) -> Ws {
+    let mut headers = device_headers(device, "1");
+    headers.extend_from_slice(extra);
+    let mut ws = ws_from(src, port, "/xiaozhi/v1/", &headers)
+        .unwrap_or_else(|e| panic!("{device} from {src} via :{port} refused: {e:?}"));
+    hello(&mut ws, HELLO);
+    ws
+}
+
+/// Addresses the server logged for its sessions (`device connected … addr=…`).
+fn logged_addrs(server: &Server) -> Vec<String> {
+    server
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("device connected"))
+        .filter_map(|l| l.split("addr=").nth(1))
+        .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
+        .collect()
+}
+
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A TCP backend section for both instances (WebSocket ports), health-checked on `/readyz`.
+fn tcp_backend(name: &str, proxy: &str, a: &Server, b: &Server) -> String {
+    format!(
+        "backend {name}\n  mode tcp\n  balance roundrobin\n  option httpchk GET /readyz\n  \
+         default-server inter 100ms fall 1 rise 2\n  \
+         server a 127.0.0.1:{} {proxy} check port {}\n  \
+         server b 127.0.0.1:{} {proxy} check port {}\n\n",
+        a.ws_port, a.http_port, b.ws_port, b.http_port
+    )
+}
+
+#[test]
+fn proxy_protocol_v1_and_v2_give_each_session_the_device_address_and_only_from_trusted_balancers() {
+    let sets = [
+        "server.proxy_protocol=\"any\"",
+        "server.trusted_proxies=[\"127.0.0.1/32\"]",
+        // Keyed on the device's address: two devices behind one balancer have separate buckets.
+        "server.rate_limit.per_address_per_s=0.01",
+        "server.rate_limit.burst=2",
+    ];
+    let a = Server::start(&sets);
+    let b = Server::start(&sets);
+    let (v1, v2) = (free_port(), free_port());
+    let cfg = format!(
+        "frontend ws_v1\n  mode tcp\n  bind 127.0.0.1:{v1}\n  default_backend be_v1\n\n\
+         frontend ws_v2\n  mode tcp\n  bind 127.0.0.1:{v2}\n  default_backend be_v2\n\n{}{}",
+        tcp_backend("be_v1", "send-proxy", &a, &b),
+        tcp_backend("be_v2", "send-proxy-v2", &a, &b),
+    );
+    let Some(lb) = Haproxy::start(&cfg, &[v1, v2]) else {
+        return;
+    };
+    // Let the first health checks pass (rise 2 × 100 ms).
+    std::thread::sleep(Duration::from_millis(400));
+
+    // Two devices at different addresses, two connections each through each PROXY version:
+    // round robin puts one of each on each instance (4 per instance, 2 per address).
+    let mut open = Vec::new();
+    for (i, src) in ["127.0.0.2", "127.0.0.3"].iter().enumerate() {
+        for (j, port) in [v1, v1, v2, v2].iter().enumerate() {
+            open.push(device_from(
+                src,
+                *port,
+                &format!("aa:bb:cc:00:0{i}:0{j}"),
+                &[],
+            ));
+        }
+    }
+    for server in [&a, &b] {
+        let mut addrs = logged_addrs(server);
+        addrs.sort();
+        assert_eq!(
+            addrs,
+            ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"],
+            "PROXY v1 and v2 sources; haproxy log:\n{}",
+            lb.log()
+        );
+    }
+
+    // A third connection from 127.0.0.2 to either instance exceeds its bucket (burst 2): the
+    // refusal names the device's address, not the balancer's.
+    let refused = ws_from(
+        "127.0.0.2",
+        v1,
+        "/",
+        &device_headers("aa:bb:cc:00:09:09", "1"),
+    );
+    let (status, body) = refused.expect_err("a third connection from .2 is refused");
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("127.0.0.2"), "{body}");
+    assert_eq!(
+        a.metric("xiaozhi_refused_rate_limited_total")
+            + b.metric("xiaozhi_refused_rate_limited_total"),
+        1
+    );
+
+    // A peer that is not a trusted balancer cannot claim another address with a PROXY header:
+    // the header is not read, so the request is malformed (400) and no session exists for 6.6.6.6.
+    let mut s = tcp_from("127.0.0.4", a.ws_port).expect("connect");
+    s.write_all(
+        b"PROXY TCP4 6.6.6.6 127.0.0.1 1111 8000\r\nGET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // The same untrusted peer without a header is a direct client, known by its TCP address.
+    let _direct = device_from("127.0.0.4", a.ws_port, "aa:bb:cc:00:04:00", &[]);
+    assert!(logged_addrs(&a).contains(&"127.0.0.4".to_string()));
+    assert!(!a.log_text().contains("6.6.6.6"));
+
+    // A trusted balancer's connection without a PROXY header is refused and counted.
+    let missing = ws_from(
+        "127.0.0.1",
+        a.ws_port,
+        "/",
+        &device_headers("aa:bb:cc:00:05:00", "1"),
+    );
+    assert_eq!(missing.err().map(|e| e.0), Some(400));
+    assert_eq!(a.metric("xiaozhi_proxy_header_errors_total"), 1);
+    drop(open);
+}
+
+/// The OTA answer of the HTTP port `port` (an instance or the balancer) for `device`.
+fn ota(port: u16, device: &str) -> serde_json::Value {
+    let body = r#"{"application":{"version":"1.6.0"}}"#;
+    let resp = http_request(
+        port,
+        "POST",
+        "/xiaozhi/ota/",
+        &[
+            ("Device-Id", device),
+            ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    )
+    .expect("ota");
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    serde_json::from_str(&resp.body).expect("ota json")
+}
+
+/// `Bearer <token>` from the OTA answer of HTTP port `port` for `device`.
+fn bearer(port: u16, device: &str) -> String {
+    let answer = ota(port, device);
+    let token = answer["websocket"]["token"].as_str().expect("token");
+    assert!(!token.is_empty(), "auth is on: {answer}");
+    format!("Bearer {token}")
+}
+
+#[test]
+fn ota_through_the_balancer_hands_out_its_url_and_any_instance_accepts_the_token() {
+    let (lb_ws, lb_xrip, lb_http) = (free_port(), free_port(), free_port());
+    let public = format!("ws://127.0.0.1:{lb_ws}/xiaozhi/v1/");
+    let public_set = format!("server.public_ws_url=\"{public}\"");
+    let sets = [
+        "server.auth.enabled=true",
+        "server.forwarded_header=\"x-forwarded-for\"",
+        "server.trusted_proxies=[\"127.0.0.1\"]",
+        public_set.as_str(),
+    ];
+    // Mid-rotation: a signs with the new key k2, b still with k1; both accept both.
+    let a = Server::start_with_env(&sets, &[("XIAOZHI_AUTH_SECRETS", "k2,k1")]);
+    let b = Server::start_with_env(&sets, &[("XIAOZHI_AUTH_SECRETS", "k1,k2")]);
+    // c sits behind a frontend that sets X-Real-IP.
+    let c = Server::start_with_env(
+        &[
+            "server.auth.enabled=true",
+            "server.forwarded_header=\"x-real-ip\"",
+            "server.trusted_proxies=[\"127.0.0.1\"]",
+        ],
+        &[("XIAOZHI_AUTH_SECRETS", "k1,k2")],
+    );
+    let http_backend = |name: &str, port: fn(&Server) -> u16| {
+        format!(
+            "backend {name}\n  mode http\n  balance roundrobin\n  option httpchk GET /readyz\n  \
+             default-server inter 100ms fall 1 rise 2\n  \
+             server a 127.0.0.1:{} check port {}\n  server b 127.0.0.1:{} check port {}\n\n",
+            port(&a),
+            a.http_port,
+            port(&b),
+            b.http_port
+        )
+    };
+    let cfg = format!(
+        "frontend ota\n  mode http\n  bind 127.0.0.1:{lb_http}\n  option forwardfor\n  default_backend be_ota\n\n\
+         frontend ws_xff\n  mode http\n  bind 127.0.0.1:{lb_ws}\n  option forwardfor\n  default_backend be_ws\n\n\
+         frontend ws_real_ip\n  mode http\n  bind 127.0.0.1:{lb_xrip}\n  \
+         http-request set-header X-Real-IP %[src]\n  default_backend be_c\n\n\
+         backend be_c\n  mode http\n  server c 127.0.0.1:{}\n\n{}{}",
+        c.ws_port,
+        http_backend("be_ota", |s| s.http_port),
+        http_backend("be_ws", |s| s.ws_port),
+    );
+    let Some(lb) = Haproxy::start(&cfg, &[lb_ws, lb_xrip, lb_http]) else {
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(400));
+
+    // OTA through the balancer (round robin: one answer from each instance) hands out the
+    // balancer's public URL and a token; a device following it gets a session, whichever
+    // instance answers the OTA and whichever takes the WebSocket.
+    let mut open = Vec::new();
+    for i in 0..4 {
+        let device = format!("aa:bb:cc:01:00:0{i}");
+        let answer = ota(lb_http, &device);
+        assert_eq!(answer["websocket"]["url"], public.as_str(), "{answer}");
+        let token = answer["websocket"]["token"].as_str().expect("token");
+        assert!(!token.is_empty());
+        let auth = format!("Bearer {token}");
+        // The device forges both headers; haproxy appends the real address to X-Forwarded-For
+        // (on a line of its own), and a and b do not read X-Real-IP.
+        open.push(device_from(
+            "127.0.0.2",
+            lb_ws,
+            &device,
+            &[
+                ("Authorization", &auth),
+                ("X-Forwarded-For", "6.6.6.6"),
+                ("X-Real-IP", "6.6.6.6"),
+            ],
+        ));
+    }
+    for server in [&a, &b] {
+        assert_eq!(
+            logged_addrs(server),
+            ["127.0.0.2", "127.0.0.2"],
+            "the right-most untrusted X-Forwarded-For hop; haproxy log:\n{}",
+            lb.log()
+        );
+    }
+    assert_eq!(a.metric("xiaozhi_auth_failures_total"), 0);
+    assert_eq!(b.metric("xiaozhi_auth_failures_total"), 0);
+
+    // X-Real-IP set by the balancer; c ignores the device's forged X-Forwarded-For.
+    let token_c = bearer(c.http_port, "aa:bb:cc:01:00:10");
+    let _r = device_from(
+        "127.0.0.3",
+        lb_xrip,
+        "aa:bb:cc:01:00:10",
+        &[("Authorization", &token_c), ("X-Forwarded-For", "6.6.6.6")],
+    );
+    assert_eq!(logged_addrs(&c), ["127.0.0.3"]);
+
+    // Forwarded headers from a peer that is not a trusted balancer are ignored.
+    let token_b = bearer(b.http_port, "aa:bb:cc:01:00:20");
+    let _d = device_from(
+        "127.0.0.4",
+        a.ws_port,
+        "aa:bb:cc:01:00:20",
+        &[
+            ("Authorization", &token_b),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Real-IP", "6.6.6.6"),
+        ],
+    );
+    assert!(logged_addrs(&a).contains(&"127.0.0.4".to_string()));
+    for server in [&a, &b, &c] {
+        assert!(!server.log_text().contains("6.6.6.6"));
+    }
+
+    // Tokens cross instances directly too: b's (k1) on a, a's (k2) on b; an unknown key fails.
+    let token_a = bearer(a.http_port, "aa:bb:cc:01:00:21");
+    let _x = device_from(
+        "127.0.0.5",
+        b.ws_port,
+        "aa:bb:cc:01:00:21",
+        &[("Authorization", &token_a)],
+    );
+    let mut bad = ws_from(
+        "127.0.0.5",
+        a.ws_port,
+        "/",
+        &[
+            ("Device-Id", "aa:bb:cc:01:00:22"),
+            ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+            ("Authorization", &token_a),
+        ],
+    )
+    .expect("upgrade (auth is checked after it, as the reference does)");
+    let (code, _) = expect_close(&mut bad);
+    assert_eq!(code, 1008, "a token for another device is refused");
+    drop(open);
+}
+
+#[test]
+fn rolling_restart_behind_the_balancer_loses_no_interaction_but_those_the_drain_ended() {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_xiaozhi-tpc")).with_file_name("xiaozhi-bench");
+    if !bench.exists() {
+        eprintln!(
+            "\n*** SKIPPED: {} is not built; `cargo test --workspace` (what `make test` runs) \
+             builds it. ***\n",
+            bench.display()
+        );
+        return;
+    }
+    let mock = mock_upstream::serve(MockSettings {
+        tts_audio: Duration::from_millis(400),
+        ..MockSettings::default()
+    })
+    .expect("mock upstream");
+    let (lb_ws, lb_http) = (free_port(), free_port());
+    let public = format!("server.public_ws_url=\"ws://127.0.0.1:{lb_ws}/xiaozhi/v1/\"");
+    let mut owned = remote_provider_sets(&mock.base_url());
+    owned.extend([
+        "server.proxy_protocol=\"v2\"".into(),
+        "server.trusted_proxies=[\"127.0.0.1\"]".into(),
+        "server.auth.enabled=true".into(),
+        "server.drain.delay_ms=600".into(),
+        "server.drain.grace_ms=8000".into(),
+        public,
+    ]);
+    let sets: Vec<&str> = owned.iter().map(String::as_str).collect();
+    let env = [("XIAOZHI_AUTH_SECRETS", "fleet-secret")];
+    let mut a = Server::start_with_env(&sets, &env);
+    let b = Server::start_with_env(&sets, &env);
+    let cfg = format!(
+        "frontend ws\n  mode tcp\n  bind 127.0.0.1:{lb_ws}\n  default_backend be_ws\n\n\
+         frontend ota\n  mode http\n  bind 127.0.0.1:{lb_http}\n  option forwardfor\n  default_backend be_ota\n\n\
+         {}backend be_ota\n  mode http\n  balance roundrobin\n  option httpchk GET /readyz\n  \
+         default-server inter 100ms fall 1 rise 2\n  \
+         server a 127.0.0.1:{} check\n  server b 127.0.0.1:{} check\n",
+        tcp_backend("be_ws", "send-proxy-v2", &a, &b),
+        a.http_port,
+        b.http_port
+    );
+    let Some(lb) = Haproxy::start(&cfg, &[lb_ws, lb_http]) else {
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(400));
+
+    let out = std::env::temp_dir().join(format!("xiaozhi-rolling-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let fleet = Command::new(&bench)
+        .args(["fleet", "--ota-url"])
+        .arg(format!("http://127.0.0.1:{lb_http}/xiaozhi/ota/"))
+        .args([
+            "--devices",
+            "4",
+            "--duration-s",
+            "12",
+            "--ramp-s",
+            "1",
+            "--think-ms",
+            "500",
+            "--expected-reply-ms",
+            "2500",
+            "--no-pin",
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn xiaozhi-bench");
+
+    // Mid-run: drain a, wait for it to exit, start it again on the same ports.
+    std::thread::sleep(Duration::from_secs(4));
+    let before = a.metric("xiaozhi_sessions_accepted_total");
+    assert!(before > 0, "round robin put devices on a");
+    a.terminate();
+    wait_for("a's /readyz to turn 503", Duration::from_secs(2), || {
+        http_request(a.http_port, "GET", "/readyz", &[], "").is_ok_and(|r| r.status == 503)
+    });
+    let status = a.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "a exit {status}:\n{}", a.log_text());
+    let drained: u64 = a
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("draining"))
+        .filter_map(|l| l.split("sessions=").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    let (ws_port, http_port) = (a.ws_port, a.http_port);
+    drop(a);
+    let a2 = Server::start_on(ws_port, http_port, &sets, &env);
+
+    let output = fleet.wait_with_output().expect("bench");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("summary.json")).expect("summary.json"),
+    )
+    .expect("summary json");
+    let total = summary["interactions"]["total"].as_u64().unwrap_or(0);
+    let ok = summary["interactions"]["ok"].as_u64().unwrap_or(0);
+    let errored = summary["interactions"]["errored"].as_u64().unwrap_or(0);
+    let errors = summary["errors"].as_object().cloned().unwrap_or_default();
+    let server_closed = errors
+        .get("server_closed")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    for (kind, n) in &errors {
+        if kind != "server_closed" {
+            assert_eq!(n.as_u64(), Some(0), "{kind} errors:\n{text}\n{}", lb.log());
+        }
+    }
+    // 4 devices × ~3 interactions intended within 12 s (period ≈ 1.8 + 2.5 + 0.5 s).
+    assert!(total >= 8, "the fleet ran ({total} interactions):\n{text}");
+    assert_eq!(errored, server_closed, "{text}");
+    assert!(
+        server_closed <= drained,
+        "{server_closed} interactions ended by a clean server close, but the drain closed only \
+         {drained} sessions:\n{text}"
+    );
+    eprintln!(
+        "rolling restart: {total} interactions, {ok} ok, {server_closed} ended by the drain \
+         ({drained} sessions drained)"
+    );
+
+    // The restarted instance is back in rotation: two new devices through the balancer land
+    // one on each instance.
+    wait_for("a to be ready again", Duration::from_secs(5), || {
+        http_request(a2.http_port, "GET", "/readyz", &[], "").is_ok_and(|r| r.status == 200)
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let _devices: Vec<Ws> = (0..2)
+        .map(|i| {
+            let device = format!("aa:bb:cc:02:00:0{i}");
+            let auth = bearer(lb_http, &device);
+            device_from("127.0.0.2", lb_ws, &device, &[("Authorization", &auth)])
+        })
+        .collect();
+    assert!(a2.metric("xiaozhi_sessions_accepted_total") >= 1);
+    assert!(b.metric("xiaozhi_sessions_accepted_total") >= 1);
+    let _ = std::fs::remove_dir_all(&out);
+}
