@@ -9,7 +9,8 @@ pub enum Stage {
     VadReplyWake,
     /// VAD job queued on the shard → a worker started it.
     VadQueueWait,
-    /// Model time per 32 ms chunk (batch compute ÷ chunks).
+    /// Wall time of the forward passes a job took part in ÷ its chunks: the latency a chunk
+    /// sees, not the per-row cost (a batched pass counts whole for each of its rows).
     VadPerChunk,
     /// Rows in the forward pass that computed a job.
     VadBatchSize,
@@ -85,7 +86,9 @@ impl Stage {
             Stage::VadQueueWait => {
                 "VAD job queued on the shard -> worker started it, microseconds."
             }
-            Stage::VadPerChunk => "Silero model time per 32 ms chunk, microseconds.",
+            Stage::VadPerChunk => {
+                "Wall time of the forward passes a VAD job took part in, per 32 ms chunk of the job (a batched pass counts whole for each of its rows), microseconds."
+            }
             Stage::VadBatchSize => "Rows in the batched forward pass that computed a VAD job.",
             Stage::ConnectToHello => "WebSocket upgrade -> hello answered, microseconds.",
             Stage::EosToTranscript => "End of speech decided -> transcript ready, microseconds.",
