@@ -71,18 +71,8 @@ fn speak(ws: &mut Ws, frames: &[Vec<u8>], limit: Duration) -> Turn {
     .expect("listen");
     let silence = opus_frames(&vec![0i16; 960]).remove(0);
     let t0 = Instant::now();
-    for (i, f) in frames.iter().enumerate() {
-        ws.send(Message::binary(f.clone())).expect("audio");
-        pace(t0, i);
-    }
+    send_paced(ws, frames, t0);
     collect_until_stop(ws, Some(silence), t0, frames.len(), limit)
-}
-
-fn pace(t0: Instant, i: usize) {
-    let due = t0 + Duration::from_millis(60) * (i as u32 + 1);
-    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-        std::thread::sleep(wait);
-    }
 }
 
 /// Reads until `tts stop`; while no answer has started, keeps sending `silence` frames in real
@@ -354,10 +344,7 @@ fn a_failing_upstream_gives_an_alert_or_an_apology_never_a_stuck_session() {
     ))
     .expect("listen");
     let t0 = Instant::now();
-    for (i, f) in frames.iter().enumerate() {
-        ws.send(Message::binary(f.clone())).expect("audio");
-        pace(t0, i);
-    }
+    send_paced(&mut ws, &frames, t0);
     let silence = opus_frames(&vec![0i16; 960]).remove(0);
     let alert = loop {
         ws.send(Message::binary(silence.clone())).expect("silence");
@@ -399,20 +386,9 @@ fn abort_mid_answer_stops_promptly_and_no_audio_follows_tts_stop() {
     .expect("mock upstream");
     let server = remote_server(&mock, &[]);
     let frames = opus_frames(&speech_16k("Tell me a story.", "en-us", 0.8));
-    let mut ws = connect(
-        &server.ws_url("/"),
-        &device_headers("aa:cc:00:00:00:07", "1"),
-    );
-    hello(&mut ws, HELLO);
-    ws.send(Message::text(
-        r#"{"type":"listen","state":"start","mode":"auto"}"#,
-    ))
-    .expect("listen");
+    let mut ws = listening_device(&server.ws_url("/"), "aa:cc:00:00:00:07", "auto");
     let t0 = Instant::now();
-    for (i, f) in frames.iter().enumerate() {
-        ws.send(Message::binary(f.clone())).expect("audio");
-        pace(t0, i);
-    }
+    send_paced(&mut ws, &frames, t0);
     let silence = opus_frames(&vec![0i16; 960]).remove(0);
     // Wait for the answer's audio to start, then barge in.
     let mut audio_before = 0;

@@ -52,20 +52,8 @@ fn talk(
     frames: &[Vec<u8>],
     quiet: Duration,
 ) -> Vec<serde_json::Value> {
-    let mut ws = connect(server_url, &device_headers(device, "1"));
-    hello(&mut ws, HELLO);
-    ws.send(Message::text(
-        r#"{"type":"listen","state":"start","mode":"auto"}"#,
-    ))
-    .expect("listen");
-    let t0 = Instant::now();
-    for (i, f) in frames.iter().enumerate() {
-        ws.send(Message::binary(f.clone())).expect("audio");
-        let due = t0 + Duration::from_millis(60) * (i as u32 + 1);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-    }
+    let mut ws = listening_device(server_url, device, "auto");
+    send_paced(&mut ws, frames, Instant::now());
     set_timeout(&ws, quiet);
     let mut got = Vec::new();
     while let Ok(msg) = ws.read() {

@@ -431,17 +431,11 @@ fn a_spoken_volume_command_reaches_the_device_with_the_offline_responder() {
         .expect("listen");
     let t0 = Instant::now();
     let silence = opus_frames(&vec![0i16; 960]).remove(0);
-    for (i, f) in frames
-        .iter()
-        .chain(std::iter::repeat_n(&silence, 25))
-        .enumerate()
-    {
-        device.ws.send(Message::binary(f.clone())).expect("audio");
-        let due = t0 + Duration::from_millis(60) * (i as u32 + 1);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-    }
+    send_paced(
+        &mut device.ws,
+        frames.iter().chain(std::iter::repeat_n(&silence, 25)),
+        t0,
+    );
     let texts = device.collect(Duration::from_secs(60));
     let stt = texts.iter().find(|v| v["type"] == "stt").expect("stt");
     assert_eq!(device.calls.len(), 2, "transcript {stt}");

@@ -62,12 +62,7 @@ fn server_segments(
     pace: Option<Duration>,
     expect: usize,
 ) -> Segments {
-    let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &device_headers(device, "1"));
-    hello(&mut ws, HELLO);
-    ws.send(Message::text(
-        r#"{"type":"listen","state":"start","mode":"auto"}"#,
-    ))
-    .expect("listen");
+    let mut ws = listening_device(&server.ws_url("/xiaozhi/v1/"), device, "auto");
     let t0 = Instant::now();
     for (i, f) in frames.iter().enumerate() {
         ws.send(Message::binary(f.clone())).expect("audio");
@@ -190,15 +185,7 @@ fn segmentation_is_the_same_with_a_loaded_inference_core_and_bursty_audio() {
 fn abort_discards_the_speech_in_progress() {
     let speech = opus_frames(&speech_16k(EN, "en-us", 1.0));
     let server = Server::start(&["session.vad_events=true"]);
-    let mut ws = connect(
-        &server.ws_url("/"),
-        &device_headers("aa:bb:cc:00:00:05", "1"),
-    );
-    hello(&mut ws, HELLO);
-    ws.send(Message::text(
-        r#"{"type":"listen","state":"start","mode":"auto"}"#,
-    ))
-    .expect("listen");
+    let mut ws = listening_device(&server.ws_url("/"), "aa:bb:cc:00:00:05", "auto");
     // The first 2 s: silence then the start of speech; then the device aborts.
     for f in &speech[..34] {
         ws.send(Message::binary(f.clone())).expect("audio");
@@ -231,15 +218,7 @@ fn abort_discards_the_speech_in_progress() {
 fn garbage_opus_is_counted_and_skipped() {
     let speech = opus_frames(&speech_16k(EN, "en-us", 1.0));
     let server = Server::start(&["session.vad_events=true"]);
-    let mut ws = connect(
-        &server.ws_url("/"),
-        &device_headers("aa:bb:cc:00:00:06", "1"),
-    );
-    hello(&mut ws, HELLO);
-    ws.send(Message::text(
-        r#"{"type":"listen","state":"start","mode":"auto"}"#,
-    ))
-    .expect("listen");
+    let mut ws = listening_device(&server.ws_url("/"), "aa:bb:cc:00:00:06", "auto");
     for (i, f) in speech.iter().enumerate() {
         if i == 5 {
             ws.send(Message::binary(vec![0xff; 40])).expect("garbage");

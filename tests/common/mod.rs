@@ -410,3 +410,27 @@ pub fn bench_bin() -> PathBuf {
     );
     bin
 }
+
+/// Connects as `device` (firmware headers, protocol 1), exchanges hello and starts listening in
+/// `mode` ("auto", "manual", "realtime").
+pub fn listening_device(url: &str, device: &str, mode: &str) -> Ws {
+    let mut ws = connect(url, &device_headers(device, "1"));
+    hello(&mut ws, HELLO);
+    ws.send(Message::text(format!(
+        r#"{{"type":"listen","state":"start","mode":"{mode}"}}"#
+    )))
+    .expect("listen");
+    ws
+}
+
+/// Sends `frames` as binary messages in real time: frame i is due at `t0 + (i + 1) × 60 ms`,
+/// on an absolute schedule as a device's audio clock keeps it.
+pub fn send_paced<'a>(ws: &mut Ws, frames: impl IntoIterator<Item = &'a Vec<u8>>, t0: Instant) {
+    for (i, f) in frames.into_iter().enumerate() {
+        ws.send(Message::binary(f.clone())).expect("audio");
+        let due = t0 + Duration::from_millis(60) * (i as u32 + 1);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
