@@ -75,6 +75,16 @@ fn speak(ws: &mut Ws, frames: &[Vec<u8>], limit: Duration) -> Turn {
     collect_until_stop(ws, Some(silence), t0, frames.len(), limit)
 }
 
+/// The turn has the expected message shape and its first sentence starts with `prefix`.
+fn assert_answer_starts_with(turn: &Turn, prefix: &str) {
+    assert_turn_shape(turn);
+    assert!(
+        turn.sentences()[0].starts_with(prefix),
+        "{:?}",
+        turn.sentences()
+    );
+}
+
 /// Reads until `tts stop`; while no answer has started, keeps sending `silence` frames in real
 /// time (as a device in auto mode keeps its microphone open).
 fn collect_until_stop(
@@ -307,21 +317,11 @@ fn a_slow_llm_times_out_into_a_spoken_apology_and_the_session_carries_on() {
     );
     hello(&mut ws, HELLO);
     let turn = speak(&mut ws, &frames, Duration::from_secs(30));
-    assert_turn_shape(&turn);
-    assert!(
-        turn.sentences()[0].starts_with("Sorry"),
-        "{:?}",
-        turn.sentences()
-    );
+    assert_answer_starts_with(&turn, "Sorry");
     // The upstream recovers: the next turn is answered normally.
     mock.update(|s| s.llm_first_token = Duration::from_millis(50));
     let turn = speak(&mut ws, &frames, Duration::from_secs(30));
-    assert_turn_shape(&turn);
-    assert!(
-        turn.sentences()[0].starts_with("It is sunny"),
-        "{:?}",
-        turn.sentences()
-    );
+    assert_answer_starts_with(&turn, "It is sunny");
 }
 
 #[test]
@@ -368,12 +368,7 @@ fn a_failing_upstream_gives_an_alert_or_an_apology_never_a_stuck_session() {
     );
     hello(&mut ws, HELLO);
     let turn = speak(&mut ws, &frames, Duration::from_secs(30));
-    assert_turn_shape(&turn);
-    assert!(
-        turn.sentences()[0].starts_with("Sorry"),
-        "{:?}",
-        turn.sentences()
-    );
+    assert_answer_starts_with(&turn, "Sorry");
 }
 
 #[test]
