@@ -503,7 +503,7 @@ fn speech_round_trip_wav_and_pcm() {
         let client = test_client();
         let mut settings = OpenAiTtsSettings {
             base_url: server.base_url("127.0.0.1"),
-            api_key: String::new(),
+            api_key: Default::default(),
             model: "tts-1".into(),
             voice: "alloy".into(),
             response_format: "wav".into(),

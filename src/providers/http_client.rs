@@ -616,6 +616,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn api_key_is_sent_as_bearer_and_never_shown_by_debug() {
+        let key = ApiKey::new("sk-secret");
+        assert_eq!(key.bearer().as_deref(), Some("Bearer sk-secret"));
+        assert_eq!(format!("{key:?}"), "\"***\"");
+        assert_eq!(ApiKey::default().bearer(), None);
+        assert_eq!(format!("{:?}", ApiKey::default()), "\"\"");
+    }
+
+    #[test]
     fn origin_defaults_ports_and_strips_ipv6_brackets() {
         let o = Origin::of(&"https://api.example.com/v1/x".parse().unwrap()).unwrap();
         assert_eq!(
@@ -645,5 +654,34 @@ mod tests {
         .err()
         .expect("error");
         assert!(matches!(err, HttpError::Roots { .. }), "{err}");
+    }
+}
+
+/// A remote provider's API key, sent as `Authorization: Bearer …`. Its `Debug` never shows
+/// the key (settings are logged), only whether one is set.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// The key; empty means none.
+    pub fn new(key: impl Into<String>) -> Self {
+        ApiKey(key.into())
+    }
+
+    /// The `Authorization` header value, if a key is set.
+    pub fn bearer(&self) -> Option<String> {
+        (!self.0.is_empty()).then(|| format!("Bearer {}", self.0))
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+impl From<&str> for ApiKey {
+    fn from(key: &str) -> Self {
+        ApiKey::new(key)
     }
 }

@@ -26,6 +26,7 @@ use crate::protocol::{identify, AudioParams};
 use crate::providers::asr::openai::{transcribe, OpenAiAsrSettings};
 use crate::providers::asr::wav::wav_bytes;
 use crate::providers::asr::AsrJob;
+use crate::providers::http_client::ApiKey;
 use crate::providers::llm::openai::{stream_chat, LlmEvent, OpenAiSettings};
 use crate::providers::llm::ToolCall;
 use crate::providers::tts::openai::{speech, OpenAiTtsSettings};
@@ -726,14 +727,15 @@ fn has_cjk(text: &str) -> bool {
         .any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c) || ('\u{3400}'..='\u{4dbf}').contains(&c))
 }
 
-fn env_or(var: &str, value: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| value.to_string())
+/// The key in environment variable `var`, else the configured one.
+fn key_from_env_or(var: &str, value: &str) -> ApiKey {
+    ApiKey::new(std::env::var(var).unwrap_or_else(|_| value.to_string()))
 }
 
 fn remote_asr_settings(c: &Config) -> OpenAiAsrSettings {
     OpenAiAsrSettings {
         base_url: c.asr.openai.base_url.clone(),
-        api_key: env_or("XIAOZHI_ASR_API_KEY", &c.asr.openai.api_key),
+        api_key: key_from_env_or("XIAOZHI_ASR_API_KEY", &c.asr.openai.api_key),
         model: c.asr.openai.model.clone(),
         language: (!c.asr.openai.language.is_empty()).then(|| c.asr.openai.language.clone()),
         timeout: Duration::from_millis(c.asr.timeout_ms),
@@ -744,7 +746,7 @@ fn remote_llm_settings(c: &Config) -> OpenAiSettings {
     let o = &c.llm.openai;
     OpenAiSettings {
         base_url: o.base_url.clone(),
-        api_key: env_or("XIAOZHI_LLM_API_KEY", &o.api_key),
+        api_key: key_from_env_or("XIAOZHI_LLM_API_KEY", &o.api_key),
         model: o.model.clone(),
         temperature: (o.temperature >= 0.0).then_some(o.temperature),
         max_tokens: (o.max_tokens > 0).then_some(o.max_tokens),
@@ -758,7 +760,7 @@ fn remote_tts_settings(c: &Config) -> OpenAiTtsSettings {
     let o = &c.tts.openai;
     OpenAiTtsSettings {
         base_url: o.base_url.clone(),
-        api_key: env_or("XIAOZHI_TTS_API_KEY", &o.api_key),
+        api_key: key_from_env_or("XIAOZHI_TTS_API_KEY", &o.api_key),
         model: o.model.clone(),
         voice: o.voice.clone(),
         response_format: o.response_format.clone(),

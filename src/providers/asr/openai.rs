@@ -4,7 +4,6 @@
 //! The utterance WAV is already in memory, so the multipart body is built by hand and sent
 //! with a `Content-Length`.
 
-use std::fmt;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -15,37 +14,25 @@ use serde::Deserialize;
 
 use crate::providers::error::ProviderError;
 use crate::providers::http_client::{
-    error_for_status, read_body, with_timeout, HttpClient, HttpError, ReqBody,
+    error_for_status, read_body, with_timeout, ApiKey, HttpClient, HttpError, ReqBody,
 };
 
 /// Largest transcription reply accepted.
 const MAX_REPLY: usize = 1024 * 1024;
 
 /// Where and how to transcribe.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct OpenAiAsrSettings {
     /// API root including the version, e.g. `https://api.groq.com/openai/v1`.
     pub base_url: String,
     /// Sent as `Authorization: Bearer …`; empty sends no header.
-    pub api_key: String,
+    pub api_key: ApiKey,
     /// e.g. `whisper-1`, `whisper-large-v3-turbo`.
     pub model: String,
     /// ISO-639-1 hint (`zh`, `en`); `None` lets the service detect it.
     pub language: Option<String>,
     /// Bound on the whole exchange, upload to parsed reply.
     pub timeout: Duration,
-}
-
-impl fmt::Debug for OpenAiAsrSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenAiAsrSettings")
-            .field("base_url", &self.base_url)
-            .field("api_key", &if self.api_key.is_empty() { "" } else { "***" })
-            .field("model", &self.model)
-            .field("language", &self.language)
-            .field("timeout", &self.timeout)
-            .finish()
-    }
 }
 
 #[derive(Deserialize)]
@@ -85,8 +72,8 @@ async fn exchange(
     }
     let (content_type, body) = multipart(&fields, "file", "audio.wav", "audio/wav", &wav);
     let mut req = Request::post(&url).header(CONTENT_TYPE, content_type);
-    if !settings.api_key.is_empty() {
-        req = req.header(AUTHORIZATION, format!("Bearer {}", settings.api_key));
+    if let Some(bearer) = settings.api_key.bearer() {
+        req = req.header(AUTHORIZATION, bearer);
     }
     let req = req
         .body(ReqBody::full(body))

@@ -668,19 +668,7 @@ mod tests {
         assert!(worker.is_multilingual());
         assert_eq!(worker.language(), None);
         assert_eq!(worker.detection_candidates(), ["zh", "en"]);
-        let t = worker
-            .transcribe(&speech("cmn-latn-pinyin", PINYIN))
-            .expect("transcribe");
-        eprintln!("base, zh|en, espeak Mandarin: {t:?}");
-        assert_eq!(t.language, "zh");
-        assert!(han_count(&t.text) > 0, "expected Chinese: {:?}", t.text);
-
-        let en = worker
-            .transcribe(&speech("en-us", SENTENCE))
-            .expect("transcribe");
-        eprintln!("base, zh|en, English: {en:?}");
-        assert_eq!(en.language, "en");
-        assert_kitchen_timer(&en.text);
+        assert_mandarin_then_english(&mut worker, PINYIN, "zh|en");
     }
 
     #[test]
@@ -696,17 +684,23 @@ mod tests {
             .transcribe(&speech("cmn-latn-pinyin", PINYIN))
             .expect("transcribe");
         eprintln!("base, auto, short espeak Mandarin: {short:?}");
+        assert_mandarin_then_english(&mut worker, PINYIN_LONG, "auto");
+    }
+
+    /// `pinyin` spoken by espeak is detected as Chinese and written in Han characters; then the
+    /// English sentence is detected as English and heard right.
+    fn assert_mandarin_then_english(worker: &mut WhisperWorker, pinyin: &str, mode: &str) {
         let t = worker
-            .transcribe(&speech("cmn-latn-pinyin", PINYIN_LONG))
+            .transcribe(&speech("cmn-latn-pinyin", pinyin))
             .expect("transcribe");
-        eprintln!("base, auto, longer espeak Mandarin: {t:?}");
+        eprintln!("base, {mode}, espeak Mandarin: {t:?}");
         assert_eq!(t.language, "zh");
         assert!(han_count(&t.text) > 0, "expected Chinese: {:?}", t.text);
 
         let en = worker
             .transcribe(&speech("en-us", SENTENCE))
             .expect("transcribe");
-        eprintln!("base, auto, English: {en:?}");
+        eprintln!("base, {mode}, English: {en:?}");
         assert_eq!(en.language, "en");
         assert_kitchen_timer(&en.text);
     }

@@ -11,7 +11,6 @@
 //! running in the background.
 
 use std::cell::Cell;
-use std::fmt;
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
@@ -25,7 +24,8 @@ use super::ThinkFilter;
 // The provider-neutral types, also reachable from here.
 pub use super::{ChatMessage, LlmError, LlmEvent, LlmSummary, Role, ToolCall, Usage};
 use crate::providers::http_client::{
-    error_for_status, read_body, with_timeout, ConnectTimeout, HttpClient, HttpError, ReqBody,
+    error_for_status, read_body, with_timeout, ApiKey, ConnectTimeout, HttpClient, HttpError,
+    ReqBody,
 };
 
 /// After `[DONE]`, how long to wait for the end of the body before closing the connection.
@@ -34,12 +34,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_millis(250);
 const MAX_JSON_REPLY: usize = 4 * 1024 * 1024;
 
 /// Where and how to call the model.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct OpenAiSettings {
     /// API root including the version, e.g. `https://api.deepseek.com/v1`.
     pub base_url: String,
     /// Sent as `Authorization: Bearer …`; empty sends no header (local servers).
-    pub api_key: String,
+    pub api_key: ApiKey,
     pub model: String,
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
@@ -49,21 +49,6 @@ pub struct OpenAiSettings {
     pub first_token_timeout: Duration,
     /// From the call until the reply is complete.
     pub total_timeout: Duration,
-}
-
-impl fmt::Debug for OpenAiSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenAiSettings")
-            .field("base_url", &self.base_url)
-            .field("api_key", &if self.api_key.is_empty() { "" } else { "***" })
-            .field("model", &self.model)
-            .field("temperature", &self.temperature)
-            .field("max_tokens", &self.max_tokens)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("first_token_timeout", &self.first_token_timeout)
-            .field("total_timeout", &self.total_timeout)
-            .finish()
-    }
 }
 
 /// Streams one chat completion: `on_event` gets text and tool-call deltas as they arrive; the
@@ -166,8 +151,8 @@ async fn exchange(
     let mut req = Request::post(&url)
         .header(CONTENT_TYPE, "application/json")
         .header(ACCEPT, "text/event-stream");
-    if !settings.api_key.is_empty() {
-        req = req.header(AUTHORIZATION, format!("Bearer {}", settings.api_key));
+    if let Some(bearer) = settings.api_key.bearer() {
+        req = req.header(AUTHORIZATION, bearer);
     }
     let req = req
         .extension(ConnectTimeout(settings.connect_timeout))

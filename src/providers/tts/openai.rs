@@ -4,7 +4,6 @@
 //! Asks for `wav` or raw `pcm` (16-bit little-endian mono) so no decoder is needed; the
 //! caller resamples to the device rate.
 
-use std::fmt;
 use std::time::Duration;
 
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -13,19 +12,19 @@ use serde::Serialize;
 
 use crate::providers::error::ProviderError;
 use crate::providers::http_client::{
-    error_for_status, read_body, with_timeout, HttpClient, HttpError, ReqBody,
+    error_for_status, read_body, with_timeout, ApiKey, HttpClient, HttpError, ReqBody,
 };
 
 /// Largest audio reply accepted (about 10 minutes of 24 kHz PCM16).
 const MAX_AUDIO: usize = 32 * 1024 * 1024;
 
 /// Where and how to synthesise.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct OpenAiTtsSettings {
     /// API root including the version, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
     /// Sent as `Authorization: Bearer …`; empty sends no header.
-    pub api_key: String,
+    pub api_key: ApiKey,
     /// e.g. `tts-1`, `gpt-4o-mini-tts`, `kokoro`.
     pub model: String,
     pub voice: String,
@@ -36,20 +35,6 @@ pub struct OpenAiTtsSettings {
     pub sample_rate_for_pcm: u32,
     /// Bound on the whole exchange, request to last audio byte.
     pub timeout: Duration,
-}
-
-impl fmt::Debug for OpenAiTtsSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenAiTtsSettings")
-            .field("base_url", &self.base_url)
-            .field("api_key", &if self.api_key.is_empty() { "" } else { "***" })
-            .field("model", &self.model)
-            .field("voice", &self.voice)
-            .field("response_format", &self.response_format)
-            .field("sample_rate_for_pcm", &self.sample_rate_for_pcm)
-            .field("timeout", &self.timeout)
-            .finish()
-    }
 }
 
 #[derive(Serialize)]
@@ -89,8 +74,8 @@ async fn exchange(
     })
     .map_err(|e| ProviderError::BadResponse(e.to_string()))?;
     let mut req = Request::post(&url).header(CONTENT_TYPE, "application/json");
-    if !settings.api_key.is_empty() {
-        req = req.header(AUTHORIZATION, format!("Bearer {}", settings.api_key));
+    if let Some(bearer) = settings.api_key.bearer() {
+        req = req.header(AUTHORIZATION, bearer);
     }
     let req = req
         .body(ReqBody::full(body))
