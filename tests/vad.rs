@@ -105,9 +105,10 @@ fn assert_within_one_chunk(server: &Segments, offline: &Segments, what: &str) {
 fn english_speech_is_segmented_like_the_offline_model_in_real_time() {
     let frames = opus_frames(&speech_16k(EN, "en-us", 1.0));
     let offline = offline_segments(&frames);
-    assert_eq!(offline.len(), 1, "one utterance offline: {offline:?}");
+    // The input is what we think it is: speech from about 1 s. How many utterances the model
+    // cuts it into is the model's business; the server must cut it the same way.
     assert!(
-        offline[0].0 >= 800 && offline[0].0 <= 1200,
+        !offline.is_empty() && offline[0].0 >= 800 && offline[0].0 <= 1200,
         "speech starts near 1 s: {offline:?}"
     );
     let server = Server::start(&["session.vad_events=true"]);
@@ -116,7 +117,7 @@ fn english_speech_is_segmented_like_the_offline_model_in_real_time() {
         "aa:bb:cc:00:00:01",
         &frames,
         Some(Duration::from_millis(60)),
-        1,
+        offline.len(),
     );
     assert_within_one_chunk(&got, &offline, "real-time English");
 }
@@ -165,10 +166,10 @@ fn segmentation_is_the_same_with_a_loaded_inference_core_and_bursty_audio() {
         "aa:bb:cc:00:00:03",
         &frames,
         Some(Duration::from_millis(60)),
-        1,
+        offline.len(),
     );
     // All audio at once: wall-clock timing is nothing like the audio's; segmentation must not change.
-    let burst = server_segments(&server, "aa:bb:cc:00:00:04", &frames, None, 1);
+    let burst = server_segments(&server, "aa:bb:cc:00:00:04", &frames, None, offline.len());
     stop.store(true, Ordering::Relaxed);
     for h in hogs {
         h.join().expect("hog");
@@ -201,7 +202,7 @@ fn abort_discards_the_speech_in_progress() {
     }
     let offline = offline_segments(&speech);
     let mut ends = Vec::new();
-    while ends.is_empty() {
+    while ends.len() < offline.len() {
         let v = next_json(&mut ws);
         if v["type"] == "vad" && v["state"] == "end" {
             ends.push((
@@ -210,13 +211,15 @@ fn abort_discards_the_speech_in_progress() {
             ));
         }
     }
-    // The only utterance is the complete second one, timed from its own listen start.
+    // Only the complete second stream is segmented, timed from its own listen start.
     assert_within_one_chunk(&ends, &offline, "after abort");
 }
 
 #[test]
 fn garbage_opus_is_counted_and_skipped() {
     let speech = opus_frames(&speech_16k(EN, "en-us", 1.0));
+    // The garbage packet is skipped, so the server hears exactly the speech.
+    let expected = offline_segments(&speech).len();
     let server = Server::start(&["session.vad_events=true"]);
     let mut ws = listening_device(&server.ws_url("/"), "aa:bb:cc:00:00:06", "auto");
     for (i, f) in speech.iter().enumerate() {
@@ -225,10 +228,11 @@ fn garbage_opus_is_counted_and_skipped() {
         }
         ws.send(Message::binary(f.clone())).expect("audio");
     }
-    loop {
+    let mut ends = 0;
+    while ends < expected {
         let v = next_json(&mut ws);
         if v["type"] == "vad" && v["state"] == "end" {
-            break;
+            ends += 1;
         }
     }
     ws.close(None).expect("close");
@@ -238,7 +242,7 @@ fn garbage_opus_is_counted_and_skipped() {
         assert!(Instant::now() < deadline, "garbage packet not counted");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(server.metric("xiaozhi_utterances_total"), 1);
+    assert_eq!(server.metric("xiaozhi_utterances_total"), expected as u64);
 }
 
 #[test]

@@ -68,7 +68,7 @@ pub fn read_wav(path: &Path) -> Result<Vec<i16>, String> {
     }
 }
 
-/// Speaks `text` with espeak-ng (en-us) and converts it with sox to 16 kHz mono 16-bit.
+/// Speaks `text` with espeak-ng (en-us) and converts it with sox to 16 kHz mono 16-bit, undithered.
 pub fn generate_speech(text: &str) -> Result<Vec<i16>, String> {
     let dir = std::env::temp_dir().join(format!("xiaozhi-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -78,7 +78,9 @@ pub fn generate_speech(text: &str) -> Result<Vec<i16>, String> {
         .args(["-v", "en-us", "-w"])
         .arg(&raw)
         .arg(text))?;
+    // `-D`: no dither, so every run streams the same samples.
     run(Command::new("sox")
+        .args(["-V1", "-D"])
         .arg(&raw)
         .args(["-r", "16000", "-c", "1", "-b", "16"])
         .arg(&out))?;

@@ -312,7 +312,10 @@ pub fn speech_16k(text: &str, voice: &str, pad_s: f32) -> Vec<i16> {
         .status()
         .expect("espeak-ng (run `make test`, which installs it)");
     assert!(ok.success(), "espeak-ng failed");
+    // `-D`: no dither, so every run gets the same samples (sox's dither is random, and a
+    // borderline VAD decision flipped between CI runs because of it).
     let ok = Command::new("sox")
+        .args(["-V1", "-D"])
         .arg(&raw)
         .args(["-r", "16000", "-c", "1", "-b", "16"])
         .arg(&out)
