@@ -78,7 +78,10 @@ impl Server {
             http_port,
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Start-up loads and checksums every model (Whisper, Piper, Silero) on the inference
+        // core: ~5 s here when idle, but 15 s+ when parallel tests start several servers at once
+        // on 2 busy cores. Being slow to start is not what these tests are about.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(resp) = http_request(http_port, "GET", "/healthz", &[], "") {
                 if resp.status == 200 {
