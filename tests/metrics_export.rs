@@ -210,9 +210,9 @@ fn metrics_parse_as_prometheus_text_and_histograms_round_trip() {
         .status()
         .expect("kill -USR1");
     assert!(status.success());
-    let hello_hlog = dump.join("connect_to_hello_us.hlog");
+    // The dump is complete when the server logs it (files appear one by one before that).
     wait_for("the SIGUSR1 dump", Duration::from_secs(10), || {
-        std::fs::read(&hello_hlog).is_ok_and(|b| hlog_total(&b) == DEVICES as u64)
+        server.log_text().contains("histograms written")
     });
     assert_dump(&dump, DEVICES as u64);
 
@@ -224,7 +224,11 @@ fn metrics_parse_as_prometheus_text_and_histograms_round_trip() {
     assert!(status.success(), "{status}:\n{}", server.log_text());
     assert_dump(&dump, DEVICES as u64);
     let log = server.log_text();
-    assert!(log.contains("histograms written"), "{log}");
+    assert_eq!(
+        log.matches("histograms written").count(),
+        2,
+        "SIGUSR1 and shutdown dumps logged: {log}"
+    );
     let _ = std::fs::remove_dir_all(&dump);
 }
 
@@ -233,6 +237,10 @@ fn assert_dump(dir: &Path, hellos: u64) {
         .expect("dump folder")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
+    assert!(
+        !names.iter().any(|n| n.ends_with(".tmp")),
+        "no half-written file left: {names:?}"
+    );
     for stage in [
         "connect_to_hello_us",
         "eos_to_first_audio_us",

@@ -191,19 +191,32 @@ pub fn dump(dir: &Path, merged: &StageHistograms, log: &IntervalLogCopy) -> io::
     std::fs::create_dir_all(dir)?;
     let mut written = 0;
     for stage in Stage::ALL {
-        let mut hgrm = io::BufWriter::new(std::fs::File::create(
-            dir.join(format!("{}.hgrm", stage.name())),
-        )?);
-        hdr_export::write_hgrm(merged.get(stage), &mut hgrm, 1.0)?;
-        hgrm.flush()?;
-        let mut hlog = io::BufWriter::new(std::fs::File::create(
-            dir.join(format!("{}.hlog", stage.name())),
-        )?);
-        write_stage_hlog(log, stage, &mut hlog)?;
-        hlog.flush()?;
+        write_replacing(&dir.join(format!("{}.hgrm", stage.name())), |w| {
+            hdr_export::write_hgrm(merged.get(stage), w, 1.0)
+        })?;
+        write_replacing(&dir.join(format!("{}.hlog", stage.name())), |w| {
+            write_stage_hlog(log, stage, w)
+        })?;
         written += 2;
     }
     Ok(written)
+}
+
+/// Writes `path` through a temporary file in the same folder and renames it into place, so a
+/// reader (a collector scraping the dump folder) sees the previous dump or the new one, never a
+/// file being written.
+fn write_replacing(
+    path: &Path,
+    write: impl FnOnce(&mut io::BufWriter<std::fs::File>) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut out = io::BufWriter::new(std::fs::File::create(&tmp)?);
+    write(&mut out)?;
+    out.flush()?;
+    drop(out);
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
