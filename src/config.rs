@@ -32,6 +32,8 @@ pub struct Config {
     pub audio_out: AudioOutConfig,
     /// Device tools (MCP, IoT), server tools, LLM tool calling and built-in intents.
     pub tools: ToolsConfig,
+    /// The camera's `/mcp/vision/explain` endpoint and the vision model behind it.
+    pub vision: VisionConfig,
     /// Logging.
     pub log: LogConfig,
     /// Latency histograms: interval log and dumps.
@@ -61,9 +63,12 @@ pub struct ToolsConfig {
     pub max_list_pages: u32,
     /// Longest tool result fed back to the LLM, bytes.
     pub max_result_bytes: usize,
-    /// `capabilities.vision.url` sent in MCP initialize (camera explain endpoint); empty = none.
+    /// `capabilities.vision.url` sent in MCP initialize (camera explain endpoint). Empty: with
+    /// `vision.provider` set, this server's own `http://<Host of the WebSocket request>:
+    /// <http_port>/mcp/vision/explain`; otherwise no vision capability.
     pub vision_url: String,
-    /// `capabilities.vision.token` sent with the vision URL.
+    /// `capabilities.vision.token` sent with an external `vision_url` while `vision.provider`
+    /// is "none"; with a provider set, each device gets its own expiring token instead.
     pub vision_token: String,
     /// Server-side tools offered to the LLM (built in: "get_time").
     pub server_tools: Vec<String>,
@@ -105,6 +110,66 @@ impl Default for ToolsConfig {
             ]),
             wake_greeting: "Hi! What can I do for you?".into(),
             wake_greeting_zh: "你好，有什么可以帮你？".into(),
+        }
+    }
+}
+
+/// Which vision model explains the camera's photos.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VisionProvider {
+    /// No vision endpoint (the route answers 503).
+    None,
+    /// OpenAI-compatible `POST /chat/completions` with an `image_url` part.
+    Openai,
+}
+
+/// The camera's `POST /mcp/vision/explain` endpoint (spec §13) on the HTTP port.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VisionConfig {
+    /// `none` (default) or `openai`.
+    pub provider: VisionProvider,
+    /// Largest request body (multipart: question + photo), bytes.
+    pub max_body_bytes: usize,
+    /// Lifetime of the per-device token handed out in MCP initialize, seconds.
+    pub token_expire_seconds: u64,
+    /// Remote OpenAI-compatible vision chat model.
+    pub openai: RemoteVisionConfig,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        Self {
+            provider: VisionProvider::None,
+            max_body_bytes: 5 * 1024 * 1024,
+            token_expire_seconds: 24 * 3600,
+            openai: RemoteVisionConfig::default(),
+        }
+    }
+}
+
+/// Remote OpenAI-compatible vision model (chat completions with an image).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteVisionConfig {
+    /// Base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// API key; `XIAOZHI_VISION_API_KEY` overrides.
+    pub api_key: String,
+    /// Model name (one that accepts images).
+    pub model: String,
+    /// Time for the whole answer (connect included), ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for RemoteVisionConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:18080/v1".into(),
+            api_key: String::new(),
+            model: "gpt-4o-mini".into(),
+            timeout_ms: 30_000,
         }
     }
 }
@@ -851,6 +916,27 @@ impl Config {
         Ok(config)
     }
 
+    /// The secrets that sign vision tokens: `server.auth.secrets` (auth enabled or not). With
+    /// none configured and a vision provider set, a random secret is made for this process and
+    /// a warning logged: its tokens verify only on this instance and only until it restarts.
+    pub fn ensure_vision_secret(&mut self) {
+        if self.vision.provider == VisionProvider::None
+            || self.server.auth.secrets.iter().any(|s| !s.is_empty())
+        {
+            return;
+        }
+        let random = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        self.server.auth.secrets = vec![random];
+        tracing::warn!(
+            "no server.auth.secrets set: vision tokens are signed with a random per-process \
+             secret (they verify only on this instance, until it restarts)"
+        );
+    }
+
     /// Checks values that parse but cannot work.
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, reason: &str| {
@@ -977,6 +1063,20 @@ impl Config {
         }
         if let Err(e) = crate::tools::server::ServerTools::from_names(&t.server_tools) {
             return bad("tools.server_tools", &e);
+        }
+        let v = &self.vision;
+        if !(1024..=64 << 20).contains(&v.max_body_bytes) {
+            return bad("vision.max_body_bytes", "must be between 1024 and 67108864");
+        }
+        if v.token_expire_seconds < 60 {
+            return bad("vision.token_expire_seconds", "must be at least 60");
+        }
+        if v.openai.timeout_ms < 100 {
+            return bad("vision.openai.timeout_ms", "must be at least 100");
+        }
+        let url = &t.vision_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            return bad("tools.vision_url", "must start with http:// or https://");
         }
         Ok(())
     }

@@ -668,6 +668,11 @@ impl ApiKey {
         ApiKey(key.into())
     }
 
+    /// The key in environment variable `var` when it is set, else `configured`.
+    pub fn from_env_or(var: &str, configured: &str) -> Self {
+        ApiKey(std::env::var(var).unwrap_or_else(|_| configured.to_string()))
+    }
+
     /// The `Authorization` header value, if a key is set.
     pub fn bearer(&self) -> Option<String> {
         (!self.0.is_empty()).then(|| format!("Bearer {}", self.0))
