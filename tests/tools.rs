@@ -27,6 +27,7 @@ enum Answer {
 /// `self.audio_speaker.set_volume`, listed over two pages.
 struct Device {
     ws: Ws,
+    mac: String,
     volume: u64,
     answer: Answer,
     /// Every `tools/call` request received.
@@ -35,13 +36,23 @@ struct Device {
     initialize: Value,
 }
 
+/// The camera tool as the firmware lists it.
+const CAMERA_TOOL: &str = "self.camera.take_photo";
+
 impl Device {
     /// Connects, says hello and serves MCP until the tool list has been read.
     fn connect(server: &Server, mac: &str) -> Device {
+        Device::connect_with(server, mac, false)
+    }
+
+    /// Like [`Device::connect`]; with `camera`, the device also lists `self.camera.take_photo`,
+    /// which (as the firmware does) posts a photo to the vision URL from `initialize`.
+    fn connect_with(server: &Server, mac: &str, camera: bool) -> Device {
         let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &device_headers(mac, "1"));
         hello(&mut ws, HELLO_MCP);
         let mut d = Device {
             ws,
+            mac: mac.to_string(),
             volume: 30,
             answer: Answer::Ok,
             calls: vec![],
@@ -78,10 +89,17 @@ impl Device {
         let list = d.next_mcp();
         assert_eq!(list["method"], "tools/list");
         assert_eq!(list["params"]["cursor"], "page-2");
-        d.reply(&list, json!({"tools":[{"name":"self.audio_speaker.set_volume",
+        let mut tools = vec![json!({"name":"self.audio_speaker.set_volume",
             "description":"Set the volume of the audio speaker (0-100).",
             "inputSchema":{"type":"object","properties":{"volume":{"type":"integer","minimum":0,"maximum":100}},
-                "required":["volume"]}}]}));
+                "required":["volume"]}})];
+        if camera {
+            tools.push(json!({"name": CAMERA_TOOL,
+                "description":"Take a photo and explain it. Use when the user asks what you see.",
+                "inputSchema":{"type":"object","properties":{"question":{"type":"string"}},
+                    "required":["question"]}}));
+        }
+        d.reply(&list, json!({ "tools": tools }));
         // The server handles one socket's messages in order: the last page is taken in before
         // anything the test sends next.
         d
@@ -119,6 +137,14 @@ impl Device {
                     Some("self.audio_speaker.set_volume") => {
                         self.volume = args["volume"].as_u64().expect("volume argument");
                         "true".to_string()
+                    }
+                    Some(CAMERA_TOOL) => {
+                        let caps = &self.initialize["params"]["capabilities"]["vision"];
+                        let (url, token) = (caps["url"].as_str(), caps["token"].as_str());
+                        let (url, token) = (url.expect("vision url"), token.expect("vision token"));
+                        let question = args["question"].as_str().expect("question argument");
+                        let mac = self.mac.clone();
+                        post_photo(url, &mac, token, question, &test_jpeg()).body
                     }
                     other => panic!("unexpected tool {other:?}"),
                 };
@@ -582,4 +608,292 @@ fn xiaozhi_sdk_tool_is_called_by_the_remote_llm_and_its_result_fed_back() {
     // The SDK's result text is the JSON its tool function returned.
     let results = tool_messages(&requests[1]);
     assert_eq!(results[0]["content"], r#"{"success": true, "volume": 55}"#);
+}
+
+/// The firmware camera's multipart boundary (F `esp32_camera.cc`).
+const CAMERA_BOUNDARY: &str = "----ESP32_CAMERA_BOUNDARY";
+
+/// A small real JPEG: a 32×24 colour gradient encoded by the `image` crate.
+fn test_jpeg() -> Vec<u8> {
+    let (w, h) = (32u32, 24u32);
+    let mut pixels = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            pixels.extend_from_slice(&[(x * 8) as u8, (y * 10) as u8, 128]);
+        }
+    }
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
+        .encode(&pixels, w, h, image::ColorType::Rgb8)
+        .expect("encode jpeg");
+    assert_eq!(&out[..3], &[0xFF, 0xD8, 0xFF], "a JPEG starts with SOI");
+    out
+}
+
+/// The body the firmware posts: a `question` part, then the photo as `file` (camera.jpg).
+fn camera_form(question: &str, file: &[u8]) -> Vec<u8> {
+    let mut b = format!(
+        "--{CAMERA_BOUNDARY}\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\n{question}\r\n\
+         --{CAMERA_BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"camera.jpg\"\r\n\
+         Content-Type: image/jpeg\r\n\r\n"
+    )
+    .into_bytes();
+    b.extend_from_slice(file);
+    b.extend_from_slice(format!("\r\n--{CAMERA_BOUNDARY}--\r\n").as_bytes());
+    b
+}
+
+/// Posts `body` to `url` (an `http://127.0.0.1:<port>/…` URL) with the camera's content type.
+fn post_form(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    chunk: Option<usize>,
+) -> HttpResponse {
+    let rest = url.strip_prefix("http://127.0.0.1:").expect("loopback URL");
+    let (port, path) = rest.split_once('/').expect("path");
+    let content_type = format!("multipart/form-data; boundary={CAMERA_BOUNDARY}");
+    let mut all = vec![("Content-Type", content_type.as_str())];
+    all.extend_from_slice(headers);
+    let port = port.parse().expect("port");
+    http_request_bytes(port, "POST", &format!("/{path}"), &all, body, chunk).expect("post")
+}
+
+/// Posts a photo question as the firmware does: chunked, with its headers.
+fn post_photo(url: &str, device: &str, token: &str, question: &str, jpeg: &[u8]) -> HttpResponse {
+    let auth = format!("Bearer {token}");
+    let headers = [
+        ("Device-Id", device),
+        ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+        ("Authorization", auth.as_str()),
+    ];
+    post_form(url, &headers, &camera_form(question, jpeg), Some(1024))
+}
+
+/// A fast mock vision model answering `reply`.
+fn vision_mock(reply: &str) -> MockHandle {
+    mock_upstream::serve(MockSettings {
+        llm_first_token: Duration::from_millis(20),
+        llm_token: Duration::from_millis(1),
+        llm_reply: reply.into(),
+        ..MockSettings::default()
+    })
+    .expect("vision mock")
+}
+
+/// `--set`s that make `base_url` the vision model.
+fn vision_sets(base_url: &str) -> Vec<String> {
+    vec![
+        "vision.provider=\"openai\"".into(),
+        format!("vision.openai.base_url=\"{base_url}\""),
+        "vision.openai.model=\"vision-test-model\"".into(),
+    ]
+}
+
+/// `xiaozhi_vision_requests_total{result="<result>"}`.
+fn vision_count(server: &Server, result: &str) -> u64 {
+    let body = http_request(server.http_port, "GET", "/metrics", &[], "")
+        .expect("metrics")
+        .body;
+    let key = format!("xiaozhi_vision_requests_total{{result=\"{result}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{key} missing in:\n{body}"))
+}
+
+fn json_body(resp: &HttpResponse) -> Value {
+    serde_json::from_str(&resp.body).unwrap_or_else(|e| panic!("{e}: {}", resp.body))
+}
+
+#[test]
+fn vision_endpoint_answers_the_device_its_token_was_issued_to_and_refuses_everything_else() {
+    use base64::Engine;
+    let llm = volume_mock();
+    let vision = vision_mock("A gradient from green to pink.");
+    let mut sets = vision_sets(&vision.base_url());
+    sets.push("vision.max_body_bytes=200000".into());
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let server = server(&llm, false, &refs);
+    let mac = "aa:dd:00:00:00:10";
+    let device = Device::connect(&server, mac);
+    let caps = &device.initialize["params"]["capabilities"]["vision"];
+    let url = caps["url"].as_str().expect("vision url").to_string();
+    let token = caps["token"].as_str().expect("vision token").to_string();
+    assert_eq!(
+        url,
+        format!("http://127.0.0.1:{}/mcp/vision/explain", server.http_port)
+    );
+    assert!(!token.is_empty());
+
+    let jpeg = test_jpeg();
+    let resp = post_photo(&url, mac, &token, "What do you see?", &jpeg);
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(
+        json_body(&resp),
+        json!({"success":true,"action":"RESPONSE","response":"A gradient from green to pink."})
+    );
+    let asked = vision.chat_requests();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0]["model"], "vision-test-model");
+    let content = &asked[0]["messages"][0]["content"];
+    assert_eq!(content[0]["text"], "What do you see?");
+    let data_url = format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&jpeg)
+    );
+    assert_eq!(content[1]["image_url"]["url"], data_url.as_str());
+
+    let status = http_request(server.http_port, "GET", "/mcp/vision/explain", &[], "").unwrap();
+    assert_eq!(status.status, 200);
+    assert!(status.body.contains("vision-test-model"), "{}", status.body);
+
+    // Another device's id with this token, a forged token, no token: 401, model not asked.
+    for (device, auth) in [
+        ("aa:dd:00:00:00:11", format!("Bearer {token}")),
+        (mac, "Bearer AAAA.99999999999".to_string()),
+        (mac, String::new()),
+    ] {
+        let headers = [("Device-Id", device), ("Authorization", auth.as_str())];
+        let resp = post_form(&url, &headers, &camera_form("q", &jpeg), None);
+        assert_eq!(resp.status, 401, "{device} {auth}: {}", resp.body);
+        assert_eq!(json_body(&resp)["success"], false);
+        assert!(json_body(&resp)["message"]
+            .as_str()
+            .unwrap()
+            .contains("token"));
+    }
+    // Not an image: 400.
+    let resp = post_photo(&url, mac, &token, "q", b"%PDF-1.4 not a photo");
+    assert_eq!(resp.status, 400, "{}", resp.body);
+    assert!(json_body(&resp)["message"]
+        .as_str()
+        .unwrap()
+        .contains("not a JPEG"));
+    // Too large: refused from Content-Length before reading, and a chunked body cut off.
+    let mut big = jpeg.clone();
+    big.resize(300_000, 0);
+    let auth = format!("Bearer {token}");
+    let headers = [("Device-Id", mac), ("Authorization", auth.as_str())];
+    let resp = post_form(&url, &headers, &camera_form("q", &big), None);
+    assert_eq!(resp.status, 413, "{}", resp.body);
+    let resp = post_form(&url, &headers, &camera_form("q", &big), Some(8192));
+    // The server answers and closes as soon as the bound is passed; the client may still be
+    // writing, so the answer can be lost to a reset: the counter below is the proof.
+    assert!(
+        matches!(resp.status, 413 | 0),
+        "{} {}",
+        resp.status,
+        resp.body
+    );
+
+    assert_eq!(
+        vision.chat_requests().len(),
+        1,
+        "refusals never reach the model"
+    );
+    assert_eq!(vision_count(&server, "ok"), 1);
+    assert_eq!(vision_count(&server, "unauthorized"), 3);
+    assert_eq!(vision_count(&server, "bad_request"), 1);
+    assert_eq!(vision_count(&server, "too_large"), 2);
+    // The session is untouched by all this.
+    drop(device);
+    assert_eq!(
+        http_request(server.http_port, "GET", "/healthz", &[], "")
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+#[test]
+fn vision_model_failures_are_clear_answers_and_the_server_keeps_serving() {
+    let llm = volume_mock();
+    // Nothing listens on the vision model's port.
+    let dead = format!("http://127.0.0.1:{}/v1", free_port());
+    let mut sets = vision_sets(&dead);
+    sets.push("vision.openai.timeout_ms=1500".into());
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let dead_server = server(&llm, false, &refs);
+    let mac = "aa:dd:00:00:00:12";
+    let device = Device::connect(&dead_server, mac);
+    let caps = &device.initialize["params"]["capabilities"]["vision"];
+    let (url, token) = (
+        caps["url"].as_str().unwrap(),
+        caps["token"].as_str().unwrap(),
+    );
+    let resp = post_photo(url, mac, token, "What is this?", &test_jpeg());
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let body = json_body(&resp);
+    assert_eq!(body["success"], false);
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the vision model did not answer: ") && message.contains("connect"),
+        "{message}"
+    );
+    assert_eq!(vision_count(&dead_server, "upstream_error"), 1);
+    assert_eq!(
+        http_request(dead_server.http_port, "GET", "/healthz", &[], "")
+            .unwrap()
+            .status,
+        200
+    );
+    // A model that accepts the request but never answers: bounded by vision.openai.timeout_ms.
+    let stalled = vision_mock("never");
+    stalled.update(|s| s.stall = true);
+    let mut sets = vision_sets(&stalled.base_url());
+    sets.push("vision.openai.timeout_ms=600".into());
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let server2 = server(&llm, false, &refs);
+    let mac2 = "aa:dd:00:00:00:13";
+    let device2 = Device::connect(&server2, mac2);
+    let caps = &device2.initialize["params"]["capabilities"]["vision"];
+    let (url2, token2) = (
+        caps["url"].as_str().unwrap(),
+        caps["token"].as_str().unwrap(),
+    );
+    let started = Instant::now();
+    let resp = post_photo(url2, mac2, token2, "What is this?", &test_jpeg());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let message = json_body(&resp)["message"].as_str().unwrap().to_string();
+    assert!(message.contains("timed out"), "{message}");
+    // The model recovers; the same token still works on the same server.
+    stalled.update(|s| s.stall = false);
+    let resp = post_photo(url2, mac2, token2, "And now?", &test_jpeg());
+    assert_eq!(json_body(&resp)["response"], "never");
+    assert_eq!(vision_count(&server2, "upstream_error"), 1);
+    assert_eq!(vision_count(&server2, "ok"), 1);
+}
+
+#[test]
+fn camera_tool_posts_the_photo_and_the_vision_answer_is_spoken_without_another_llm_round() {
+    let llm = tool_mock(
+        "I cannot see anything.",
+        "photo",
+        "self_camera_take_photo",
+        r#"{"question":"What is in front of you?"}"#,
+    );
+    let vision = vision_mock("I see a colourful gradient.");
+    let sets = vision_sets(&vision.base_url());
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let server = server(&llm, true, &refs);
+    let mut device = Device::connect_with(&server, "aa:dd:00:00:00:14", true);
+    let texts = device.ask(
+        "Take a photo and tell me what you see",
+        Duration::from_secs(20),
+    );
+    assert_eq!(device.calls.len(), 1);
+    assert_eq!(device.calls[0]["params"]["name"], CAMERA_TOOL);
+    assert_eq!(spoken(&texts), "I see a colourful gradient.");
+    assert_eq!(
+        llm.chat_requests().len(),
+        1,
+        "the tool's RESPONSE is spoken as it is"
+    );
+    let asked = vision.chat_requests();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(
+        asked[0]["messages"][0]["content"][0]["text"],
+        "What is in front of you?"
+    );
 }
