@@ -70,7 +70,7 @@ pub struct ToolsConfig {
     /// `capabilities.vision.token` sent with an external `vision_url` while `vision.provider`
     /// is "none"; with a provider set, each device gets its own expiring token instead.
     pub vision_token: String,
-    /// Server-side tools offered to the LLM (built in: "get_time").
+    /// Server-side tools offered to the LLM (built in: "get_time", "handle_exit_intent").
     pub server_tools: Vec<String>,
     /// Utterances that end the session after a spoken farewell (whole utterance, any case,
     /// punctuation ignored).
@@ -98,7 +98,7 @@ impl Default for ToolsConfig {
             max_result_bytes: 2048,
             vision_url: String::new(),
             vision_token: String::new(),
-            server_tools: strings(&["get_time"]),
+            server_tools: strings(&["get_time", "handle_exit_intent"]),
             exit_phrases: strings(&["goodbye", "bye bye", "exit", "退出", "关闭", "再见"]),
             wake_words: strings(&[
                 "你好小智",

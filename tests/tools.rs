@@ -281,7 +281,7 @@ fn remote_llm_tool_call_sets_the_device_volume_and_the_answer_is_spoken() {
         .map(|v| v["type"].as_str().unwrap_or(""))
         .collect();
     assert_eq!(kinds.first(), Some(&"stt"), "{kinds:?}");
-    // Two LLM rounds: the first offered the tools of both pages (and get_time), the second
+    // Two LLM rounds: the first offered the server tools and the tools of both pages, the second
     // carried the device's result back.
     let requests = mock.chat_requests();
     assert_eq!(requests.len(), 2);
@@ -295,6 +295,7 @@ fn remote_llm_tool_call_sets_the_device_volume_and_the_answer_is_spoken() {
         offered,
         [
             "get_time",
+            "handle_exit_intent",
             "self_get_device_status",
             "self_audio_speaker_set_volume"
         ]
@@ -536,6 +537,39 @@ fn exit_phrase_says_goodbye_and_closes_and_a_wake_word_is_greeted() {
     assert_eq!(spoken(&texts), "Goodbye! Talk to you soon.");
     let (code, _) = expect_close(&mut device.ws);
     assert_eq!(code, 1000);
+}
+
+#[test]
+fn llm_exit_tool_speaks_its_farewell_then_says_goodbye_and_closes() {
+    let mock = tool_mock(
+        "Anything else?",
+        "leave",
+        "handle_exit_intent",
+        r#"{"say_goodbye":"Bye for now, take care!"}"#,
+    );
+    let server = server(&mock, true, &[]);
+    let mut device = Device::connect(&server, "aa:dd:00:00:00:08");
+    // A turn that calls no tool leaves the session open.
+    let texts = device.ask("What can you do?", Duration::from_secs(20));
+    assert_eq!(spoken(&texts), "Anything else?");
+    let texts = device.ask("I have to leave now", Duration::from_secs(20));
+    assert!(texts.iter().any(|v| v["type"] == "stt"), "{texts:?}");
+    assert_eq!(spoken(&texts), "Bye for now, take care!");
+    assert_eq!(next_json_skipping_audio(&mut device.ws)["type"], "goodbye");
+    let (code, _) = expect_close(&mut device.ws);
+    assert_eq!(code, 1000);
+    let requests = mock.chat_requests();
+    assert_eq!(
+        requests.len(),
+        2,
+        "the farewell is spoken without another LLM round"
+    );
+    let offered = requests[1]["tools"].to_string();
+    assert!(offered.contains("say_goodbye"), "{offered}");
+    assert!(
+        device.calls.is_empty(),
+        "the exit tool is the server's, not the device's"
+    );
 }
 
 /// Runs tests/sdk/tool_call.py against a server whose LLM is the mock (`remote_llm`) or the

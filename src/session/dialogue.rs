@@ -969,6 +969,19 @@ impl Dialogue {
         }
     }
 
+    /// What the user said in the current turn (empty if none).
+    pub fn user_text(&self) -> &str {
+        self.turn.as_ref().map_or("", |t| t.user_text.as_str())
+    }
+
+    /// Ends the session after turn `turn` has been spoken (as an exit phrase does); nothing if
+    /// that turn is over.
+    pub fn close_after_turn(&mut self, turn: u32) {
+        if let Some(t) = self.turn.as_mut().filter(|t| t.id == turn) {
+            t.close_after = true;
+        }
+    }
+
     /// Id of the current turn, if any.
     pub fn current_turn(&self) -> Option<u32> {
         self.turn.as_ref().map(|t| t.id)
