@@ -471,6 +471,73 @@ fn a_spoken_volume_command_reaches_the_device_with_the_offline_responder() {
     assert_eq!(spoken(&texts), "OK, the volume is now 40.");
 }
 
+/// Sends a text turn on an old-firmware connection and collects the messages until `tts stop`;
+/// returns the `commands` of every `iot` message (each also handed to `on_command` with the
+/// socket, to answer as the device would) and the other messages.
+fn iot_turn(
+    ws: &mut Ws,
+    text: &str,
+    mut on_command: impl FnMut(&mut Ws, &Value),
+) -> (Vec<Value>, Vec<Value>) {
+    let detect = json!({"type":"listen","state":"detect","text":text});
+    ws.send(Message::text(detect.to_string())).expect("detect");
+    let (mut commands, mut texts) = (vec![], vec![]);
+    loop {
+        let v = next_json_skipping_audio(ws);
+        if v["type"] == "iot" {
+            on_command(ws, &v["commands"]);
+            commands.push(v["commands"].clone());
+            continue;
+        }
+        let stop = v["type"] == "tts" && v["state"] == "stop";
+        texts.push(v);
+        if stop {
+            return (commands, texts);
+        }
+    }
+}
+
+#[test]
+fn offline_responder_sets_the_volume_of_an_iot_only_speaker() {
+    let mock = volume_mock();
+    let server = server(&mock, false, &[]);
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:dd:00:00:00:09", "1"),
+    );
+    // Old firmware: no MCP; its Speaker thing as thing/speaker.cc describes it.
+    hello(&mut ws, HELLO);
+    ws.send(Message::text(
+        json!({"type":"iot","update":true,"descriptors":[{"name":"Speaker","description":"扬声器",
+        "properties":{"volume":{"description":"当前音量值","type":"number"}},
+        "methods":{"SetVolume":{"description":"设置音量","parameters":{"volume":
+        {"description":"0到100之间的整数","type":"number"}}}}}]})
+        .to_string(),
+    ))
+    .expect("iot");
+    let report = |ws: &mut Ws, volume: &Value| {
+        let states = json!({"type":"iot","states":[{"name":"Speaker","state":{"volume":volume}}]});
+        ws.send(Message::text(states.to_string())).expect("states");
+    };
+    report(&mut ws, &json!(40));
+    // The device applies a command and reports its new state, as old firmware does.
+    let apply = |ws: &mut Ws, commands: &Value| report(ws, &commands[0]["parameters"]["volume"]);
+    let (commands, texts) = iot_turn(&mut ws, "Set the volume to 70.", apply);
+    assert_eq!(
+        commands,
+        [json!([{"name":"Speaker","method":"SetVolume","parameters":{"volume":70}}])]
+    );
+    assert_eq!(spoken(&texts), "OK, the volume is now 70.");
+    // "louder" reads the cached state (70, reported after the command) and sets 10 more.
+    let (commands, texts) = iot_turn(&mut ws, "Louder, please", apply);
+    assert_eq!(commands.len(), 1, "{commands:?}");
+    assert_eq!(commands[0][0]["parameters"], json!({"volume":80}));
+    assert_eq!(spoken(&texts), "OK, the volume is now 80.");
+    let (_, texts) = iot_turn(&mut ws, "静音", apply);
+    assert_eq!(spoken(&texts).replace(' ', ""), "好的，音量已调到0。");
+    assert_eq!(mock.chat_requests().len(), 0, "no LLM involved");
+}
+
 #[test]
 fn legacy_iot_things_are_tools_for_the_llm() {
     let mock = tool_mock(
@@ -498,26 +565,10 @@ fn legacy_iot_things_are_tools_for_the_llm() {
         r#"{"type":"iot","states":[{"name":"Lamp","state":{"power":false}}]}"#,
     ))
     .expect("states");
-    let detect = json!({"type":"listen","state":"detect","text":"switch the lamp on"});
-    ws.send(Message::text(detect.to_string())).expect("detect");
-    let mut command = None;
-    let mut texts = vec![];
-    loop {
-        let v = next_json_skipping_audio(&mut ws);
-        if v["type"] == "iot" {
-            command = Some(v);
-            continue;
-        }
-        let stop = v["type"] == "tts" && v["state"] == "stop";
-        texts.push(v);
-        if stop {
-            break;
-        }
-    }
-    let command = command.expect("iot command sent");
+    let (commands, texts) = iot_turn(&mut ws, "switch the lamp on", |_, _| {});
     assert_eq!(
-        command["commands"],
-        json!([{"name":"Lamp","method":"TurnOn","parameters":{"brightness":80}}])
+        commands,
+        [json!([{"name":"Lamp","method":"TurnOn","parameters":{"brightness":80}}])]
     );
     assert_eq!(spoken(&texts), "The lamp is on.");
     let requests = mock.chat_requests();

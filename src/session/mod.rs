@@ -281,7 +281,7 @@ impl Session {
             .unwrap_or(BinaryProtocol::V1);
         let mut dialogue = Dialogue::new(settings.dialogue.clone(), id.clone());
         let toolset = settings.tools.base.clone();
-        dialogue.set_tools(toolset.openai_tools().cloned(), |_| false);
+        dialogue.set_tools(toolset.openai_tools().cloned(), toolset.volume_tools());
         Session {
             id,
             identity,
@@ -464,9 +464,7 @@ impl Session {
         ));
         let toolset = &self.toolset;
         self.dialogue
-            .set_tools(toolset.openai_tools().cloned(), |n| {
-                toolset.has_device_tool(n)
-            });
+            .set_tools(toolset.openai_tools().cloned(), toolset.volume_tools());
         tracing::debug!(session = %self.id, tools = toolset.len(), "tools offered");
     }
 
