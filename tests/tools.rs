@@ -497,24 +497,25 @@ fn iot_turn(
     }
 }
 
+/// Connects as old firmware (no MCP) and sends its IoT `descriptors`.
+fn iot_device(server: &Server, mac: &str, descriptors: Value) -> Ws {
+    let mut ws = connect(&server.ws_url("/"), &device_headers(mac, "1"));
+    hello(&mut ws, HELLO);
+    let msg = json!({"type":"iot","update":true,"descriptors":descriptors});
+    ws.send(Message::text(msg.to_string())).expect("iot");
+    ws
+}
+
 #[test]
 fn offline_responder_sets_the_volume_of_an_iot_only_speaker() {
     let mock = volume_mock();
     let server = server(&mock, false, &[]);
-    let mut ws = connect(
-        &server.ws_url("/"),
-        &device_headers("aa:dd:00:00:00:09", "1"),
-    );
-    // Old firmware: no MCP; its Speaker thing as thing/speaker.cc describes it.
-    hello(&mut ws, HELLO);
-    ws.send(Message::text(
-        json!({"type":"iot","update":true,"descriptors":[{"name":"Speaker","description":"扬声器",
+    // Old firmware's Speaker thing as thing/speaker.cc describes it.
+    let speaker = json!([{"name":"Speaker","description":"扬声器",
         "properties":{"volume":{"description":"当前音量值","type":"number"}},
         "methods":{"SetVolume":{"description":"设置音量","parameters":{"volume":
-        {"description":"0到100之间的整数","type":"number"}}}}}]})
-        .to_string(),
-    ))
-    .expect("iot");
+        {"description":"0到100之间的整数","type":"number"}}}}}]);
+    let mut ws = iot_device(&server, "aa:dd:00:00:00:09", speaker);
     let report = |ws: &mut Ws, volume: &Value| {
         let states = json!({"type":"iot","states":[{"name":"Speaker","state":{"volume":volume}}]});
         ws.send(Message::text(states.to_string())).expect("states");
@@ -547,20 +548,12 @@ fn legacy_iot_things_are_tools_for_the_llm() {
         r#"{"brightness":80}"#,
     );
     let server = server(&mock, true, &[]);
-    let mut ws = connect(
-        &server.ws_url("/"),
-        &device_headers("aa:dd:00:00:00:06", "1"),
-    );
     // Old firmware: no MCP, IoT descriptors and states instead.
-    hello(&mut ws, HELLO);
-    ws.send(Message::text(
-        json!({"type":"iot","update":true,"descriptors":[{"name":"Lamp",
+    let lamp = json!([{"name":"Lamp",
         "description":"a lamp","properties":{"power":{"description":"on or off","type":"boolean"}},
         "methods":{"TurnOn":{"description":"switch on","parameters":{"brightness":
-        {"description":"0-100","type":"number"}}}}}]})
-        .to_string(),
-    ))
-    .expect("iot");
+        {"description":"0-100","type":"number"}}}}}]);
+    let mut ws = iot_device(&server, "aa:dd:00:00:00:06", lamp);
     ws.send(Message::text(
         r#"{"type":"iot","states":[{"name":"Lamp","state":{"power":false}}]}"#,
     ))
@@ -775,6 +768,28 @@ fn vision_sets(base_url: &str) -> Vec<String> {
     ]
 }
 
+/// A server whose vision model is at `vision_base_url` (plus `extra` sets; the LLM is `llm`'s,
+/// remote when `remote_llm`), and a device `mac` on it (with the camera tool when `camera`);
+/// also the vision URL and token its `initialize` carried.
+fn vision_session(
+    llm: &MockHandle,
+    remote_llm: bool,
+    vision_base_url: &str,
+    extra: &[&str],
+    mac: &str,
+    camera: bool,
+) -> (Server, Device, String, String) {
+    let mut sets = vision_sets(vision_base_url);
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let server = server(llm, remote_llm, &refs);
+    let device = Device::connect_with(&server, mac, camera);
+    let caps = &device.initialize["params"]["capabilities"]["vision"];
+    let url = caps["url"].as_str().expect("vision url").to_string();
+    let token = caps["token"].as_str().expect("vision token").to_string();
+    (server, device, url, token)
+}
+
 /// `xiaozhi_vision_requests_total{result="<result>"}`.
 fn vision_count(server: &Server, result: &str) -> u64 {
     let body = http_request(server.http_port, "GET", "/metrics", &[], "")
@@ -796,15 +811,15 @@ fn vision_endpoint_answers_the_device_its_token_was_issued_to_and_refuses_everyt
     use base64::Engine;
     let llm = volume_mock();
     let vision = vision_mock("A gradient from green to pink.");
-    let mut sets = vision_sets(&vision.base_url());
-    sets.push("vision.max_body_bytes=200000".into());
-    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
-    let server = server(&llm, false, &refs);
     let mac = "aa:dd:00:00:00:10";
-    let device = Device::connect(&server, mac);
-    let caps = &device.initialize["params"]["capabilities"]["vision"];
-    let url = caps["url"].as_str().expect("vision url").to_string();
-    let token = caps["token"].as_str().expect("vision token").to_string();
+    let (server, device, url, token) = vision_session(
+        &llm,
+        false,
+        &vision.base_url(),
+        &["vision.max_body_bytes=200000"],
+        mac,
+        false,
+    );
     assert_eq!(
         url,
         format!("http://127.0.0.1:{}/mcp/vision/explain", server.http_port)
@@ -896,18 +911,16 @@ fn vision_model_failures_are_clear_answers_and_the_server_keeps_serving() {
     let llm = volume_mock();
     // Nothing listens on the vision model's port.
     let dead = format!("http://127.0.0.1:{}/v1", free_port());
-    let mut sets = vision_sets(&dead);
-    sets.push("vision.openai.timeout_ms=1500".into());
-    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
-    let dead_server = server(&llm, false, &refs);
     let mac = "aa:dd:00:00:00:12";
-    let device = Device::connect(&dead_server, mac);
-    let caps = &device.initialize["params"]["capabilities"]["vision"];
-    let (url, token) = (
-        caps["url"].as_str().unwrap(),
-        caps["token"].as_str().unwrap(),
+    let (dead_server, _device, url, token) = vision_session(
+        &llm,
+        false,
+        &dead,
+        &["vision.openai.timeout_ms=1500"],
+        mac,
+        false,
     );
-    let resp = post_photo(url, mac, token, "What is this?", &test_jpeg());
+    let resp = post_photo(&url, mac, &token, "What is this?", &test_jpeg());
     assert_eq!(resp.status, 200, "{}", resp.body);
     let body = json_body(&resp);
     assert_eq!(body["success"], false);
@@ -926,25 +939,23 @@ fn vision_model_failures_are_clear_answers_and_the_server_keeps_serving() {
     // A model that accepts the request but never answers: bounded by vision.openai.timeout_ms.
     let stalled = vision_mock("never");
     stalled.update(|s| s.stall = true);
-    let mut sets = vision_sets(&stalled.base_url());
-    sets.push("vision.openai.timeout_ms=600".into());
-    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
-    let server2 = server(&llm, false, &refs);
     let mac2 = "aa:dd:00:00:00:13";
-    let device2 = Device::connect(&server2, mac2);
-    let caps = &device2.initialize["params"]["capabilities"]["vision"];
-    let (url2, token2) = (
-        caps["url"].as_str().unwrap(),
-        caps["token"].as_str().unwrap(),
+    let (server2, _device2, url2, token2) = vision_session(
+        &llm,
+        false,
+        &stalled.base_url(),
+        &["vision.openai.timeout_ms=600"],
+        mac2,
+        false,
     );
     let started = Instant::now();
-    let resp = post_photo(url2, mac2, token2, "What is this?", &test_jpeg());
+    let resp = post_photo(&url2, mac2, &token2, "What is this?", &test_jpeg());
     assert!(started.elapsed() < Duration::from_secs(5));
     let message = json_body(&resp)["message"].as_str().unwrap().to_string();
     assert!(message.contains("timed out"), "{message}");
     // The model recovers; the same token still works on the same server.
     stalled.update(|s| s.stall = false);
-    let resp = post_photo(url2, mac2, token2, "And now?", &test_jpeg());
+    let resp = post_photo(&url2, mac2, &token2, "And now?", &test_jpeg());
     assert_eq!(json_body(&resp)["response"], "never");
     assert_eq!(vision_count(&server2, "upstream_error"), 1);
     assert_eq!(vision_count(&server2, "ok"), 1);
@@ -959,10 +970,14 @@ fn camera_tool_posts_the_photo_and_the_vision_answer_is_spoken_without_another_l
         r#"{"question":"What is in front of you?"}"#,
     );
     let vision = vision_mock("I see a colourful gradient.");
-    let sets = vision_sets(&vision.base_url());
-    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
-    let server = server(&llm, true, &refs);
-    let mut device = Device::connect_with(&server, "aa:dd:00:00:00:14", true);
+    let (_server, mut device, _, _) = vision_session(
+        &llm,
+        true,
+        &vision.base_url(),
+        &[],
+        "aa:dd:00:00:00:14",
+        true,
+    );
     let texts = device.ask(
         "Take a photo and tell me what you see",
         Duration::from_secs(20),

@@ -7,15 +7,10 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
-use hyper::Request;
 use serde_json::{json, Value};
 
 use crate::providers::error::ProviderError;
-use crate::providers::http_client::{
-    error_for_status, read_body, with_timeout, ApiKey, ConnectTimeout, HttpClient, HttpError,
-    ReqBody,
-};
+use crate::providers::http_client::{post_for_body, with_timeout, ApiKey, HttpClient};
 
 /// Largest reply accepted from the model.
 const MAX_REPLY: usize = 1024 * 1024;
@@ -116,19 +111,15 @@ async fn exchange(
         "{}/chat/completions",
         settings.base_url.trim_end_matches('/')
     );
-    let mut req = Request::post(&url).header(CONTENT_TYPE, "application/json");
-    if let Some(bearer) = settings.api_key.bearer() {
-        req = req.header(AUTHORIZATION, bearer);
-    }
-    let req = req
-        .extension(ConnectTimeout(settings.timeout))
-        .body(ReqBody::full(body.to_string()))
-        .map_err(|e| HttpError::InvalidRequest {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
-    let resp = error_for_status(client.request(req).await?).await?;
-    let reply = read_body(resp.into_body(), MAX_REPLY).await?;
+    let reply = post_for_body(
+        client,
+        &url,
+        &settings.api_key,
+        "application/json",
+        body.to_string(),
+        MAX_REPLY,
+    )
+    .await?;
     answer_text(&reply).map_err(ProviderError::BadResponse)
 }
 
