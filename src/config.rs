@@ -132,6 +132,8 @@ pub struct VisionConfig {
     pub provider: VisionProvider,
     /// Largest request body (multipart: question + photo), bytes.
     pub max_body_bytes: usize,
+    /// Most requests each shard handles at once (past authentication); more get 503.
+    pub max_in_flight: usize,
     /// Lifetime of the per-device token handed out in MCP initialize, seconds.
     pub token_expire_seconds: u64,
     /// Remote OpenAI-compatible vision chat model.
@@ -143,6 +145,7 @@ impl Default for VisionConfig {
         Self {
             provider: VisionProvider::None,
             max_body_bytes: 5 * 1024 * 1024,
+            max_in_flight: 8,
             token_expire_seconds: 24 * 3600,
             openai: RemoteVisionConfig::default(),
         }
@@ -1067,6 +1070,9 @@ impl Config {
         let v = &self.vision;
         if !(1024..=64 << 20).contains(&v.max_body_bytes) {
             return bad("vision.max_body_bytes", "must be between 1024 and 67108864");
+        }
+        if v.max_in_flight == 0 {
+            return bad("vision.max_in_flight", "must be at least 1");
         }
         if v.token_expire_seconds < 60 {
             return bad("vision.token_expire_seconds", "must be at least 60");

@@ -434,6 +434,8 @@ fn vision_endpoint(shard: &Rc<Shard>) -> crate::http::vision::VisionEndpoint {
     crate::http::vision::VisionEndpoint {
         model,
         max_body_bytes: v.max_body_bytes,
+        max_in_flight: v.max_in_flight,
+        in_flight: Rc::new(Cell::new(0)),
         tokens: shard.vision_signer.clone(),
         client: shard.http.clone(),
         record: Rc::new(move |outcome| counted.stats.borrow_mut().vision.count(outcome)),

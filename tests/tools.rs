@@ -944,15 +944,40 @@ fn vision_model_failures_are_clear_answers_and_the_server_keeps_serving() {
         &llm,
         false,
         &stalled.base_url(),
-        &["vision.openai.timeout_ms=600"],
+        // One shard, so both requests meet the same limit.
+        &[
+            "vision.openai.timeout_ms=1500",
+            "vision.max_in_flight=1",
+            "runtime.shard_cores=[0]",
+        ],
         mac2,
         false,
     );
     let started = Instant::now();
-    let resp = post_photo(&url2, mac2, &token2, "What is this?", &test_jpeg());
+    let first = {
+        let (url, token) = (url2.clone(), token2.clone());
+        std::thread::spawn(move || post_photo(&url, mac2, &token, "What is this?", &test_jpeg()))
+    };
+    while stalled.stats().requests == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the model was never asked"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // One photo in hand is this shard's limit: the next is refused at once, not queued.
+    let busy = post_photo(&url2, mac2, &token2, "And this?", &test_jpeg());
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    assert!(
+        busy.head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{}",
+        busy.head
+    );
+    let resp = first.join().expect("first request");
     assert!(started.elapsed() < Duration::from_secs(5));
     let message = json_body(&resp)["message"].as_str().unwrap().to_string();
     assert!(message.contains("timed out"), "{message}");
+    assert_eq!(vision_count(&server2, "busy"), 1);
     // The model recovers; the same token still works on the same server.
     stalled.update(|s| s.stall = false);
     let resp = post_photo(&url2, mac2, &token2, "And now?", &test_jpeg());

@@ -11,12 +11,15 @@
 //! Answers: 200 `{"success":true,"action":"RESPONSE","response":…}` (the device returns it as
 //! its tool result and the session speaks it as it is); 401 for a missing, bad or expired token;
 //! 400 for a malformed request or a file that is not an image; 413 for a body over the limit;
-//! 503 when no vision model is configured. A model failure or timeout is answered
+//! 503 when no vision model is configured, or when this shard already has
+//! `vision.max_in_flight` photos in hand (each holds up to `max_body_bytes` plus its base64
+//! copy, so this bounds the endpoint's memory per shard). A model failure or timeout is answered
 //! `{"success":false,"message":…}` with **200**, as the reference does: the firmware hands a
 //! 200 body to the LLM as the tool result (so it can say what went wrong), while any other
 //! status only makes it report "Failed to upload photo". Every outcome is counted
 //! ([`VisionCounters`], `xiaozhi_vision_requests_total{result=…}`).
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::rc::Rc;
 
@@ -49,6 +52,8 @@ pub enum VisionOutcome {
     UpstreamError,
     /// `vision.provider` is "none".
     NotConfigured,
+    /// The shard already had `vision.max_in_flight` requests in hand.
+    Busy,
 }
 
 /// Requests to the vision endpoint by outcome.
@@ -66,6 +71,8 @@ pub struct VisionCounters {
     pub upstream_error: u64,
     /// Refused with 503 (no model configured).
     pub not_configured: u64,
+    /// Refused with 503 (too many in flight on the shard).
+    pub busy: u64,
 }
 
 impl VisionCounters {
@@ -78,6 +85,7 @@ impl VisionCounters {
             VisionOutcome::TooLarge => &mut self.too_large,
             VisionOutcome::UpstreamError => &mut self.upstream_error,
             VisionOutcome::NotConfigured => &mut self.not_configured,
+            VisionOutcome::Busy => &mut self.busy,
         };
         *n += 1;
     }
@@ -90,10 +98,11 @@ impl VisionCounters {
         self.too_large += o.too_large;
         self.upstream_error += o.upstream_error;
         self.not_configured += o.not_configured;
+        self.busy += o.busy;
     }
 
     /// `(result label, count)` for each outcome.
-    pub fn by_result(&self) -> [(&'static str, u64); 6] {
+    pub fn by_result(&self) -> [(&'static str, u64); 7] {
         [
             ("ok", self.ok),
             ("unauthorized", self.unauthorized),
@@ -101,6 +110,7 @@ impl VisionCounters {
             ("too_large", self.too_large),
             ("upstream_error", self.upstream_error),
             ("not_configured", self.not_configured),
+            ("busy", self.busy),
         ]
     }
 }
@@ -111,6 +121,10 @@ pub struct VisionEndpoint {
     pub model: Option<OpenAiVisionSettings>,
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
+    /// Most requests past authentication at once on this shard.
+    pub max_in_flight: usize,
+    /// Requests past authentication now.
+    pub in_flight: Rc<Cell<usize>>,
     /// Verifies the tokens handed out in MCP initialize.
     pub tokens: Option<TokenSigner>,
     /// This shard's HTTP client (keep-alive pool).
@@ -174,9 +188,12 @@ impl VisionEndpoint {
         *r.status_mut() = status;
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if outcome == VisionOutcome::TooLarge {
+        if matches!(outcome, VisionOutcome::TooLarge | VisionOutcome::Busy) {
             // The rest of the body is not read: the connection cannot be reused.
             h.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        if outcome == VisionOutcome::Busy {
+            h.insert("retry-after", HeaderValue::from_static("1"));
         }
         r
     }
@@ -216,6 +233,16 @@ impl VisionEndpoint {
                 format!("invalid vision token: {e}"),
             ));
         }
+        let Some(_slot) = InFlight::take(&self.in_flight, self.max_in_flight) else {
+            return Err(Refusal::new(
+                O::Busy,
+                S::SERVICE_UNAVAILABLE,
+                format!(
+                    "this server is explaining {} photos already; retry shortly",
+                    self.max_in_flight
+                ),
+            ));
+        };
         let max = self.max_body_bytes;
         let too_large = || {
             Refusal::new(
@@ -272,6 +299,25 @@ impl VisionEndpoint {
                     format!("the vision model did not answer: {e}"),
                 )
             })
+    }
+}
+
+/// One request's place among those in flight; given back when dropped (also when the client
+/// goes away and the request's future is dropped).
+struct InFlight(Rc<Cell<usize>>);
+
+impl InFlight {
+    fn take(count: &Rc<Cell<usize>>, max: usize) -> Option<InFlight> {
+        (count.get() < max).then(|| {
+            count.set(count.get() + 1);
+            InFlight(count.clone())
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
     }
 }
 
@@ -380,6 +426,18 @@ mod tests {
             explain_url(None, Some("10.1.2.3".parse().unwrap()), 80),
             "http://10.1.2.3:80/mcp/vision/explain"
         );
+    }
+
+    #[test]
+    fn in_flight_places_are_bounded_and_given_back() {
+        let count = Rc::new(Cell::new(0));
+        let a = InFlight::take(&count, 2).unwrap();
+        let b = InFlight::take(&count, 2).unwrap();
+        assert!(InFlight::take(&count, 2).is_none());
+        drop(a);
+        assert!(InFlight::take(&count, 2).is_some());
+        drop(b);
+        assert_eq!(count.get(), 0);
     }
 
     #[test]
