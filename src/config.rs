@@ -1211,6 +1211,40 @@ mod tests {
     }
 
     #[test]
+    fn vision_gets_a_random_secret_only_when_on_and_none_is_configured() {
+        let mut c = load(&["vision.provider=\"openai\""]).unwrap();
+        c.ensure_vision_secret();
+        assert_eq!(c.server.auth.secrets.len(), 1);
+        assert_eq!(c.server.auth.secrets[0].len(), 64);
+        let mut other = load(&["vision.provider=\"openai\""]).unwrap();
+        other.ensure_vision_secret();
+        assert_ne!(other.server.auth.secrets, c.server.auth.secrets);
+        let mut kept = load(&[
+            "vision.provider=\"openai\"",
+            "server.auth.secrets=[\"fleet\"]",
+        ])
+        .unwrap();
+        kept.ensure_vision_secret();
+        assert_eq!(kept.server.auth.secrets, ["fleet"]);
+        let mut off = load(&[]).unwrap();
+        off.ensure_vision_secret();
+        assert!(off.server.auth.secrets.is_empty());
+    }
+
+    #[test]
+    fn unworkable_vision_values_are_refused_with_their_key() {
+        for (set, key) in [
+            ("vision.max_body_bytes=10", "vision.max_body_bytes"),
+            ("vision.max_in_flight=0", "vision.max_in_flight"),
+            ("vision.provider=\"gpt\"", "vision.provider"),
+            ("tools.vision_url=\"ftp://x\"", "tools.vision_url"),
+        ] {
+            let err = load(&[set]).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
+    }
+
+    #[test]
     fn default_toml_file_parses_and_equals_builtin_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
         let from_file = Config::load(Some(&path), &[]).unwrap();
