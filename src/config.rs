@@ -32,6 +32,8 @@ pub struct Config {
     pub audio_out: AudioOutConfig,
     /// Device tools (MCP, IoT), server tools, LLM tool calling and built-in intents.
     pub tools: ToolsConfig,
+    /// The camera's `/mcp/vision/explain` endpoint and the vision model behind it.
+    pub vision: VisionConfig,
     /// Logging.
     pub log: LogConfig,
     /// Latency histograms: interval log and dumps.
@@ -61,11 +63,14 @@ pub struct ToolsConfig {
     pub max_list_pages: u32,
     /// Longest tool result fed back to the LLM, bytes.
     pub max_result_bytes: usize,
-    /// `capabilities.vision.url` sent in MCP initialize (camera explain endpoint); empty = none.
+    /// `capabilities.vision.url` sent in MCP initialize (camera explain endpoint). Empty: with
+    /// `vision.provider` set, this server's own `http://<Host of the WebSocket request>:
+    /// <http_port>/mcp/vision/explain`; otherwise no vision capability.
     pub vision_url: String,
-    /// `capabilities.vision.token` sent with the vision URL.
+    /// `capabilities.vision.token` sent with an external `vision_url` while `vision.provider`
+    /// is "none"; with a provider set, each device gets its own expiring token instead.
     pub vision_token: String,
-    /// Server-side tools offered to the LLM (built in: "get_time").
+    /// Server-side tools offered to the LLM (built in: "get_time", "handle_exit_intent").
     pub server_tools: Vec<String>,
     /// Utterances that end the session after a spoken farewell (whole utterance, any case,
     /// punctuation ignored).
@@ -93,7 +98,7 @@ impl Default for ToolsConfig {
             max_result_bytes: 2048,
             vision_url: String::new(),
             vision_token: String::new(),
-            server_tools: strings(&["get_time"]),
+            server_tools: strings(&["get_time", "handle_exit_intent"]),
             exit_phrases: strings(&["goodbye", "bye bye", "exit", "退出", "关闭", "再见"]),
             wake_words: strings(&[
                 "你好小智",
@@ -105,6 +110,69 @@ impl Default for ToolsConfig {
             ]),
             wake_greeting: "Hi! What can I do for you?".into(),
             wake_greeting_zh: "你好，有什么可以帮你？".into(),
+        }
+    }
+}
+
+/// Which vision model explains the camera's photos.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VisionProvider {
+    /// No vision endpoint (the route answers 503).
+    None,
+    /// OpenAI-compatible `POST /chat/completions` with an `image_url` part.
+    Openai,
+}
+
+/// The camera's `POST /mcp/vision/explain` endpoint (spec §13) on the HTTP port.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VisionConfig {
+    /// `none` (default) or `openai`.
+    pub provider: VisionProvider,
+    /// Largest request body (multipart: question + photo), bytes.
+    pub max_body_bytes: usize,
+    /// Most requests each shard handles at once (past authentication); more get 503.
+    pub max_in_flight: usize,
+    /// Lifetime of the per-device token handed out in MCP initialize, seconds.
+    pub token_expire_seconds: u64,
+    /// Remote OpenAI-compatible vision chat model.
+    pub openai: RemoteVisionConfig,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        Self {
+            provider: VisionProvider::None,
+            max_body_bytes: 5 * 1024 * 1024,
+            max_in_flight: 8,
+            token_expire_seconds: 24 * 3600,
+            openai: RemoteVisionConfig::default(),
+        }
+    }
+}
+
+/// Remote OpenAI-compatible vision model (chat completions with an image).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteVisionConfig {
+    /// Base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// API key; `XIAOZHI_VISION_API_KEY` overrides.
+    pub api_key: String,
+    /// Model name (one that accepts images).
+    pub model: String,
+    /// Time for the whole answer (connect included), ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for RemoteVisionConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:18080/v1".into(),
+            api_key: String::new(),
+            model: "gpt-4o-mini".into(),
+            timeout_ms: 30_000,
         }
     }
 }
@@ -851,6 +919,27 @@ impl Config {
         Ok(config)
     }
 
+    /// The secrets that sign vision tokens: `server.auth.secrets` (auth enabled or not). With
+    /// none configured and a vision provider set, a random secret is made for this process and
+    /// a warning logged: its tokens verify only on this instance and only until it restarts.
+    pub fn ensure_vision_secret(&mut self) {
+        if self.vision.provider == VisionProvider::None
+            || self.server.auth.secrets.iter().any(|s| !s.is_empty())
+        {
+            return;
+        }
+        let random = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        self.server.auth.secrets = vec![random];
+        tracing::warn!(
+            "no server.auth.secrets set: vision tokens are signed with a random per-process \
+             secret (they verify only on this instance, until it restarts)"
+        );
+    }
+
     /// Checks values that parse but cannot work.
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, reason: &str| {
@@ -978,6 +1067,23 @@ impl Config {
         if let Err(e) = crate::tools::server::ServerTools::from_names(&t.server_tools) {
             return bad("tools.server_tools", &e);
         }
+        let v = &self.vision;
+        if !(1024..=64 << 20).contains(&v.max_body_bytes) {
+            return bad("vision.max_body_bytes", "must be between 1024 and 67108864");
+        }
+        if v.max_in_flight == 0 {
+            return bad("vision.max_in_flight", "must be at least 1");
+        }
+        if v.token_expire_seconds < 60 {
+            return bad("vision.token_expire_seconds", "must be at least 60");
+        }
+        if v.openai.timeout_ms < 100 {
+            return bad("vision.openai.timeout_ms", "must be at least 100");
+        }
+        let url = &t.vision_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            return bad("tools.vision_url", "must start with http:// or https://");
+        }
         Ok(())
     }
 }
@@ -1102,6 +1208,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server.trusted_proxies"), "{err}");
+    }
+
+    #[test]
+    fn vision_gets_a_random_secret_only_when_on_and_none_is_configured() {
+        let mut c = load(&["vision.provider=\"openai\""]).unwrap();
+        c.ensure_vision_secret();
+        assert_eq!(c.server.auth.secrets.len(), 1);
+        assert_eq!(c.server.auth.secrets[0].len(), 64);
+        let mut other = load(&["vision.provider=\"openai\""]).unwrap();
+        other.ensure_vision_secret();
+        assert_ne!(other.server.auth.secrets, c.server.auth.secrets);
+        let mut kept = load(&[
+            "vision.provider=\"openai\"",
+            "server.auth.secrets=[\"fleet\"]",
+        ])
+        .unwrap();
+        kept.ensure_vision_secret();
+        assert_eq!(kept.server.auth.secrets, ["fleet"]);
+        let mut off = load(&[]).unwrap();
+        off.ensure_vision_secret();
+        assert!(off.server.auth.secrets.is_empty());
+    }
+
+    #[test]
+    fn unworkable_vision_values_are_refused_with_their_key() {
+        for (set, key) in [
+            ("vision.max_body_bytes=10", "vision.max_body_bytes"),
+            ("vision.max_in_flight=0", "vision.max_in_flight"),
+            ("vision.provider=\"gpt\"", "vision.provider"),
+            ("tools.vision_url=\"ftp://x\"", "tools.vision_url"),
+        ] {
+            let err = load(&[set]).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
     }
 
     #[test]

@@ -109,6 +109,8 @@ pub struct ShardStats {
     pub vad_queue_depth: u64,
     /// Per-session counters summed over ended sessions.
     pub ended: SessionCounters,
+    /// Requests to `/mcp/vision/explain` by outcome.
+    pub vision: crate::http::vision::VisionCounters,
 }
 
 impl ShardStats {
@@ -136,6 +138,7 @@ impl ShardStats {
         self.orphan_results += o.orphan_results;
         self.vad_queue_depth = self.vad_queue_depth.max(o.vad_queue_depth);
         self.ended.add(&o.ended);
+        self.vision.add(&o.vision);
     }
 }
 
@@ -147,6 +150,12 @@ pub struct Shard {
     pub config: Config,
     /// Token signer/verifier when auth is on.
     pub signer: Option<TokenSigner>,
+    /// Signs the per-device vision tokens (from `server.auth.secrets`, auth on or not); `None`
+    /// without a secret (then no vision provider is set either, see
+    /// `Config::ensure_vision_secret`).
+    pub vision_signer: Option<TokenSigner>,
+    /// The HTTP port as bound (for the vision URL handed to devices).
+    pub http_port: Cell<u16>,
     /// Balancers whose PROXY header and forwarded headers are believed.
     pub trusted: TrustedProxies,
     /// Most sessions this shard admits (its share of the instance limit).
@@ -407,6 +416,32 @@ fn deliver(shard: &Shard, session: u64, event: SessionEvent) {
     }
 }
 
+/// The `/mcp/vision/explain` endpoint of `shard`, counting into its stats.
+fn vision_endpoint(shard: &Rc<Shard>) -> crate::http::vision::VisionEndpoint {
+    let v = &shard.config.vision;
+    let model = (v.provider == crate::config::VisionProvider::Openai).then(|| {
+        crate::providers::vision::OpenAiVisionSettings {
+            base_url: v.openai.base_url.clone(),
+            api_key: crate::providers::http_client::ApiKey::from_env_or(
+                "XIAOZHI_VISION_API_KEY",
+                &v.openai.api_key,
+            ),
+            model: v.openai.model.clone(),
+            timeout: Duration::from_millis(v.openai.timeout_ms),
+        }
+    });
+    let counted = shard.clone();
+    crate::http::vision::VisionEndpoint {
+        model,
+        max_body_bytes: v.max_body_bytes,
+        max_in_flight: v.max_in_flight,
+        in_flight: Rc::new(Cell::new(0)),
+        tokens: shard.vision_signer.clone(),
+        client: shard.http.clone(),
+        record: Rc::new(move |outcome| counted.stats.borrow_mut().vision.count(outcome)),
+    }
+}
+
 /// The process-wide inputs each shard copies at start.
 #[derive(Clone)]
 pub struct ServerEnv {
@@ -425,16 +460,15 @@ pub struct ServerEnv {
 /// A shard's main future: bind, accept, serve, and on `Control::Drain` drain and return.
 pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     let config = env.config;
-    let signer = if config.server.auth.enabled {
+    let vision_signer = {
         let mut secrets = config.server.auth.secrets.iter().filter(|s| !s.is_empty());
         secrets.next().map(|first| {
             secrets.fold(TokenSigner::new(first.clone()), |s, k| {
                 s.also_accepting(k.clone())
             })
         })
-    } else {
-        None
     };
+    let signer = vision_signer.clone().filter(|_| config.server.auth.enabled);
     // Names were checked when the config was loaded.
     let server_tools = Rc::new(
         crate::tools::server::ServerTools::from_names(&config.tools.server_tools)
@@ -458,6 +492,8 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     let shard = Rc::new(Shard {
         id: ctx.id,
         signer,
+        vision_signer,
+        http_port: Cell::new(config.server.http_port),
         trusted,
         connection_limit,
         rate_limiter: RefCell::new(rate_limiter),
@@ -527,6 +563,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     let http_addr = http_listener
         .local_addr()
         .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+    shard.http_port.set(http_addr.port());
     let _ = env.startup.send(Ok((ctx.id, ws_addr, http_addr)));
 
     let http_ctx = Rc::new(HttpContext {
@@ -557,6 +594,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
                 Box::pin(async move { crate::metrics::service::histogram(&shard, &path).await })
             })
         },
+        vision: vision_endpoint(&shard),
     });
     let _timer_probe = glommio::spawn_local(crate::metrics::service::measure_timer_lateness(
         shard.clone(),

@@ -27,6 +27,7 @@ enum Answer {
 /// `self.audio_speaker.set_volume`, listed over two pages.
 struct Device {
     ws: Ws,
+    mac: String,
     volume: u64,
     answer: Answer,
     /// Every `tools/call` request received.
@@ -35,13 +36,23 @@ struct Device {
     initialize: Value,
 }
 
+/// The camera tool as the firmware lists it.
+const CAMERA_TOOL: &str = "self.camera.take_photo";
+
 impl Device {
     /// Connects, says hello and serves MCP until the tool list has been read.
     fn connect(server: &Server, mac: &str) -> Device {
+        Device::connect_with(server, mac, false)
+    }
+
+    /// Like [`Device::connect`]; with `camera`, the device also lists `self.camera.take_photo`,
+    /// which (as the firmware does) posts a photo to the vision URL from `initialize`.
+    fn connect_with(server: &Server, mac: &str, camera: bool) -> Device {
         let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &device_headers(mac, "1"));
         hello(&mut ws, HELLO_MCP);
         let mut d = Device {
             ws,
+            mac: mac.to_string(),
             volume: 30,
             answer: Answer::Ok,
             calls: vec![],
@@ -78,10 +89,17 @@ impl Device {
         let list = d.next_mcp();
         assert_eq!(list["method"], "tools/list");
         assert_eq!(list["params"]["cursor"], "page-2");
-        d.reply(&list, json!({"tools":[{"name":"self.audio_speaker.set_volume",
+        let mut tools = vec![json!({"name":"self.audio_speaker.set_volume",
             "description":"Set the volume of the audio speaker (0-100).",
             "inputSchema":{"type":"object","properties":{"volume":{"type":"integer","minimum":0,"maximum":100}},
-                "required":["volume"]}}]}));
+                "required":["volume"]}})];
+        if camera {
+            tools.push(json!({"name": CAMERA_TOOL,
+                "description":"Take a photo and explain it. Use when the user asks what you see.",
+                "inputSchema":{"type":"object","properties":{"question":{"type":"string"}},
+                    "required":["question"]}}));
+        }
+        d.reply(&list, json!({ "tools": tools }));
         // The server handles one socket's messages in order: the last page is taken in before
         // anything the test sends next.
         d
@@ -119,6 +137,14 @@ impl Device {
                     Some("self.audio_speaker.set_volume") => {
                         self.volume = args["volume"].as_u64().expect("volume argument");
                         "true".to_string()
+                    }
+                    Some(CAMERA_TOOL) => {
+                        let caps = &self.initialize["params"]["capabilities"]["vision"];
+                        let (url, token) = (caps["url"].as_str(), caps["token"].as_str());
+                        let (url, token) = (url.expect("vision url"), token.expect("vision token"));
+                        let question = args["question"].as_str().expect("question argument");
+                        let mac = self.mac.clone();
+                        post_photo(url, &mac, token, question, &test_jpeg()).body
                     }
                     other => panic!("unexpected tool {other:?}"),
                 };
@@ -255,7 +281,7 @@ fn remote_llm_tool_call_sets_the_device_volume_and_the_answer_is_spoken() {
         .map(|v| v["type"].as_str().unwrap_or(""))
         .collect();
     assert_eq!(kinds.first(), Some(&"stt"), "{kinds:?}");
-    // Two LLM rounds: the first offered the tools of both pages (and get_time), the second
+    // Two LLM rounds: the first offered the server tools and the tools of both pages, the second
     // carried the device's result back.
     let requests = mock.chat_requests();
     assert_eq!(requests.len(), 2);
@@ -269,6 +295,7 @@ fn remote_llm_tool_call_sets_the_device_volume_and_the_answer_is_spoken() {
         offered,
         [
             "get_time",
+            "handle_exit_intent",
             "self_get_device_status",
             "self_audio_speaker_set_volume"
         ]
@@ -444,6 +471,74 @@ fn a_spoken_volume_command_reaches_the_device_with_the_offline_responder() {
     assert_eq!(spoken(&texts), "OK, the volume is now 40.");
 }
 
+/// Sends a text turn on an old-firmware connection and collects the messages until `tts stop`;
+/// returns the `commands` of every `iot` message (each also handed to `on_command` with the
+/// socket, to answer as the device would) and the other messages.
+fn iot_turn(
+    ws: &mut Ws,
+    text: &str,
+    mut on_command: impl FnMut(&mut Ws, &Value),
+) -> (Vec<Value>, Vec<Value>) {
+    let detect = json!({"type":"listen","state":"detect","text":text});
+    ws.send(Message::text(detect.to_string())).expect("detect");
+    let (mut commands, mut texts) = (vec![], vec![]);
+    loop {
+        let v = next_json_skipping_audio(ws);
+        if v["type"] == "iot" {
+            on_command(ws, &v["commands"]);
+            commands.push(v["commands"].clone());
+            continue;
+        }
+        let stop = v["type"] == "tts" && v["state"] == "stop";
+        texts.push(v);
+        if stop {
+            return (commands, texts);
+        }
+    }
+}
+
+/// Connects as old firmware (no MCP) and sends its IoT `descriptors`.
+fn iot_device(server: &Server, mac: &str, descriptors: Value) -> Ws {
+    let mut ws = connect(&server.ws_url("/"), &device_headers(mac, "1"));
+    hello(&mut ws, HELLO);
+    let msg = json!({"type":"iot","update":true,"descriptors":descriptors});
+    ws.send(Message::text(msg.to_string())).expect("iot");
+    ws
+}
+
+#[test]
+fn offline_responder_sets_the_volume_of_an_iot_only_speaker() {
+    let mock = volume_mock();
+    let server = server(&mock, false, &[]);
+    // Old firmware's Speaker thing as thing/speaker.cc describes it.
+    let speaker = json!([{"name":"Speaker","description":"扬声器",
+        "properties":{"volume":{"description":"当前音量值","type":"number"}},
+        "methods":{"SetVolume":{"description":"设置音量","parameters":{"volume":
+        {"description":"0到100之间的整数","type":"number"}}}}}]);
+    let mut ws = iot_device(&server, "aa:dd:00:00:00:09", speaker);
+    let report = |ws: &mut Ws, volume: &Value| {
+        let states = json!({"type":"iot","states":[{"name":"Speaker","state":{"volume":volume}}]});
+        ws.send(Message::text(states.to_string())).expect("states");
+    };
+    report(&mut ws, &json!(40));
+    // The device applies a command and reports its new state, as old firmware does.
+    let apply = |ws: &mut Ws, commands: &Value| report(ws, &commands[0]["parameters"]["volume"]);
+    let (commands, texts) = iot_turn(&mut ws, "Set the volume to 70.", apply);
+    assert_eq!(
+        commands,
+        [json!([{"name":"Speaker","method":"SetVolume","parameters":{"volume":70}}])]
+    );
+    assert_eq!(spoken(&texts), "OK, the volume is now 70.");
+    // "louder" reads the cached state (70, reported after the command) and sets 10 more.
+    let (commands, texts) = iot_turn(&mut ws, "Louder, please", apply);
+    assert_eq!(commands.len(), 1, "{commands:?}");
+    assert_eq!(commands[0][0]["parameters"], json!({"volume":80}));
+    assert_eq!(spoken(&texts), "OK, the volume is now 80.");
+    let (_, texts) = iot_turn(&mut ws, "静音", apply);
+    assert_eq!(spoken(&texts).replace(' ', ""), "好的，音量已调到0。");
+    assert_eq!(mock.chat_requests().len(), 0, "no LLM involved");
+}
+
 #[test]
 fn legacy_iot_things_are_tools_for_the_llm() {
     let mock = tool_mock(
@@ -453,44 +548,20 @@ fn legacy_iot_things_are_tools_for_the_llm() {
         r#"{"brightness":80}"#,
     );
     let server = server(&mock, true, &[]);
-    let mut ws = connect(
-        &server.ws_url("/"),
-        &device_headers("aa:dd:00:00:00:06", "1"),
-    );
     // Old firmware: no MCP, IoT descriptors and states instead.
-    hello(&mut ws, HELLO);
-    ws.send(Message::text(
-        json!({"type":"iot","update":true,"descriptors":[{"name":"Lamp",
+    let lamp = json!([{"name":"Lamp",
         "description":"a lamp","properties":{"power":{"description":"on or off","type":"boolean"}},
         "methods":{"TurnOn":{"description":"switch on","parameters":{"brightness":
-        {"description":"0-100","type":"number"}}}}}]})
-        .to_string(),
-    ))
-    .expect("iot");
+        {"description":"0-100","type":"number"}}}}}]);
+    let mut ws = iot_device(&server, "aa:dd:00:00:00:06", lamp);
     ws.send(Message::text(
         r#"{"type":"iot","states":[{"name":"Lamp","state":{"power":false}}]}"#,
     ))
     .expect("states");
-    let detect = json!({"type":"listen","state":"detect","text":"switch the lamp on"});
-    ws.send(Message::text(detect.to_string())).expect("detect");
-    let mut command = None;
-    let mut texts = vec![];
-    loop {
-        let v = next_json_skipping_audio(&mut ws);
-        if v["type"] == "iot" {
-            command = Some(v);
-            continue;
-        }
-        let stop = v["type"] == "tts" && v["state"] == "stop";
-        texts.push(v);
-        if stop {
-            break;
-        }
-    }
-    let command = command.expect("iot command sent");
+    let (commands, texts) = iot_turn(&mut ws, "switch the lamp on", |_, _| {});
     assert_eq!(
-        command["commands"],
-        json!([{"name":"Lamp","method":"TurnOn","parameters":{"brightness":80}}])
+        commands,
+        [json!([{"name":"Lamp","method":"TurnOn","parameters":{"brightness":80}}])]
     );
     assert_eq!(spoken(&texts), "The lamp is on.");
     let requests = mock.chat_requests();
@@ -510,6 +581,39 @@ fn exit_phrase_says_goodbye_and_closes_and_a_wake_word_is_greeted() {
     assert_eq!(spoken(&texts), "Goodbye! Talk to you soon.");
     let (code, _) = expect_close(&mut device.ws);
     assert_eq!(code, 1000);
+}
+
+#[test]
+fn llm_exit_tool_speaks_its_farewell_then_says_goodbye_and_closes() {
+    let mock = tool_mock(
+        "Anything else?",
+        "leave",
+        "handle_exit_intent",
+        r#"{"say_goodbye":"Bye for now, take care!"}"#,
+    );
+    let server = server(&mock, true, &[]);
+    let mut device = Device::connect(&server, "aa:dd:00:00:00:08");
+    // A turn that calls no tool leaves the session open.
+    let texts = device.ask("What can you do?", Duration::from_secs(20));
+    assert_eq!(spoken(&texts), "Anything else?");
+    let texts = device.ask("I have to leave now", Duration::from_secs(20));
+    assert!(texts.iter().any(|v| v["type"] == "stt"), "{texts:?}");
+    assert_eq!(spoken(&texts), "Bye for now, take care!");
+    assert_eq!(next_json_skipping_audio(&mut device.ws)["type"], "goodbye");
+    let (code, _) = expect_close(&mut device.ws);
+    assert_eq!(code, 1000);
+    let requests = mock.chat_requests();
+    assert_eq!(
+        requests.len(),
+        2,
+        "the farewell is spoken without another LLM round"
+    );
+    let offered = requests[1]["tools"].to_string();
+    assert!(offered.contains("say_goodbye"), "{offered}");
+    assert!(
+        device.calls.is_empty(),
+        "the exit tool is the server's, not the device's"
+    );
 }
 
 /// Runs tests/sdk/tool_call.py against a server whose LLM is the mock (`remote_llm`) or the
@@ -582,4 +686,339 @@ fn xiaozhi_sdk_tool_is_called_by_the_remote_llm_and_its_result_fed_back() {
     // The SDK's result text is the JSON its tool function returned.
     let results = tool_messages(&requests[1]);
     assert_eq!(results[0]["content"], r#"{"success": true, "volume": 55}"#);
+}
+
+/// The firmware camera's multipart boundary (F `esp32_camera.cc`).
+const CAMERA_BOUNDARY: &str = "----ESP32_CAMERA_BOUNDARY";
+
+/// A small real JPEG: a 32×24 colour gradient encoded by the `image` crate.
+fn test_jpeg() -> Vec<u8> {
+    let (w, h) = (32u32, 24u32);
+    let mut pixels = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            pixels.extend_from_slice(&[(x * 8) as u8, (y * 10) as u8, 128]);
+        }
+    }
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
+        .encode(&pixels, w, h, image::ColorType::Rgb8)
+        .expect("encode jpeg");
+    assert_eq!(&out[..3], &[0xFF, 0xD8, 0xFF], "a JPEG starts with SOI");
+    out
+}
+
+/// The body the firmware posts: a `question` part, then the photo as `file` (camera.jpg).
+fn camera_form(question: &str, file: &[u8]) -> Vec<u8> {
+    let mut b = format!(
+        "--{CAMERA_BOUNDARY}\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\n{question}\r\n\
+         --{CAMERA_BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"camera.jpg\"\r\n\
+         Content-Type: image/jpeg\r\n\r\n"
+    )
+    .into_bytes();
+    b.extend_from_slice(file);
+    b.extend_from_slice(format!("\r\n--{CAMERA_BOUNDARY}--\r\n").as_bytes());
+    b
+}
+
+/// Posts `body` to `url` (an `http://127.0.0.1:<port>/…` URL) with the camera's content type.
+fn post_form(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    chunk: Option<usize>,
+) -> HttpResponse {
+    let rest = url.strip_prefix("http://127.0.0.1:").expect("loopback URL");
+    let (port, path) = rest.split_once('/').expect("path");
+    let content_type = format!("multipart/form-data; boundary={CAMERA_BOUNDARY}");
+    let mut all = vec![("Content-Type", content_type.as_str())];
+    all.extend_from_slice(headers);
+    let port = port.parse().expect("port");
+    http_request_bytes(port, "POST", &format!("/{path}"), &all, body, chunk).expect("post")
+}
+
+/// Posts a photo question as the firmware does: chunked, with its headers.
+fn post_photo(url: &str, device: &str, token: &str, question: &str, jpeg: &[u8]) -> HttpResponse {
+    let auth = format!("Bearer {token}");
+    let headers = [
+        ("Device-Id", device),
+        ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+        ("Authorization", auth.as_str()),
+    ];
+    post_form(url, &headers, &camera_form(question, jpeg), Some(1024))
+}
+
+/// A fast mock vision model answering `reply`.
+fn vision_mock(reply: &str) -> MockHandle {
+    mock_upstream::serve(MockSettings {
+        llm_first_token: Duration::from_millis(20),
+        llm_token: Duration::from_millis(1),
+        llm_reply: reply.into(),
+        ..MockSettings::default()
+    })
+    .expect("vision mock")
+}
+
+/// `--set`s that make `base_url` the vision model.
+fn vision_sets(base_url: &str) -> Vec<String> {
+    vec![
+        "vision.provider=\"openai\"".into(),
+        format!("vision.openai.base_url=\"{base_url}\""),
+        "vision.openai.model=\"vision-test-model\"".into(),
+    ]
+}
+
+/// A server whose vision model is at `vision_base_url` (plus `extra` sets; the LLM is `llm`'s,
+/// remote when `remote_llm`), and a device `mac` on it (with the camera tool when `camera`);
+/// also the vision URL and token its `initialize` carried.
+fn vision_session(
+    llm: &MockHandle,
+    remote_llm: bool,
+    vision_base_url: &str,
+    extra: &[&str],
+    mac: &str,
+    camera: bool,
+) -> (Server, Device, String, String) {
+    let mut sets = vision_sets(vision_base_url);
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let server = server(llm, remote_llm, &refs);
+    let device = Device::connect_with(&server, mac, camera);
+    let caps = &device.initialize["params"]["capabilities"]["vision"];
+    let url = caps["url"].as_str().expect("vision url").to_string();
+    let token = caps["token"].as_str().expect("vision token").to_string();
+    (server, device, url, token)
+}
+
+/// `xiaozhi_vision_requests_total{result="<result>"}`.
+fn vision_count(server: &Server, result: &str) -> u64 {
+    let body = http_request(server.http_port, "GET", "/metrics", &[], "")
+        .expect("metrics")
+        .body;
+    let key = format!("xiaozhi_vision_requests_total{{result=\"{result}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{key} missing in:\n{body}"))
+}
+
+fn json_body(resp: &HttpResponse) -> Value {
+    serde_json::from_str(&resp.body).unwrap_or_else(|e| panic!("{e}: {}", resp.body))
+}
+
+#[test]
+fn vision_endpoint_answers_the_device_its_token_was_issued_to_and_refuses_everything_else() {
+    use base64::Engine;
+    let llm = volume_mock();
+    let vision = vision_mock("A gradient from green to pink.");
+    let mac = "aa:dd:00:00:00:10";
+    let (server, device, url, token) = vision_session(
+        &llm,
+        false,
+        &vision.base_url(),
+        &["vision.max_body_bytes=200000"],
+        mac,
+        false,
+    );
+    assert_eq!(
+        url,
+        format!("http://127.0.0.1:{}/mcp/vision/explain", server.http_port)
+    );
+    assert!(!token.is_empty());
+
+    let jpeg = test_jpeg();
+    let resp = post_photo(&url, mac, &token, "What do you see?", &jpeg);
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(
+        json_body(&resp),
+        json!({"success":true,"action":"RESPONSE","response":"A gradient from green to pink."})
+    );
+    let asked = vision.chat_requests();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0]["model"], "vision-test-model");
+    let content = &asked[0]["messages"][0]["content"];
+    assert_eq!(content[0]["text"], "What do you see?");
+    let data_url = format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&jpeg)
+    );
+    assert_eq!(content[1]["image_url"]["url"], data_url.as_str());
+
+    let status = http_request(server.http_port, "GET", "/mcp/vision/explain", &[], "").unwrap();
+    assert_eq!(status.status, 200);
+    assert!(status.body.contains("vision-test-model"), "{}", status.body);
+
+    // Another device's id with this token, a forged token, no token: 401, model not asked.
+    for (device, auth) in [
+        ("aa:dd:00:00:00:11", format!("Bearer {token}")),
+        (mac, "Bearer AAAA.99999999999".to_string()),
+        (mac, String::new()),
+    ] {
+        let headers = [("Device-Id", device), ("Authorization", auth.as_str())];
+        let resp = post_form(&url, &headers, &camera_form("q", &jpeg), None);
+        assert_eq!(resp.status, 401, "{device} {auth}: {}", resp.body);
+        assert_eq!(json_body(&resp)["success"], false);
+        assert!(json_body(&resp)["message"]
+            .as_str()
+            .unwrap()
+            .contains("token"));
+    }
+    // Not an image: 400.
+    let resp = post_photo(&url, mac, &token, "q", b"%PDF-1.4 not a photo");
+    assert_eq!(resp.status, 400, "{}", resp.body);
+    assert!(json_body(&resp)["message"]
+        .as_str()
+        .unwrap()
+        .contains("not a JPEG"));
+    // Too large: refused from Content-Length before reading, and a chunked body cut off.
+    let mut big = jpeg.clone();
+    big.resize(300_000, 0);
+    let auth = format!("Bearer {token}");
+    let headers = [("Device-Id", mac), ("Authorization", auth.as_str())];
+    let resp = post_form(&url, &headers, &camera_form("q", &big), None);
+    assert_eq!(resp.status, 413, "{}", resp.body);
+    let resp = post_form(&url, &headers, &camera_form("q", &big), Some(8192));
+    // The server answers and closes as soon as the bound is passed; the client may still be
+    // writing, so the answer can be lost to a reset: the counter below is the proof.
+    assert!(
+        matches!(resp.status, 413 | 0),
+        "{} {}",
+        resp.status,
+        resp.body
+    );
+
+    assert_eq!(
+        vision.chat_requests().len(),
+        1,
+        "refusals never reach the model"
+    );
+    assert_eq!(vision_count(&server, "ok"), 1);
+    assert_eq!(vision_count(&server, "unauthorized"), 3);
+    assert_eq!(vision_count(&server, "bad_request"), 1);
+    assert_eq!(vision_count(&server, "too_large"), 2);
+    // The session is untouched by all this.
+    drop(device);
+    assert_eq!(
+        http_request(server.http_port, "GET", "/healthz", &[], "")
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+#[test]
+fn vision_model_failures_are_clear_answers_and_the_server_keeps_serving() {
+    let llm = volume_mock();
+    // Nothing listens on the vision model's port.
+    let dead = format!("http://127.0.0.1:{}/v1", free_port());
+    let mac = "aa:dd:00:00:00:12";
+    let (dead_server, _device, url, token) = vision_session(
+        &llm,
+        false,
+        &dead,
+        &["vision.openai.timeout_ms=1500"],
+        mac,
+        false,
+    );
+    let resp = post_photo(&url, mac, &token, "What is this?", &test_jpeg());
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let body = json_body(&resp);
+    assert_eq!(body["success"], false);
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the vision model did not answer: ") && message.contains("connect"),
+        "{message}"
+    );
+    assert_eq!(vision_count(&dead_server, "upstream_error"), 1);
+    assert_eq!(
+        http_request(dead_server.http_port, "GET", "/healthz", &[], "")
+            .unwrap()
+            .status,
+        200
+    );
+    // A model that accepts the request but never answers: bounded by vision.openai.timeout_ms.
+    let stalled = vision_mock("never");
+    stalled.update(|s| s.stall = true);
+    let mac2 = "aa:dd:00:00:00:13";
+    let (server2, _device2, url2, token2) = vision_session(
+        &llm,
+        false,
+        &stalled.base_url(),
+        // One shard, so both requests meet the same limit.
+        &[
+            "vision.openai.timeout_ms=1500",
+            "vision.max_in_flight=1",
+            "runtime.shard_cores=[0]",
+        ],
+        mac2,
+        false,
+    );
+    let started = Instant::now();
+    let first = {
+        let (url, token) = (url2.clone(), token2.clone());
+        std::thread::spawn(move || post_photo(&url, mac2, &token, "What is this?", &test_jpeg()))
+    };
+    while stalled.stats().requests == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the model was never asked"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // One photo in hand is this shard's limit: the next is refused at once, not queued.
+    let busy = post_photo(&url2, mac2, &token2, "And this?", &test_jpeg());
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    assert!(
+        busy.head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{}",
+        busy.head
+    );
+    let resp = first.join().expect("first request");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let message = json_body(&resp)["message"].as_str().unwrap().to_string();
+    assert!(message.contains("timed out"), "{message}");
+    assert_eq!(vision_count(&server2, "busy"), 1);
+    // The model recovers; the same token still works on the same server.
+    stalled.update(|s| s.stall = false);
+    let resp = post_photo(&url2, mac2, &token2, "And now?", &test_jpeg());
+    assert_eq!(json_body(&resp)["response"], "never");
+    assert_eq!(vision_count(&server2, "upstream_error"), 1);
+    assert_eq!(vision_count(&server2, "ok"), 1);
+}
+
+#[test]
+fn camera_tool_posts_the_photo_and_the_vision_answer_is_spoken_without_another_llm_round() {
+    let llm = tool_mock(
+        "I cannot see anything.",
+        "photo",
+        "self_camera_take_photo",
+        r#"{"question":"What is in front of you?"}"#,
+    );
+    let vision = vision_mock("I see a colourful gradient.");
+    let (_server, mut device, _, _) = vision_session(
+        &llm,
+        true,
+        &vision.base_url(),
+        &[],
+        "aa:dd:00:00:00:14",
+        true,
+    );
+    let texts = device.ask(
+        "Take a photo and tell me what you see",
+        Duration::from_secs(20),
+    );
+    assert_eq!(device.calls.len(), 1);
+    assert_eq!(device.calls[0]["params"]["name"], CAMERA_TOOL);
+    assert_eq!(spoken(&texts), "I see a colourful gradient.");
+    assert_eq!(
+        llm.chat_requests().len(),
+        1,
+        "the tool's RESPONSE is spoken as it is"
+    );
+    let asked = vision.chat_requests();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(
+        asked[0]["messages"][0]["content"][0]["text"],
+        "What is in front of you?"
+    );
 }

@@ -1,8 +1,10 @@
-//! The HTTP port: `GET/POST/OPTIONS /xiaozhi/ota/` (provisioning), `/healthz`, `/readyz`,
+//! The HTTP port: `GET/POST/OPTIONS /xiaozhi/ota/` (provisioning), `GET/POST
+//! /mcp/vision/explain` (the camera's photo question, [`vision`]), `/healthz`, `/readyz`,
 //! `/metrics`, `/histograms/<stage>.hgrm|.hlog`. Served by hyper's HTTP/1 server on each shard (its own SO_REUSEPORT listener),
 //! over glommio sockets through `smol-hyper`'s futures-io adapter.
 
 pub mod ota;
+pub mod vision;
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -42,6 +44,8 @@ pub struct HttpContext {
     pub metrics: MetricsSource,
     /// `/histograms` and `/histograms/<stage>[.hgrm|.hlog]`.
     pub histograms: HistogramSource,
+    /// `/mcp/vision/explain`.
+    pub vision: vision::VisionEndpoint,
 }
 
 /// Serves one HTTP connection until the client closes it or the time limit passes.
@@ -116,6 +120,8 @@ async fn route(
             )
         }
         (Method::POST, "/xiaozhi/ota") => ota_post(req, ctx, local_ip).await,
+        (Method::GET, "/mcp/vision/explain") => ctx.vision.status(),
+        (Method::POST, "/mcp/vision/explain") => ctx.vision.explain(req).await,
         (Method::POST, "/xiaozhi/ota/activate") => {
             // Activation codes are not used: every device counts as activated.
             text(StatusCode::OK, "success")

@@ -46,17 +46,7 @@ impl OtaSettings {
         if !self.public_ws_url.is_empty() {
             return self.public_ws_url.clone();
         }
-        let host = host
-            .map(strip_port)
-            .filter(|h| !h.is_empty())
-            .map(str::to_string)
-            .or_else(|| {
-                local_ip.map(|ip| match ip {
-                    std::net::IpAddr::V6(v6) => format!("[{v6}]"),
-                    v4 => v4.to_string(),
-                })
-            })
-            .unwrap_or_else(|| "127.0.0.1".into());
+        let host = public_host(host, local_ip);
         format!("ws://{host}:{}/xiaozhi/v1/", self.ws_port)
     }
 
@@ -99,6 +89,21 @@ impl OtaSettings {
             },
         })
     }
+}
+
+/// The host a device reached us by, for URLs handed back to it: the request's `Host` without
+/// its port, else the local address the request arrived on, else `127.0.0.1`.
+pub fn public_host(host: Option<&str>, local_ip: Option<std::net::IpAddr>) -> String {
+    host.map(strip_port)
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            local_ip.map(|ip| match ip {
+                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                v4 => v4.to_string(),
+            })
+        })
+        .unwrap_or_else(|| "127.0.0.1".into())
 }
 
 /// Host without a port: "a.b:8003" → "a.b", "[::1]:8003" → "[::1]".

@@ -280,6 +280,15 @@ pub fn render(shards: &[ShardStats]) -> String {
         let _ = writeln!(out, "# TYPE {name} counter");
         let _ = writeln!(out, "{name} {value}");
     }
+    let name = "xiaozhi_vision_requests_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Requests to /mcp/vision/explain by result."
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (result, value) in total.vision.by_result() {
+        let _ = writeln!(out, "{name}{{result=\"{result}\"}} {value}");
+    }
     out
 }
 

@@ -11,6 +11,13 @@
 //! `expire_secs` is refused, signatures are compared in constant time — and adds one check of
 //! its own: a timestamp more than [`MAX_CLOCK_SKEW_SECS`] in the future is refused as malformed,
 //! since no honest issuer produces it and it would otherwise extend the token's life.
+//!
+//! The same signer also issues **vision tokens** (spec §13): what the server hands a device in
+//! MCP `initialize` (`capabilities.vision.token`) for the camera's `POST /mcp/vision/explain`.
+//! The device treats it as opaque. It has the same `<signature>.<unix-seconds>` shape, but the
+//! seconds are the *expiry* and the HMAC covers `"xiaozhi-vision\0<device_id>\0<expiry>"`: the
+//! NUL bytes cannot occur in a `Client-Id` header, so no device token is ever a valid vision
+//! token or the other way round. Stateless, so any shard or instance with the secret verifies it.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -42,6 +49,12 @@ pub enum TokenError {
     Expired {
         /// Seconds since the token was issued.
         age: u64,
+    },
+    /// A genuine vision token past its expiry.
+    #[error("token expired {ago} s ago")]
+    ExpiredAt {
+        /// Seconds since the expiry.
+        ago: u64,
     },
     /// No configured secret produced this signature for this client and device.
     #[error("token signature does not match")]
@@ -79,16 +92,15 @@ impl TokenSigner {
 
     /// Issues a token for this client and device, stamped `now_unix`.
     pub fn sign(&self, client_id: &str, device_id: &str, now_unix: u64) -> String {
-        // `secrets` is never empty: `new` puts the signing secret first.
-        let secret = self.secrets.first().map(String::as_str).unwrap_or_default();
-        let Some(mac) = mac(secret, client_id, device_id, now_unix) else {
-            // Unreachable: HMAC takes keys of any length. An empty token fails closed.
-            return String::new();
-        };
-        let mut token = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-        token.push('.');
-        token.push_str(&now_unix.to_string());
-        token
+        token(
+            mac(self.signing_secret(), client_id, device_id, now_unix),
+            now_unix,
+        )
+    }
+
+    /// The secret that signs. `secrets` is never empty: `new` puts it first.
+    fn signing_secret(&self) -> &str {
+        self.secrets.first().map(String::as_str).unwrap_or_default()
     }
 
     /// Checks an `Authorization` value (`Bearer <token>`) for this client and device.
@@ -104,20 +116,7 @@ impl TokenSigner {
         now_unix: u64,
         expire_secs: u64,
     ) -> Result<(), TokenError> {
-        let value = authorization.unwrap_or_default();
-        if value.is_empty() {
-            return Err(TokenError::Missing);
-        }
-        let token = value.strip_prefix("Bearer ").ok_or(TokenError::Malformed(
-            "Authorization must start with \"Bearer \"",
-        ))?;
-        let (signature, ts) = token.split_once('.').ok_or(TokenError::Malformed(
-            "token must be <signature>.<unix-seconds>",
-        ))?;
-        let ts = parse_unix_seconds(ts)?;
-        let signature = URL_SAFE_NO_PAD
-            .decode(signature)
-            .map_err(|_| TokenError::Malformed("signature is not unpadded base64url"))?;
+        let (signature, ts) = parse_bearer(authorization)?;
         let genuine = self.secrets.iter().any(|secret| {
             mac(secret, client_id, device_id, ts)
                 .is_some_and(|mac| mac.verify_slice(&signature).is_ok())
@@ -136,6 +135,79 @@ impl TokenSigner {
         }
         Ok(())
     }
+
+    /// Issues a vision token for `device_id` that expires at `expires_unix`.
+    pub fn sign_vision(&self, device_id: &str, expires_unix: u64) -> String {
+        token(
+            vision_mac(self.signing_secret(), device_id, expires_unix),
+            expires_unix,
+        )
+    }
+
+    /// Checks an `Authorization` value (`Bearer <vision token>`) for `device_id` at `now_unix`.
+    /// The signature is checked first, so `ExpiredAt` is only reported for a genuine token.
+    pub fn verify_vision(
+        &self,
+        authorization: Option<&str>,
+        device_id: &str,
+        now_unix: u64,
+    ) -> Result<(), TokenError> {
+        let (signature, expires) = parse_bearer(authorization)?;
+        let genuine = self.secrets.iter().any(|secret| {
+            vision_mac(secret, device_id, expires)
+                .is_some_and(|mac| mac.verify_slice(&signature).is_ok())
+        });
+        if !genuine {
+            return Err(TokenError::BadSignature);
+        }
+        if now_unix > expires {
+            return Err(TokenError::ExpiredAt {
+                ago: now_unix - expires,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `base64url(mac).ts`. An empty token (fails closed) if the key were refused, which HMAC never
+/// does: it takes keys of any length.
+fn token(mac: Option<HmacSha256>, ts: u64) -> String {
+    let Some(mac) = mac else {
+        return String::new();
+    };
+    let mut token = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    token.push('.');
+    token.push_str(&ts.to_string());
+    token
+}
+
+/// Splits `Bearer <signature>.<unix-seconds>` into the decoded signature and the seconds.
+fn parse_bearer(authorization: Option<&str>) -> Result<(Vec<u8>, u64), TokenError> {
+    let value = authorization.unwrap_or_default();
+    if value.is_empty() {
+        return Err(TokenError::Missing);
+    }
+    let token = value.strip_prefix("Bearer ").ok_or(TokenError::Malformed(
+        "Authorization must start with \"Bearer \"",
+    ))?;
+    let (signature, ts) = token.split_once('.').ok_or(TokenError::Malformed(
+        "token must be <signature>.<unix-seconds>",
+    ))?;
+    let ts = parse_unix_seconds(ts)?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| TokenError::Malformed("signature is not unpadded base64url"))?;
+    Ok((signature, ts))
+}
+
+/// The HMAC of a vision token (see the module docs).
+fn vision_mac(secret: &str, device_id: &str, expires: u64) -> Option<HmacSha256> {
+    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).ok()?;
+    mac.update(b"xiaozhi-vision\0");
+    mac.update(device_id.as_bytes());
+    mac.update(b"\0");
+    mac.update(expires.to_string().as_bytes());
+    Some(mac)
 }
 
 /// The HMAC over `"<client_id>|<device_id>|<ts>"`, fed piecewise to avoid formatting a string.
@@ -373,6 +445,60 @@ mod tests {
             Err(TokenError::Malformed(
                 "timestamp is more than 300 s in the future"
             ))
+        );
+    }
+
+    #[test]
+    fn vision_tokens_verify_for_their_device_until_expiry_only() {
+        let signer = TokenSigner::new(SECRET).also_accepting("old");
+        let auth = bearer(&signer.sign_vision(DEVICE, TS + 3600));
+        assert_eq!(signer.verify_vision(Some(&auth), DEVICE, TS), Ok(()));
+        assert_eq!(signer.verify_vision(Some(&auth), DEVICE, TS + 3600), Ok(()));
+        assert_eq!(
+            signer.verify_vision(Some(&auth), DEVICE, TS + 3601),
+            Err(TokenError::ExpiredAt { ago: 1 })
+        );
+        assert_eq!(
+            signer.verify_vision(Some(&auth), "aa:bb:cc:dd:ee:00", TS),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            TokenSigner::new("other").verify_vision(Some(&auth), DEVICE, TS),
+            Err(TokenError::BadSignature)
+        );
+        // Another instance with the same secret verifies it; a rotated-out secret still does.
+        let rotated = TokenSigner::new("new").also_accepting(SECRET);
+        assert_eq!(rotated.verify_vision(Some(&auth), DEVICE, TS), Ok(()));
+        let (sig, _) = auth.rsplit_once('.').unwrap();
+        let extended = format!("{sig}.{}", TS + 999_999);
+        assert_eq!(
+            signer.verify_vision(Some(&extended), DEVICE, TS),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            signer.verify_vision(None, DEVICE, TS),
+            Err(TokenError::Missing)
+        );
+        assert_eq!(
+            signer.verify_vision(Some("Bearer garbage"), DEVICE, TS),
+            Err(TokenError::Malformed(
+                "token must be <signature>.<unix-seconds>"
+            ))
+        );
+    }
+
+    #[test]
+    fn device_and_vision_tokens_are_not_interchangeable() {
+        let signer = TokenSigner::new(SECRET);
+        let device_token = bearer(&signer.sign("xiaozhi-vision", DEVICE, TS + 60));
+        assert_eq!(
+            signer.verify_vision(Some(&device_token), DEVICE, TS),
+            Err(TokenError::BadSignature)
+        );
+        let vision_token = bearer(&signer.sign_vision(DEVICE, TS));
+        assert_eq!(
+            signer.verify(Some(&vision_token), "xiaozhi-vision", DEVICE, TS, 100),
+            Err(TokenError::BadSignature)
         );
     }
 

@@ -33,7 +33,7 @@ use glommio::net::TcpStream;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, HOST};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Request, Response, Uri};
 use smol_hyper::rt::FuturesIo;
 
@@ -595,6 +595,31 @@ pub async fn error_for_status(resp: Response<Incoming>) -> Result<Response<Incom
     })
 }
 
+/// POSTs `body` as `content_type` to `url` (with `Authorization: Bearer …` when `api_key` is
+/// set) and reads the 2xx reply, at most `limit` bytes: the request/response exchange of the
+/// remote providers that do not stream.
+pub async fn post_for_body(
+    client: &HttpClient,
+    url: &str,
+    api_key: &ApiKey,
+    content_type: &str,
+    body: impl Into<Bytes>,
+    limit: usize,
+) -> Result<Bytes, HttpError> {
+    let mut req = Request::post(url).header(CONTENT_TYPE, content_type);
+    if let Some(bearer) = api_key.bearer() {
+        req = req.header(AUTHORIZATION, bearer);
+    }
+    let req = req
+        .body(ReqBody::full(body))
+        .map_err(|e| HttpError::InvalidRequest {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+    let resp = error_for_status(client.request(req).await?).await?;
+    read_body(resp.into_body(), limit).await
+}
+
 /// Reads a whole body into memory, failing with [`HttpError::Body`] past `limit` bytes.
 pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, HttpError> {
     let mut body = body;
@@ -666,6 +691,11 @@ impl ApiKey {
     /// The key; empty means none.
     pub fn new(key: impl Into<String>) -> Self {
         ApiKey(key.into())
+    }
+
+    /// The key in environment variable `var` when it is set, else `configured`.
+    pub fn from_env_or(var: &str, configured: &str) -> Self {
+        ApiKey(std::env::var(var).unwrap_or_else(|_| configured.to_string()))
     }
 
     /// The `Authorization` header value, if a key is set.

@@ -1,6 +1,6 @@
 //! Providers: voice activity detection, speech recognition, language models and speech
-//! synthesis, local (on inference cores) or remote (over HTTP on the shard). Providers know
-//! nothing of sessions.
+//! synthesis, local (on inference cores) or remote (over HTTP on the shard), and the vision
+//! model behind the camera endpoint. Providers know nothing of sessions.
 
 pub mod asr;
 pub mod error;
@@ -8,3 +8,4 @@ pub mod http_client;
 pub mod llm;
 pub mod tts;
 pub mod vad;
+pub mod vision;

@@ -18,7 +18,7 @@ use super::dialogue::{DialogueSettings, Request};
 use super::{
     CloseCause, Outgoing, Session, SessionEvent, SessionSettings, SessionTimers, ToolSettings,
 };
-use crate::config::{Config, LlmProvider, TtsProvider};
+use crate::config::{Config, LlmProvider, TtsProvider, VisionProvider};
 use crate::config::{ForwardedHeader, ProxyProtocol};
 use crate::pipeline::audio_in::AudioInLimits;
 use crate::protocol::token::MISSING_CLIENT_ID;
@@ -49,6 +49,7 @@ const REF_AUTH_FAILED: &str = "认证失败";
 pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
     let _ = stream.set_nodelay(true);
     let cfg = &shard.config.server;
+    let local_ip = stream.local_addr().ok().map(|a| a.ip());
     let peer = match stream.peer_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -188,6 +189,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
         .write_buffer_size(0)
         .max_message_size(Some(cfg.max_message_bytes))
         .max_frame_size(Some(cfg.max_frame_bytes));
+    let host = head.header("host").map(str::to_string);
     let RequestHead {
         headers,
         target,
@@ -235,6 +237,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
 
     let now = Instant::now();
     let inference = &shard.config.inference;
+    let vision = vision_capability(&shard, &identity.device_id, host.as_deref(), local_ip);
     let session = Session::new(
         uuid::Uuid::new_v4().to_string(),
         slot.key(),
@@ -258,7 +261,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
                 max_chunks_per_job: inference.max_chunks_per_job,
             },
             dialogue: dialogue_settings(&shard.config),
-            tools: tool_settings(&shard),
+            tools: tool_settings(&shard, vision),
         },
         now,
     );
@@ -308,7 +311,32 @@ fn dialogue_settings(c: &Config) -> DialogueSettings {
     }
 }
 
-fn tool_settings(shard: &Shard) -> ToolSettings {
+/// `capabilities.vision{url, token}` for this device's MCP initialize: with a vision provider,
+/// our own endpoint (or `tools.vision_url`) and a token for this device; without one, an
+/// external `tools.vision_url` with the configured token; else none.
+fn vision_capability(
+    shard: &Shard,
+    device_id: &str,
+    host: Option<&str>,
+    local_ip: Option<std::net::IpAddr>,
+) -> Option<(String, String)> {
+    let t = &shard.config.tools;
+    let v = &shard.config.vision;
+    match &shard.vision_signer {
+        Some(signer) if v.provider != VisionProvider::None => {
+            let url = if t.vision_url.is_empty() {
+                crate::http::vision::explain_url(host, local_ip, shard.http_port.get())
+            } else {
+                t.vision_url.clone()
+            };
+            let expires = crate::clock::unix_now().saturating_add(v.token_expire_seconds);
+            Some((url, signer.sign_vision(device_id, expires)))
+        }
+        _ => (!t.vision_url.is_empty()).then(|| (t.vision_url.clone(), t.vision_token.clone())),
+    }
+}
+
+fn tool_settings(shard: &Shard, vision: Option<(String, String)>) -> ToolSettings {
     let t = &shard.config.tools;
     ToolSettings {
         mcp: t.mcp.then(|| McpSettings {
@@ -316,8 +344,7 @@ fn tool_settings(shard: &Shard) -> ToolSettings {
             max_pending_calls: t.max_pending_calls,
             max_tools: t.max_tools,
             max_pages: t.max_list_pages,
-            vision: (!t.vision_url.is_empty())
-                .then(|| (t.vision_url.clone(), t.vision_token.clone())),
+            vision,
         }),
         iot: t.iot,
         server: shard.server_tools.clone(),
@@ -727,15 +754,10 @@ fn has_cjk(text: &str) -> bool {
         .any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c) || ('\u{3400}'..='\u{4dbf}').contains(&c))
 }
 
-/// The key in environment variable `var`, else the configured one.
-fn key_from_env_or(var: &str, value: &str) -> ApiKey {
-    ApiKey::new(std::env::var(var).unwrap_or_else(|_| value.to_string()))
-}
-
 fn remote_asr_settings(c: &Config) -> OpenAiAsrSettings {
     OpenAiAsrSettings {
         base_url: c.asr.openai.base_url.clone(),
-        api_key: key_from_env_or("XIAOZHI_ASR_API_KEY", &c.asr.openai.api_key),
+        api_key: ApiKey::from_env_or("XIAOZHI_ASR_API_KEY", &c.asr.openai.api_key),
         model: c.asr.openai.model.clone(),
         language: (!c.asr.openai.language.is_empty()).then(|| c.asr.openai.language.clone()),
         timeout: Duration::from_millis(c.asr.timeout_ms),
@@ -746,7 +768,7 @@ fn remote_llm_settings(c: &Config) -> OpenAiSettings {
     let o = &c.llm.openai;
     OpenAiSettings {
         base_url: o.base_url.clone(),
-        api_key: key_from_env_or("XIAOZHI_LLM_API_KEY", &o.api_key),
+        api_key: ApiKey::from_env_or("XIAOZHI_LLM_API_KEY", &o.api_key),
         model: o.model.clone(),
         temperature: (o.temperature >= 0.0).then_some(o.temperature),
         max_tokens: (o.max_tokens > 0).then_some(o.max_tokens),
@@ -760,7 +782,7 @@ fn remote_tts_settings(c: &Config) -> OpenAiTtsSettings {
     let o = &c.tts.openai;
     OpenAiTtsSettings {
         base_url: o.base_url.clone(),
-        api_key: key_from_env_or("XIAOZHI_TTS_API_KEY", &o.api_key),
+        api_key: ApiKey::from_env_or("XIAOZHI_TTS_API_KEY", &o.api_key),
         model: o.model.clone(),
         voice: o.voice.clone(),
         response_format: o.response_format.clone(),

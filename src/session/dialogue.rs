@@ -31,7 +31,7 @@ use crate::protocol::ServerMessage;
 use crate::providers::llm::offline::OfflineResponder;
 use crate::providers::llm::openai::ChatMessage;
 use crate::providers::llm::ToolCall;
-use crate::tools::intents::{self, DeviceCommand, Intents};
+use crate::tools::intents::{self, DeviceCommand, Intents, VolumeTools};
 
 /// What the dialogue needs from config.
 #[derive(Debug, Clone)]
@@ -259,8 +259,8 @@ pub struct Dialogue {
     offline: OfflineResponder,
     /// The `tools` array offered to the LLM, if any.
     tools: Option<Rc<serde_json::Value>>,
-    /// Device tools the offline responder may use (by the device's names).
-    offline_tools: Vec<&'static str>,
+    /// The tools the offline responder's volume commands use.
+    volume_tools: intents::VolumeTools,
     next_call: u64,
     close_requested: bool,
     /// Counters.
@@ -288,7 +288,7 @@ impl Dialogue {
             stop_at: None,
             offline: OfflineResponder,
             tools: None,
-            offline_tools: Vec::new(),
+            volume_tools: intents::VolumeTools::default(),
             next_call: 1,
             close_requested: false,
             counters: DialogueCounters::default(),
@@ -300,18 +300,15 @@ impl Dialogue {
         self.turn.as_ref().is_some_and(|t| t.tts_started)
     }
 
-    /// Sets the tools offered to the LLM and which device tools the offline responder can use
-    /// (`has_device_tool` answers by the device's tool name).
+    /// Sets the tools offered to the LLM and the ones the offline responder's volume commands
+    /// use.
     pub fn set_tools(
         &mut self,
         tools: Option<Rc<serde_json::Value>>,
-        has_device_tool: impl Fn(&str) -> bool,
+        volume_tools: intents::VolumeTools,
     ) {
         self.tools = tools;
-        self.offline_tools = [intents::SET_VOLUME_TOOL, intents::STATUS_TOOL]
-            .into_iter()
-            .filter(|t| has_device_tool(t))
-            .collect();
+        self.volume_tools = volume_tools;
     }
 
     /// True once (then false) after a turn that ends the session has finished speaking.
@@ -468,17 +465,16 @@ impl Dialogue {
         now: Instant,
         out: &mut Output,
     ) {
-        let can_set = self.offline_tools.contains(&intents::SET_VOLUME_TOOL);
-        let can_read = self.offline_tools.contains(&intents::STATUS_TOOL);
-        let (step, tool, arguments) = match cmd {
-            DeviceCommand::SetVolume(volume) if can_set => (
+        let VolumeTools { set, status } = &self.volume_tools;
+        let (step, tool, arguments) = match (cmd, set, status) {
+            (DeviceCommand::SetVolume(volume), Some(set), _) => (
                 OfflineStep::SetVolume { volume, zh },
-                intents::SET_VOLUME_TOOL,
+                set.clone(),
                 serde_json::json!({ "volume": volume }),
             ),
-            DeviceCommand::ChangeVolume(change) if can_set && can_read => (
+            (DeviceCommand::ChangeVolume(change), Some(_), Some(status)) => (
                 OfflineStep::ReadVolume { change, zh },
-                intents::STATUS_TOOL,
+                status.clone(),
                 serde_json::json!({}),
             ),
             _ => {
@@ -487,7 +483,7 @@ impl Dialogue {
                 return;
             }
         };
-        self.offline_call(turn, step, tool, arguments, out);
+        self.offline_call(turn, step, &tool, arguments, out);
     }
 
     fn offline_call(
@@ -594,13 +590,9 @@ impl Dialogue {
                         let volume = (i32::from(v) + change).clamp(0, 100) as u8;
                         let step = OfflineStep::SetVolume { volume, zh };
                         let arguments = serde_json::json!({ "volume": volume });
-                        return self.offline_call(
-                            turn,
-                            step,
-                            intents::SET_VOLUME_TOOL,
-                            arguments,
-                            out,
-                        );
+                        // Checked before the status was read.
+                        let set = self.volume_tools.set.clone().unwrap_or_default();
+                        return self.offline_call(turn, step, &set, arguments, out);
                     }
                     None => intents::command_failed(zh).to_string(),
                 }
@@ -966,6 +958,19 @@ impl Dialogue {
         }
         while self.history.len() > self.settings.history_messages {
             self.history.pop_front();
+        }
+    }
+
+    /// What the user said in the current turn (empty if none).
+    pub fn user_text(&self) -> &str {
+        self.turn.as_ref().map_or("", |t| t.user_text.as_str())
+    }
+
+    /// Ends the session after turn `turn` has been spoken (as an exit phrase does); nothing if
+    /// that turn is over.
+    pub fn close_after_turn(&mut self, turn: u32) {
+        if let Some(t) = self.turn.as_mut().filter(|t| t.id == turn) {
+            t.close_after = true;
         }
     }
 

@@ -281,7 +281,7 @@ impl Session {
             .unwrap_or(BinaryProtocol::V1);
         let mut dialogue = Dialogue::new(settings.dialogue.clone(), id.clone());
         let toolset = settings.tools.base.clone();
-        dialogue.set_tools(toolset.openai_tools().cloned(), |_| false);
+        dialogue.set_tools(toolset.openai_tools().cloned(), toolset.volume_tools());
         Session {
             id,
             identity,
@@ -404,14 +404,22 @@ impl Session {
             }
             (Ok(_), Some(ToolTarget::IotState { thing })) => self.iot.state_text(&thing),
             (Ok(args), Some(ToolTarget::Server(i))) => match self.settings.tools.server.get(i) {
-                Some(tool) => tool.call(
-                    &args,
-                    &ToolContext {
-                        now_unix: crate::clock::unix_now(),
-                        tz_offset_minutes: self.settings.dialogue.tz_offset_minutes,
-                        device_id: &self.identity.device_id,
-                    },
-                ),
+                Some(tool) => {
+                    let result = tool.call(
+                        &args,
+                        &ToolContext {
+                            now_unix: crate::clock::unix_now(),
+                            tz_offset_minutes: self.settings.dialogue.tz_offset_minutes,
+                            device_id: &self.identity.device_id,
+                            user_text: self.dialogue.user_text(),
+                        },
+                    );
+                    if result.is_ok() && tool.ends_session() {
+                        // As after an exit phrase: goodbye and close once this turn is spoken.
+                        self.dialogue.close_after_turn(turn);
+                    }
+                    result
+                }
                 None => Err(format!("there is no tool named {name}")),
             },
         };
@@ -456,9 +464,7 @@ impl Session {
         ));
         let toolset = &self.toolset;
         self.dialogue
-            .set_tools(toolset.openai_tools().cloned(), |n| {
-                toolset.has_device_tool(n)
-            });
+            .set_tools(toolset.openai_tools().cloned(), toolset.volume_tools());
         tracing::debug!(session = %self.id, tools = toolset.len(), "tools offered");
     }
 

@@ -6,8 +6,23 @@
 pub const SET_VOLUME_TOOL: &str = "self.audio_speaker.set_volume";
 /// Device tool that reports the device status, including `audio_speaker.volume`.
 pub const STATUS_TOOL: &str = "self.get_device_status";
+/// Legacy IoT thing that plays sound (old firmware's `Speaker`, method `SetVolume{volume}`,
+/// property `volume`).
+pub const IOT_SPEAKER: &str = "Speaker";
+/// Its method that sets the volume.
+pub const IOT_SET_VOLUME: &str = "SetVolume";
 /// Volume change of "louder" / "quieter".
 const VOLUME_STEP: i32 = 10;
+
+/// The tools the offline responder uses for volume commands, by a name [`super::ToolSet::resolve`]
+/// accepts: the device's MCP tools when it has them, else its legacy IoT `Speaker`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeTools {
+    /// Sets the volume (arguments `{"volume": n}`).
+    pub set: Option<String>,
+    /// Reports the current volume (see [`volume_in_status`]).
+    pub status: Option<String>,
+}
 
 /// Phrases compared after [`normalise_phrase`].
 #[derive(Debug, Clone, Default)]
@@ -188,11 +203,16 @@ fn number_in(t: &str) -> Option<u32> {
     None
 }
 
-/// The current volume in a `self.get_device_status` result (`{"audio_speaker":{"volume":70},…}`).
+/// The current volume in a `self.get_device_status` result (`{"audio_speaker":{"volume":70},…}`)
+/// or in a legacy IoT `Speaker` state (`{"volume":70}`).
 pub fn volume_in_status(text: &str) -> Option<u8> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    let n = v.pointer("/audio_speaker/volume")?.as_u64()?;
-    Some(n.min(100) as u8)
+    let n = v
+        .pointer("/audio_speaker/volume")
+        .or_else(|| v.get("volume"))?
+        .as_f64()
+        .filter(|n| n.is_finite())?;
+    Some(n.clamp(0.0, 100.0).round() as u8)
 }
 
 /// The spoken confirmation of a volume change.
@@ -278,6 +298,12 @@ mod tests {
             volume_in_status(r#"{"audio_speaker":{"volume":70}}"#),
             Some(70)
         );
+        assert_eq!(
+            volume_in_status(r#"{"volume":40.0,"muted":false}"#),
+            Some(40)
+        );
+        assert_eq!(volume_in_status(r#"{"volume":"loud"}"#), None);
+        assert_eq!(volume_in_status("{}"), None);
         assert_eq!(volume_in_status("not json"), None);
     }
 }

@@ -155,6 +155,32 @@ impl ToolSet {
             .map(|(_, t)| t)
     }
 
+    /// The tools the offline responder's volume commands use: the device's MCP tools, else a
+    /// legacy IoT `Speaker` thing's `SetVolume` method and cached state.
+    pub fn volume_tools(&self) -> intents::VolumeTools {
+        let offered = |want: &dyn Fn(&ToolTarget) -> bool| {
+            self.offered
+                .iter()
+                .find(|(_, t)| want(t))
+                .map(|(n, _)| n.clone())
+        };
+        let speaker = |thing: &str| thing.eq_ignore_ascii_case(intents::IOT_SPEAKER);
+        let set = if self.has_device_tool(intents::SET_VOLUME_TOOL) {
+            Some(intents::SET_VOLUME_TOOL.to_string())
+        } else {
+            offered(&|t| {
+                matches!(t, ToolTarget::IotMethod { thing, method }
+                    if speaker(thing) && method == intents::IOT_SET_VOLUME)
+            })
+        };
+        let status = if self.has_device_tool(intents::STATUS_TOOL) {
+            Some(intents::STATUS_TOOL.to_string())
+        } else {
+            offered(&|t| matches!(t, ToolTarget::IotState { thing } if speaker(thing)))
+        };
+        intents::VolumeTools { set, status }
+    }
+
     /// Whether the device offers a tool with this (device) name.
     pub fn has_device_tool(&self, name: &str) -> bool {
         self.offered
@@ -254,6 +280,28 @@ mod tests {
         assert_eq!(set.resolve("get_time"), Some(&ToolTarget::Server(0)));
         assert!(set.resolve("nope").is_none());
         assert!(set.has_device_tool("self.audio_speaker.set_volume"));
+    }
+
+    #[test]
+    fn volume_tools_prefer_mcp_and_fall_back_to_the_iot_speaker() {
+        let mut iot = IotThings::default();
+        iot.on_descriptors(
+            &json!([{"name":"Speaker","properties":{"volume":{"type":"number"}},
+            "methods":{"SetVolume":{"parameters":{"volume":{"type":"number"}}}}}]),
+        );
+        let server = ServerTools::default();
+        let only_iot = ToolSet::build(&server, &[], &iot, 10).volume_tools();
+        assert_eq!(only_iot.set.as_deref(), Some("iot_Speaker_SetVolume"));
+        assert_eq!(only_iot.status.as_deref(), Some("iot_Speaker_get_state"));
+        let mcp = [
+            device(intents::SET_VOLUME_TOOL),
+            device(intents::STATUS_TOOL),
+        ];
+        let both = ToolSet::build(&server, &mcp, &iot, 10).volume_tools();
+        assert_eq!(both.set.as_deref(), Some(intents::SET_VOLUME_TOOL));
+        assert_eq!(both.status.as_deref(), Some(intents::STATUS_TOOL));
+        let none = ToolSet::build(&server, &[device("self.x")], &IotThings::default(), 10);
+        assert_eq!(none.volume_tools(), intents::VolumeTools::default());
     }
 
     #[test]

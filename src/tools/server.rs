@@ -17,6 +17,8 @@ pub struct ToolContext<'a> {
     pub tz_offset_minutes: i64,
     /// The device's id (its MAC).
     pub device_id: &'a str,
+    /// What the user said in this turn (e.g. to answer in their language).
+    pub user_text: &'a str,
 }
 
 /// One server-side tool.
@@ -27,8 +29,13 @@ pub trait ServerTool {
     fn description(&self) -> &str;
     /// JSON schema of its arguments.
     fn parameters(&self) -> Value;
-    /// Runs it: the result text for the LLM, or an error text.
+    /// Runs it: the result text for the LLM, or an error text. A result
+    /// `{"action":"RESPONSE","response":…}` is spoken as it is instead of asking the LLM again.
     fn call(&self, arguments: &Value, ctx: &ToolContext<'_>) -> Result<String, String>;
+    /// A successful call ends the session once this turn has been spoken (goodbye, close 1000).
+    fn ends_session(&self) -> bool {
+        false
+    }
 }
 
 /// The server tools a shard offers.
@@ -53,7 +60,12 @@ impl ServerTools {
         for name in names {
             let tool: Box<dyn ServerTool> = match name.as_str() {
                 "get_time" => Box::new(TimeTool),
-                other => return Err(format!("unknown server tool {other:?} (known: get_time)")),
+                "handle_exit_intent" => Box::new(ExitTool),
+                other => {
+                    return Err(format!(
+                        "unknown server tool {other:?} (known: get_time, handle_exit_intent)"
+                    ))
+                }
             };
             set = set.with(tool);
         }
@@ -112,6 +124,48 @@ impl ServerTool for TimeTool {
     }
 }
 
+/// `handle_exit_intent` (the reference's name): the user wants to end the conversation. The
+/// farewell (`say_goodbye`, else a built-in one in the user's language) is spoken as it is, then
+/// the session ends exactly as after an exit phrase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExitTool;
+
+/// Longest farewell spoken, bytes.
+const MAX_FAREWELL_BYTES: usize = 512;
+
+impl ServerTool for ExitTool {
+    fn name(&self) -> &str {
+        "handle_exit_intent"
+    }
+
+    fn description(&self) -> &str {
+        "Call when the user wants to end the conversation or leave (goodbye, that's all, exit). \
+         Pass a short farewell in the user's language as say_goodbye; it is spoken, then the \
+         device disconnects."
+    }
+
+    fn parameters(&self) -> Value {
+        json!({"type": "object", "properties": {"say_goodbye": {"type": "string",
+            "description": "Farewell to say to the user, in their language."}}})
+    }
+
+    fn call(&self, arguments: &Value, ctx: &ToolContext<'_>) -> Result<String, String> {
+        let mut farewell = arguments
+            .get("say_goodbye")
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| super::intents::farewell(super::intents::is_chinese(ctx.user_text)))
+            .to_string();
+        super::truncate_utf8(&mut farewell, MAX_FAREWELL_BYTES);
+        Ok(json!({"action": "RESPONSE", "response": farewell}).to_string())
+    }
+
+    fn ends_session(&self) -> bool {
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +177,7 @@ mod tests {
             now_unix: 1_709_651_220,
             tz_offset_minutes: 8 * 60,
             device_id: "aa",
+            user_text: "what time is it",
         };
         assert_eq!(
             TimeTool.call(&json!({}), &ctx).unwrap(),
@@ -139,11 +194,39 @@ mod tests {
     }
 
     #[test]
+    fn exit_tool_speaks_the_given_farewell_or_one_in_the_users_language_and_ends_the_session() {
+        let ctx = |user_text| ToolContext {
+            now_unix: 0,
+            tz_offset_minutes: 0,
+            device_id: "aa",
+            user_text,
+        };
+        let spoken = |args: Value, text| {
+            let r: Value =
+                serde_json::from_str(&ExitTool.call(&args, &ctx(text)).unwrap()).unwrap();
+            assert_eq!(r["action"], "RESPONSE");
+            r["response"].as_str().unwrap().to_string()
+        };
+        assert_eq!(
+            spoken(json!({"say_goodbye":" See you! "}), "bye"),
+            "See you!"
+        );
+        assert_eq!(
+            spoken(json!({}), "I'm done, bye"),
+            "Goodbye! Talk to you soon."
+        );
+        assert_eq!(spoken(json!({"say_goodbye": 5}), "我走了"), "好的，再见！");
+        assert!(ExitTool.ends_session());
+        assert!(!TimeTool.ends_session());
+    }
+
+    #[test]
     fn registry_knows_built_in_names_only() {
-        let set = ServerTools::from_names(&["get_time".into()]).unwrap();
+        let set =
+            ServerTools::from_names(&["get_time".into(), "handle_exit_intent".into()]).unwrap();
         assert_eq!(
             set.iter().map(|t| t.name()).collect::<Vec<_>>(),
-            ["get_time"]
+            ["get_time", "handle_exit_intent"]
         );
         assert!(ServerTools::from_names(&["rm_rf".into()])
             .unwrap_err()

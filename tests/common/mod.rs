@@ -181,17 +181,59 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<HttpResponse> {
+    http_request_bytes(port, method, path, headers, body.as_bytes(), None)
+}
+
+/// Like [`http_request`] with a binary body, sent with `Content-Length` or, given a chunk size,
+/// with chunked transfer encoding as the firmware's camera does. The body is written by a second
+/// thread while the response is read, so a server that answers before reading everything
+/// (413) is heard; write errors after its answer are ignored.
+pub fn http_request_bytes(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    chunk: Option<usize>,
+) -> std::io::Result<HttpResponse> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    match chunk {
+        Some(_) => req.push_str("Transfer-Encoding: chunked\r\n"),
+        None => req.push_str(&format!("Content-Length: {}\r\n", body.len())),
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes())?;
+    let mut wire = req.into_bytes();
+    match chunk {
+        Some(size) => {
+            for piece in body.chunks(size.max(1)) {
+                wire.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                wire.extend_from_slice(piece);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+        }
+        None => wire.extend_from_slice(body),
+    }
+    let mut writer = s.try_clone()?;
+    let sender = std::thread::spawn(move || {
+        for piece in wire.chunks(16 * 1024) {
+            if writer.write_all(piece).is_err() {
+                break;
+            }
+        }
+    });
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    let read = s.read_to_end(&mut raw);
+    let _ = sender.join();
+    if raw.is_empty() {
+        read?;
+    }
     let text = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head

@@ -8,14 +8,10 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
-use hyper::Request;
 use serde::Deserialize;
 
 use crate::providers::error::ProviderError;
-use crate::providers::http_client::{
-    error_for_status, read_body, with_timeout, ApiKey, HttpClient, HttpError, ReqBody,
-};
+use crate::providers::http_client::{post_for_body, with_timeout, ApiKey, HttpClient};
 
 /// Largest transcription reply accepted.
 const MAX_REPLY: usize = 1024 * 1024;
@@ -71,18 +67,15 @@ async fn exchange(
         fields.push(("language", language));
     }
     let (content_type, body) = multipart(&fields, "file", "audio.wav", "audio/wav", &wav);
-    let mut req = Request::post(&url).header(CONTENT_TYPE, content_type);
-    if let Some(bearer) = settings.api_key.bearer() {
-        req = req.header(AUTHORIZATION, bearer);
-    }
-    let req = req
-        .body(ReqBody::full(body))
-        .map_err(|e| HttpError::InvalidRequest {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
-    let resp = error_for_status(client.request(req).await?).await?;
-    let body = read_body(resp.into_body(), MAX_REPLY).await?;
+    let body = post_for_body(
+        client,
+        &url,
+        &settings.api_key,
+        &content_type,
+        body,
+        MAX_REPLY,
+    )
+    .await?;
     let reply: Transcription = serde_json::from_slice(&body).map_err(|e| {
         let start = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
         ProviderError::BadResponse(format!("{e}: {start}"))

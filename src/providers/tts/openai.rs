@@ -6,14 +6,10 @@
 
 use std::time::Duration;
 
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
-use hyper::Request;
 use serde::Serialize;
 
 use crate::providers::error::ProviderError;
-use crate::providers::http_client::{
-    error_for_status, read_body, with_timeout, ApiKey, HttpClient, HttpError, ReqBody,
-};
+use crate::providers::http_client::{post_for_body, with_timeout, ApiKey, HttpClient};
 
 /// Largest audio reply accepted (about 10 minutes of 24 kHz PCM16).
 const MAX_AUDIO: usize = 32 * 1024 * 1024;
@@ -73,18 +69,15 @@ async fn exchange(
         response_format: format,
     })
     .map_err(|e| ProviderError::BadResponse(e.to_string()))?;
-    let mut req = Request::post(&url).header(CONTENT_TYPE, "application/json");
-    if let Some(bearer) = settings.api_key.bearer() {
-        req = req.header(AUTHORIZATION, bearer);
-    }
-    let req = req
-        .body(ReqBody::full(body))
-        .map_err(|e| HttpError::InvalidRequest {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
-    let resp = error_for_status(client.request(req).await?).await?;
-    let audio = read_body(resp.into_body(), MAX_AUDIO).await?;
+    let audio = post_for_body(
+        client,
+        &url,
+        &settings.api_key,
+        "application/json",
+        body,
+        MAX_AUDIO,
+    )
+    .await?;
     if format == "pcm" {
         Ok((pcm16le(&audio), settings.sample_rate_for_pcm))
     } else {
