@@ -242,6 +242,19 @@ pub enum ProxyProtocol {
     Any,
 }
 
+impl ProxyProtocol {
+    /// The header versions a listener reads from trusted peers; `None` when off.
+    pub fn accept(self) -> Option<crate::front_door::proxy::Accept> {
+        use crate::front_door::proxy::Accept;
+        match self {
+            ProxyProtocol::Off => None,
+            ProxyProtocol::V1 => Some(Accept::V1),
+            ProxyProtocol::V2 => Some(Accept::V2),
+            ProxyProtocol::Any => Some(Accept::Any),
+        }
+    }
+}
+
 /// The header a trusted balancer names the device in. One, chosen by the operator: a balancer
 /// that sets one header passes the other through from the client untouched (forgeable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -964,7 +977,7 @@ impl Config {
         if s.max_frame_bytes < 1024 {
             return bad("server.max_frame_bytes", "must be at least 1024");
         }
-        if let Err(e) = crate::ws::peer::TrustedProxies::parse(&s.trusted_proxies) {
+        if let Err(e) = crate::front_door::peer::TrustedProxies::parse(&s.trusted_proxies) {
             return bad("server.trusted_proxies", &e);
         }
         if s.proxy_protocol != ProxyProtocol::Off && s.trusted_proxies.is_empty() {

@@ -26,8 +26,8 @@ use crate::providers::http_client::{ClientSettings, HttpClient};
 use crate::providers::tts::TtsResult;
 use crate::providers::vad::VadResult;
 use crate::session::{SessionCounters, SessionEvent};
-use crate::ws::peer::TrustedProxies;
-use crate::ws::rate_limit::ConnectionRateLimiter;
+use crate::front_door::peer::TrustedProxies;
+use crate::front_door::rate_limit::AddressRateLimiter;
 
 /// Cross-shard requests carried by `shards::Control::User`.
 pub enum ShardRequest {
@@ -160,7 +160,7 @@ pub struct Shard {
     pub trusted: TrustedProxies,
     /// Most sessions this shard admits (its share of the instance limit).
     pub connection_limit: usize,
-    rate_limiter: RefCell<Option<ConnectionRateLimiter>>,
+    rate_limiter: RefCell<Option<AddressRateLimiter>>,
     sessions: RefCell<HashMap<u64, Rc<Mailbox<SessionEvent>>>>,
     next_key: Cell<u64>,
     /// False while draining (`/readyz`).
@@ -481,7 +481,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
         n => s.max_connections_per_shard.min(n.div_ceil(shards)),
     };
     let rate_limiter = (s.rate_limit.per_address_per_s > 0.0).then(|| {
-        ConnectionRateLimiter::new(
+        AddressRateLimiter::new(
             s.rate_limit.per_address_per_s,
             s.rate_limit.burst,
             s.rate_limit.max_addresses,

@@ -19,7 +19,6 @@ use super::{
     CloseCause, Outgoing, Session, SessionEvent, SessionSettings, SessionTimers, ToolSettings,
 };
 use crate::config::{Config, LlmProvider, TtsProvider, VisionProvider};
-use crate::config::{ForwardedHeader, ProxyProtocol};
 use crate::pipeline::audio_in::AudioInLimits;
 use crate::protocol::token::MISSING_CLIENT_ID;
 use crate::protocol::{identify, AudioParams};
@@ -34,10 +33,8 @@ use crate::providers::tts::{TtsEngine, TtsJob};
 use crate::shard::{Refusal, Shard};
 use crate::tools::intents::Intents;
 use crate::tools::mcp::McpSettings;
-use crate::ws::handshake::{
-    read_head_after, read_proxy_header, write_plain, write_upgrade, HeadError, RequestHead,
-};
-use crate::ws::proxy;
+use crate::front_door::{proxy, write_plain};
+use crate::ws::handshake::{read_head_after, write_upgrade, HeadError, RequestHead};
 use std::net::SocketAddr;
 
 /// Text the reference sends before closing a connection without a device id.
@@ -57,15 +54,10 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
     let read = async {
         let mut client = peer;
         let mut already = Vec::new();
-        let accept = match cfg.proxy_protocol {
-            ProxyProtocol::Off => None,
-            ProxyProtocol::V1 => Some(proxy::Accept::V1),
-            ProxyProtocol::V2 => Some(proxy::Accept::V2),
-            ProxyProtocol::Any => Some(proxy::Accept::Any),
-        };
         // Only a trusted balancer's PROXY header is read; anyone else is a direct client.
+        let accept = cfg.proxy_protocol.accept();
         if let Some(accept) = accept.filter(|_| shard.trusted.contains(peer.ip())) {
-            let (header, rest) = read_proxy_header(&mut stream, accept).await?;
+            let (header, rest) = proxy::read_header(&mut stream, accept).await?;
             client = header.source.unwrap_or(peer);
             already = rest;
         }
@@ -98,13 +90,12 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
             return;
         }
     };
-    let forwarded = match cfg.forwarded_header {
-        ForwardedHeader::Off => None,
-        ForwardedHeader::XRealIp => shard.trusted.real_ip(client.ip(), head.header("x-real-ip")),
-        ForwardedHeader::XForwardedFor => shard
-            .trusted
-            .forwarded_for(client.ip(), head.header_list("x-forwarded-for").as_deref()),
-    };
+    let forwarded = shard.trusted.forwarded(
+        cfg.forwarded_header,
+        client.ip(),
+        head.header("x-real-ip"),
+        head.header_list("x-forwarded-for").as_deref(),
+    );
     if let Some(ip) = forwarded {
         client = SocketAddr::new(ip, 0);
     }

@@ -2,7 +2,7 @@
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
-use crate::ws::proxy;
+use crate::front_door::proxy;
 
 /// A parsed request head.
 #[derive(Debug, Clone)]
@@ -65,10 +65,20 @@ pub enum HeadError {
     Malformed(String),
     /// A trusted balancer's connection without a valid PROXY header.
     #[error("{0}")]
-    Proxy(#[from] proxy::ProxyError),
+    Proxy(proxy::ProxyError),
     /// Socket error.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<proxy::ReadError> for HeadError {
+    fn from(e: proxy::ReadError) -> Self {
+        match e {
+            proxy::ReadError::Closed => HeadError::Closed,
+            proxy::ReadError::Invalid(e) => HeadError::Proxy(e),
+            proxy::ReadError::Io(e) => HeadError::Io(e),
+        }
+    }
 }
 
 /// Reads one request head of at most `limit` bytes.
@@ -128,47 +138,6 @@ pub async fn read_head_after<S: futures_lite::AsyncRead + Unpin>(
             Err(e) => return Err(HeadError::Malformed(e.to_string())),
         }
     }
-}
-
-/// Reads a PROXY protocol header (bounded by [`crate::ws::proxy::MAX_V2_LEN`]); returns it and
-/// the bytes read past it (the start of the HTTP request).
-pub async fn read_proxy_header<S: futures_lite::AsyncRead + Unpin>(
-    stream: &mut S,
-    accept: proxy::Accept,
-) -> Result<(proxy::ProxyHeader, Vec<u8>), HeadError> {
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 512];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(HeadError::Closed);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        match proxy::parse(&buf, accept) {
-            Ok(proxy::Parsed::Incomplete) => {
-                if buf.len() > proxy::MAX_V2_LEN {
-                    return Err(HeadError::Malformed("PROXY header too long".into()));
-                }
-            }
-            Ok(proxy::Parsed::Header(h, len)) => return Ok((h, buf.split_off(len))),
-            Err(e) => return Err(HeadError::Proxy(e)),
-        }
-    }
-}
-
-/// Writes a complete, connection-closing plain-text HTTP response.
-pub async fn write_plain<S: futures_lite::AsyncWrite + Unpin>(
-    stream: &mut S,
-    status: &str,
-    extra_headers: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n{body}",
-        body.len()
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.flush().await
 }
 
 /// Writes the `101 Switching Protocols` answer for a request carrying `Sec-WebSocket-Key`.
@@ -239,15 +208,15 @@ mod tests {
         let raw =
             b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 8000\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\nWS";
         let mut r = futures_lite::io::Cursor::new(raw.to_vec());
-        let (h, rest) = block_on(read_proxy_header(&mut r, proxy::Accept::Any)).unwrap();
+        let (h, rest) = block_on(proxy::read_header(&mut r, proxy::Accept::Any)).unwrap();
         assert_eq!(h.source, Some("203.0.113.7:51000".parse().unwrap()));
         let head = block_on(read_head_after(&mut r, 8192, rest)).unwrap();
         assert_eq!(head.target, "/x");
         assert_eq!(head.leftover, b"WS");
         let mut plain = futures_lite::io::Cursor::new(b"GET / HTTP/1.1\r\n\r\n".to_vec());
         assert!(matches!(
-            block_on(read_proxy_header(&mut plain, proxy::Accept::Any)),
-            Err(HeadError::Proxy(_))
+            block_on(proxy::read_header(&mut plain, proxy::Accept::Any)),
+            Err(proxy::ReadError::Invalid(_))
         ));
     }
 

@@ -6,7 +6,8 @@
 //! proper HTTP status before upgrading (full shard, draining), and read identity from headers
 //! or the query string.
 
+//!
+//! Who the client is behind a balancer, and the per-address limits, live in
+//! [`crate::front_door`], shared with the HTTP port.
+
 pub mod handshake;
-pub mod peer;
-pub mod proxy;
-pub mod rate_limit;

@@ -1,9 +1,9 @@
-//! New-connection rate per client address: one token bucket per address, in a table each
-//! shard owns (no cross-core state). The table has a fixed maximum size; when it is full the
+//! Rate per client address (new connections on the WebSocket port, requests on the HTTP port):
+//! one token bucket per address, in a table each shard owns for each port (no cross-core state). The table has a fixed maximum size; when it is full the
 //! bucket untouched for longest is evicted (a full bucket is what a fresh one would be, so
 //! evicting the oldest is forgiving, never stricter).
 //!
-//! Because the kernel spreads connections over shards, an address may open up to
+//! Because the kernel spreads connections over shards, an address may get up to
 //! `burst × shards` at once and `rate × shards` per second across the instance.
 
 use std::collections::HashMap;
@@ -19,7 +19,7 @@ struct Bucket {
 
 /// Token buckets by address, bounded.
 #[derive(Debug)]
-pub struct ConnectionRateLimiter {
+pub struct AddressRateLimiter {
     per_second: f64,
     burst: f64,
     max_addresses: usize,
@@ -27,10 +27,10 @@ pub struct ConnectionRateLimiter {
     evictions: u64,
 }
 
-impl ConnectionRateLimiter {
+impl AddressRateLimiter {
     /// `per_second` refill, `burst` capacity, at most `max_addresses` tracked (≥ 1).
     pub fn new(per_second: f64, burst: u32, max_addresses: usize) -> Self {
-        ConnectionRateLimiter {
+        AddressRateLimiter {
             per_second,
             burst: f64::from(burst.max(1)),
             max_addresses: max_addresses.max(1),
@@ -39,7 +39,7 @@ impl ConnectionRateLimiter {
         }
     }
 
-    /// Takes one token for `ip` at `now`; false means the connection is over the rate.
+    /// Takes one token for `ip` at `now`; false means the connection or request is over the rate.
     pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         if !self.buckets.contains_key(&ip) && self.buckets.len() >= self.max_addresses {
             self.evict(now);
@@ -109,7 +109,7 @@ mod tests {
     #[test]
     fn burst_then_refill_at_the_rate() {
         let t0 = Instant::now();
-        let mut l = ConnectionRateLimiter::new(2.0, 3, 100);
+        let mut l = AddressRateLimiter::new(2.0, 3, 100);
         assert!((0..3).all(|_| l.allow(ip(1), t0)));
         assert!(!l.allow(ip(1), t0));
         // Other addresses have their own bucket.
@@ -122,7 +122,7 @@ mod tests {
     #[test]
     fn table_stays_bounded_and_evicts_the_oldest() {
         let t0 = Instant::now();
-        let mut l = ConnectionRateLimiter::new(0.001, 1, 2);
+        let mut l = AddressRateLimiter::new(0.001, 1, 2);
         assert!(l.allow(ip(1), t0));
         assert!(l.allow(ip(2), t0 + Duration::from_millis(1)));
         assert!(l.allow(ip(3), t0 + Duration::from_millis(2)));

@@ -8,6 +8,8 @@
 
 use std::net::IpAddr;
 
+use crate::config::ForwardedHeader;
+
 /// One `address/prefix` block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -86,6 +88,23 @@ impl TrustedProxies {
     /// True when `ip` is a trusted balancer.
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.0.iter().any(|c| c.contains(ip))
+    }
+
+    /// The client address a trusted `peer` reports in the operator's chosen `header`: the first
+    /// `X-Real-IP` value, or the `X-Forwarded-For` lines joined with commas. `None` when the
+    /// peer is not trusted, the header is off, or it names no usable address.
+    pub fn forwarded(
+        &self,
+        header: ForwardedHeader,
+        peer: IpAddr,
+        x_real_ip: Option<&str>,
+        x_forwarded_for: Option<&str>,
+    ) -> Option<IpAddr> {
+        match header {
+            ForwardedHeader::Off => None,
+            ForwardedHeader::XRealIp => self.real_ip(peer, x_real_ip),
+            ForwardedHeader::XForwardedFor => self.forwarded_for(peer, x_forwarded_for),
+        }
     }
 
     /// The client address a trusted `peer` reports in `X-Real-IP`. `None` when the peer is not
@@ -167,6 +186,21 @@ mod tests {
         );
         assert_eq!(t.real_ip(ip("127.0.0.2"), Some("203.0.113.5")), None);
         assert_eq!(t.forwarded_for(ip("127.0.0.2"), Some("203.0.113.5")), None);
+    }
+
+    #[test]
+    fn only_the_chosen_header_is_read() {
+        let t = trusted();
+        let (peer, xri, xff) = (ip("10.0.0.1"), Some("203.0.113.5"), Some("198.51.100.7"));
+        assert_eq!(t.forwarded(ForwardedHeader::Off, peer, xri, xff), None);
+        assert_eq!(
+            t.forwarded(ForwardedHeader::XRealIp, peer, xri, xff),
+            Some(ip("203.0.113.5"))
+        );
+        assert_eq!(
+            t.forwarded(ForwardedHeader::XForwardedFor, peer, xri, xff),
+            Some(ip("198.51.100.7"))
+        );
     }
 
     #[test]

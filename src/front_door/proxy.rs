@@ -8,6 +8,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use futures_lite::AsyncReadExt;
+
 /// The 12-byte signature that starts a v2 header.
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// Longest v1 header including CRLF (spec: 107).
@@ -180,6 +182,45 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
         }
     };
     Ok(Parsed::Header(ProxyHeader { version: 2, source }, total))
+}
+
+/// Why no header could be read from a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The peer closed before a whole header arrived.
+    #[error("connection closed before the PROXY header was complete")]
+    Closed,
+    /// The bytes are not an acceptable header.
+    #[error("{0}")]
+    Invalid(#[from] ProxyError),
+    /// Socket error.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads a header from the start of `stream` (at most [`MAX_V2_LEN`] bytes are buffered);
+/// returns it and the bytes read past it (the start of the HTTP request).
+pub async fn read_header<S: futures_lite::AsyncRead + Unpin>(
+    stream: &mut S,
+    accept: Accept,
+) -> Result<(ProxyHeader, Vec<u8>), ReadError> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(ReadError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match parse(&buf, accept)? {
+            // `parse` refuses a header longer than MAX_V2_LEN, so this only guards the bound.
+            Parsed::Incomplete if buf.len() > MAX_V2_LEN => {
+                return Err(ProxyError::BadV2("longer than the accepted maximum").into())
+            }
+            Parsed::Incomplete => {}
+            Parsed::Header(h, len) => return Ok((h, buf.split_off(len))),
+        }
+    }
 }
 
 #[cfg(test)]
