@@ -226,6 +226,33 @@ pub struct ServerConfig {
     pub forwarded_header: ForwardedHeader,
     /// New connections per client address.
     pub rate_limit: RateLimitConfig,
+    /// The HTTP port's own balancer and limit settings (it shares `trusted_proxies` and
+    /// `forwarded_header`).
+    pub http: HttpPortConfig,
+}
+
+/// The HTTP port (OTA, health, metrics) behind a balancer.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpPortConfig {
+    /// PROXY protocol on the HTTP port: off, v1, v2 or any (from trusted proxies only). Separate
+    /// from `server.proxy_protocol`: a balancer sends it per backend server line, and the OTA
+    /// backend is often layer 7 (forwarded headers) while the WebSocket one is layer 4.
+    pub proxy_protocol: ProxyProtocol,
+    /// Most HTTP connections one shard holds at once; beyond it a connection gets 503.
+    pub max_connections_per_shard: usize,
+    /// Requests per client address (balancer addresses are exempt).
+    pub rate_limit: RateLimitConfig,
+}
+
+impl Default for HttpPortConfig {
+    fn default() -> Self {
+        Self {
+            proxy_protocol: ProxyProtocol::Off,
+            max_connections_per_shard: 1024,
+            rate_limit: RateLimitConfig::default(),
+        }
+    }
 }
 
 /// Whether the WebSocket port expects a PROXY protocol header from trusted balancers.
@@ -268,13 +295,14 @@ pub enum ForwardedHeader {
     XRealIp,
 }
 
-/// Token bucket per client address (per shard) for new WebSocket connections.
+/// Token bucket per client address (per shard): new WebSocket connections (`server.rate_limit`)
+/// or HTTP requests (`server.http.rate_limit`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
-    /// New connections per second per address and shard; 0 = no limit.
+    /// Connections (or requests) per second per address and shard; 0 = no limit.
     pub per_address_per_s: f64,
-    /// Connections an address may open at once (bucket size) per shard.
+    /// Connections (or requests) an address may make at once (bucket size) per shard.
     pub burst: u32,
     /// Addresses each shard tracks; beyond it the stalest bucket is forgotten.
     pub max_addresses: usize,
@@ -315,6 +343,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             forwarded_header: ForwardedHeader::Off,
             rate_limit: RateLimitConfig::default(),
+            http: HttpPortConfig::default(),
         }
     }
 }
@@ -986,15 +1015,28 @@ impl Config {
                 "proxy_protocol is on but no balancer is trusted (list its address)",
             );
         }
-        let rl = &s.rate_limit;
-        if !(rl.per_address_per_s >= 0.0 && rl.per_address_per_s.is_finite()) {
-            return bad("server.rate_limit.per_address_per_s", "must be 0 or more");
-        }
-        if rl.burst == 0 || rl.max_addresses == 0 {
+        if s.http.proxy_protocol != ProxyProtocol::Off && s.trusted_proxies.is_empty() {
             return bad(
-                "server.rate_limit",
-                "burst and max_addresses must be at least 1",
+                "server.trusted_proxies",
+                "http.proxy_protocol is on but no balancer is trusted (list its address)",
             );
+        }
+        if s.http.max_connections_per_shard == 0 {
+            return bad(
+                "server.http.max_connections_per_shard",
+                "must be at least 1",
+            );
+        }
+        for (key, rl) in [
+            ("server.rate_limit", &s.rate_limit),
+            ("server.http.rate_limit", &s.http.rate_limit),
+        ] {
+            if !(rl.per_address_per_s >= 0.0 && rl.per_address_per_s.is_finite()) {
+                return bad(&format!("{key}.per_address_per_s"), "must be 0 or more");
+            }
+            if rl.burst == 0 || rl.max_addresses == 0 {
+                return bad(key, "burst and max_addresses must be at least 1");
+            }
         }
         if !(256..=1 << 20).contains(&s.read_buffer_bytes) {
             return bad(
@@ -1221,6 +1263,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server.trusted_proxies"), "{err}");
+        let err = load(&["server.http.proxy_protocol=\"v2\""])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http.proxy_protocol"), "{err}");
+        let err = load(&["server.http.rate_limit.burst=0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.http.rate_limit"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,9 @@ use glommio::{Latency, Shares};
 use shards::{Control, Mailbox, Routed, ShardContext, ShardMesh};
 
 use crate::config::Config;
-use crate::http::{HttpContext, OtaSettings};
+use crate::front_door::peer::TrustedProxies;
+use crate::front_door::rate_limit::AddressRateLimiter;
+use crate::http::{HttpAdmission, HttpContext, HttpCounters, OtaSettings};
 use crate::inference::{InferenceQueues, ShardReplies};
 use crate::metrics::intervals::{IntervalLog, IntervalLogCopy};
 use crate::metrics::{Stage, StageHistograms};
@@ -26,8 +28,6 @@ use crate::providers::http_client::{ClientSettings, HttpClient};
 use crate::providers::tts::TtsResult;
 use crate::providers::vad::VadResult;
 use crate::session::{SessionCounters, SessionEvent};
-use crate::front_door::peer::TrustedProxies;
-use crate::front_door::rate_limit::AddressRateLimiter;
 
 /// Cross-shard requests carried by `shards::Control::User`.
 pub enum ShardRequest {
@@ -111,6 +111,8 @@ pub struct ShardStats {
     pub ended: SessionCounters,
     /// Requests to `/mcp/vision/explain` by outcome.
     pub vision: crate::http::vision::VisionCounters,
+    /// The HTTP port's connections and refusals.
+    pub http: HttpCounters,
 }
 
 impl ShardStats {
@@ -139,6 +141,7 @@ impl ShardStats {
         self.vad_queue_depth = self.vad_queue_depth.max(o.vad_queue_depth);
         self.ended.add(&o.ended);
         self.vision.add(&o.vision);
+        self.http.merge(&o.http);
     }
 }
 
@@ -161,6 +164,8 @@ pub struct Shard {
     /// Most sessions this shard admits (its share of the instance limit).
     pub connection_limit: usize,
     rate_limiter: RefCell<Option<AddressRateLimiter>>,
+    /// The HTTP port's client addresses and limits (shared with its [`HttpContext`]).
+    pub http_admission: Rc<HttpAdmission>,
     sessions: RefCell<HashMap<u64, Rc<Mailbox<SessionEvent>>>>,
     next_key: Cell<u64>,
     /// False while draining (`/readyz`).
@@ -269,6 +274,7 @@ impl Shard {
             s.rate_limit_addresses = l.len() as u64;
             s.rate_limit_evictions = l.evictions();
         }
+        s.http = self.http_admission.counters();
         s.sessions = self.session_count() as u64;
         s.vad_queue_depth = self.queues.vad.queue_depths().iter().sum::<usize>() as u64;
         ShardSnapshot {
@@ -497,6 +503,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
         trusted,
         connection_limit,
         rate_limiter: RefCell::new(rate_limiter),
+        http_admission: Rc::new(HttpAdmission::new(s)),
         sessions: RefCell::new(HashMap::new()),
         next_key: Cell::new(0),
         ready: Rc::new(Cell::new(true)),
@@ -578,6 +585,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             allowed_devices: shard.config.server.auth.allowed_devices.clone(),
         },
         ready: shard.ready.clone(),
+        admission: shard.http_admission.clone(),
         metrics: {
             let shard = shard.clone();
             Rc::new(move || {

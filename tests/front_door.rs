@@ -408,6 +408,50 @@ fn full_shard_refuses_new_devices_with_503() {
 }
 
 #[test]
+fn full_http_shard_answers_503_until_a_connection_closes() {
+    let server = Server::start(&[
+        "server.http.max_connections_per_shard=2",
+        "runtime.shard_cores=[0]",
+    ]);
+    // Two keep-alive connections, each answered once (so both are open and counted), hold
+    // both places.
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("write");
+            let mut got = Vec::new();
+            let mut buf = [0u8; 512];
+            while !got.ends_with(b"ok\n") {
+                let n = s.read(&mut buf).expect("read");
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+            s
+        })
+        .collect();
+    let refused = http_request(server.http_port, "GET", "/healthz", &[], "").expect("answer");
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(
+        refused.body,
+        "server busy: this shard holds its maximum of 2 HTTP connections; retry later\n"
+    );
+    assert!(refused.head.to_ascii_lowercase().contains("retry-after: 1"));
+    // Closing one frees its place (the server notices the close asynchronously).
+    drop(held);
+    let mut refusals = 1;
+    wait_until(|| {
+        let ok = http_request(server.http_port, "GET", "/healthz", &[], "")
+            .is_ok_and(|r| r.status == 200);
+        refusals += u64::from(!ok);
+        ok
+    });
+    assert_eq!(server.metric("xiaozhi_http_refused_full_total"), refusals);
+}
+
+#[test]
 fn plain_get_on_the_websocket_port_answers_200() {
     let server = Server::start(&[]);
     let resp = http_request(server.ws_port, "GET", "/xiaozhi/v1/", &[], "").expect("get");

@@ -6,7 +6,7 @@
 //! Devices use distinct loopback source addresses (127.0.0.2, .3, …) while HAProxy reaches the
 //! servers from 127.0.0.1, so the address a session reports says who told it: the TCP peer or
 //! the balancer. The session's address is read where an operator reads it: the server's
-//! `device connected … addr=…` log line and the 429 refusal text.
+//! `device connected … addr=…` and `ota request … addr=…` log lines and the 429 refusal text.
 
 mod common;
 
@@ -150,10 +150,15 @@ fn device_from(src: &str, port: u16, device: &str, extra: &[(&str, &str)]) -> Ws
 
 /// Addresses the server logged for its sessions (`device connected … addr=…`).
 fn logged_addrs(server: &Server) -> Vec<String> {
+    addrs_in_log(server, "device connected")
+}
+
+/// The `addr=` of every log line containing `marker`, in order.
+fn addrs_in_log(server: &Server, marker: &str) -> Vec<String> {
     server
         .log_text()
         .lines()
-        .filter(|l| l.contains("device connected"))
+        .filter(|l| l.contains(marker))
         .filter_map(|l| l.split("addr=").nth(1))
         .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
         .collect()
@@ -431,6 +436,194 @@ fn ota_through_the_balancer_hands_out_its_url_and_any_instance_accepts_the_token
     let (code, _) = expect_close(&mut bad);
     assert_eq!(code, 1008, "a token for another device is refused");
     drop(open);
+}
+
+/// An OTA POST for `device` from loopback source `src` to HTTP port `port`.
+fn ota_from(src: &str, port: u16, device: &str, extra: &[(&str, &str)]) -> HttpResponse {
+    let mut headers = vec![
+        ("Device-Id", device),
+        ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+        ("Content-Type", "application/json"),
+    ];
+    headers.extend_from_slice(extra);
+    let s = tcp_from(src, port).expect("connect");
+    http_exchange(
+        s,
+        port,
+        "POST",
+        "/xiaozhi/ota/",
+        &headers,
+        br#"{"application":{"version":"1.6.0"}}"#,
+        None,
+    )
+    .expect("ota")
+}
+
+/// Counter `name` from `/metrics` of `server`, asked from loopback source `src` (not
+/// 127.0.0.1, whose requests the harness already spent from its bucket).
+fn counter_from(src: &str, server: &Server, name: &str) -> u64 {
+    let s = tcp_from(src, server.http_port).expect("connect");
+    let resp =
+        http_exchange(s, server.http_port, "GET", "/metrics", &[], b"", None).expect("metrics");
+    resp.body
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing ({}):\n{}", resp.status, resp.body))
+}
+
+#[test]
+fn ota_through_the_balancer_is_rate_limited_per_device_address_from_proxy_or_forwarded_for() {
+    // HAProxy reaches the instances from 127.0.0.9 (`source`), the only trusted balancer; the
+    // test's own requests from 127.0.0.1 are a direct client's. One shard, so one bucket per
+    // address; a bucket of 3 that does not refill within the test.
+    let common = [
+        "server.trusted_proxies=[\"127.0.0.9\"]",
+        "server.http.rate_limit.per_address_per_s=0.01",
+        "server.http.rate_limit.burst=3",
+        "runtime.shard_cores=[0]",
+    ];
+    // a: the OTA backend sends PROXY v2 (`send-proxy-v2` on its server line).
+    let a = Server::start(&[&common[..], &["server.http.proxy_protocol=\"v2\""]].concat());
+    // b: layer 7 only, the device in X-Forwarded-For (`option forwardfor`).
+    let b = Server::start(
+        &[
+            &common[..],
+            &["server.forwarded_header=\"x-forwarded-for\""],
+        ]
+        .concat(),
+    );
+    let (lb_proxy, lb_xff) = (free_port(), free_port());
+    // Health checks every 50 ms from the balancer's address, far above the bucket: they pass
+    // only because the balancer itself is exempt. With send-proxy-v2 and no `port`, HAProxy
+    // sends its checks a PROXY v2 LOCAL header.
+    let cfg = format!(
+        "frontend ota_proxy\n  mode http\n  bind 127.0.0.1:{lb_proxy}\n  default_backend be_a\n\n\
+         frontend ota_xff\n  mode http\n  bind 127.0.0.1:{lb_xff}\n  option forwardfor\n  default_backend be_b\n\n\
+         backend be_a\n  mode http\n  option httpchk GET /readyz\n  default-server inter 50ms fall 1 rise 1\n  \
+         server a 127.0.0.1:{} send-proxy-v2 source 127.0.0.9 check\n\n\
+         backend be_b\n  mode http\n  option httpchk GET /readyz\n  default-server inter 50ms fall 1 rise 1\n  \
+         server b 127.0.0.1:{} source 127.0.0.9 check\n",
+        a.http_port, b.http_port
+    );
+    let Some(lb) = Haproxy::start(&cfg, &[lb_proxy, lb_xff]) else {
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(400));
+
+    for (port, server) in [(lb_proxy, &a), (lb_xff, &b)] {
+        // Device A forges X-Forwarded-For; it is served its burst, then refused by its own
+        // address: the balancer's is the same for every device, so only the real one can
+        // tell A from B.
+        for i in 0..3 {
+            let r = ota_from(
+                "127.0.0.2",
+                port,
+                "aa:bb:cc:03:00:01",
+                &[("X-Forwarded-For", "6.6.6.6")],
+            );
+            assert_eq!(
+                r.status,
+                200,
+                "request {i} of A via :{port}: {}\n{}",
+                r.body,
+                lb.log()
+            );
+        }
+        let refused = ota_from("127.0.0.2", port, "aa:bb:cc:03:00:01", &[]);
+        assert_eq!(refused.status, 429, "{}", refused.body);
+        assert_eq!(
+            refused.body,
+            "too many requests from 127.0.0.2; retry later\n"
+        );
+        assert!(
+            refused
+                .head
+                .to_ascii_lowercase()
+                .contains("retry-after: 100"),
+            "{}",
+            refused.head
+        );
+        // Device B behind the same balancer still has its whole bucket.
+        let r = ota_from("127.0.0.3", port, "aa:bb:cc:03:00:02", &[]);
+        assert_eq!(r.status, 200, "B via :{port}: {}", r.body);
+        assert_eq!(
+            addrs_in_log(server, "ota request"),
+            [
+                "127.0.0.2",
+                "127.0.0.2",
+                "127.0.0.2",
+                "127.0.0.2",
+                "127.0.0.3"
+            ],
+            "the OTA access log names the devices"
+        );
+    }
+
+    // A peer that is not a trusted balancer is not believed. Its PROXY header is not read (the
+    // request is malformed: 400)…
+    let mut s = tcp_from("127.0.0.4", a.http_port).expect("connect");
+    s.write_all(
+        b"PROXY TCP4 6.6.6.6 127.0.0.1 1111 8003\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // …and its X-Forwarded-For is ignored: a different forged address each time, yet its own
+    // address runs out after the burst.
+    for i in 0..3 {
+        let forged = format!("198.51.100.{i}");
+        let r = ota_from(
+            "127.0.0.4",
+            b.http_port,
+            "aa:bb:cc:03:00:04",
+            &[("X-Forwarded-For", &forged)],
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = ota_from(
+        "127.0.0.4",
+        b.http_port,
+        "aa:bb:cc:03:00:04",
+        &[("X-Forwarded-For", "198.51.100.9")],
+    );
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (429, "too many requests from 127.0.0.4; retry later\n")
+    );
+
+    // The trusted balancer's address without a PROXY header is refused on a, and counted.
+    let missing = http_exchange(
+        tcp_from("127.0.0.9", a.http_port).expect("connect"),
+        a.http_port,
+        "GET",
+        "/healthz",
+        &[],
+        b"",
+        None,
+    )
+    .expect("answer");
+    assert_eq!(missing.status, 400, "{}", missing.body);
+
+    // Exactly the 429s above were counted: none of the balancer's health checks.
+    assert_eq!(
+        counter_from("127.0.0.20", &a, "xiaozhi_http_refused_rate_limited_total"),
+        1
+    );
+    assert_eq!(
+        counter_from("127.0.0.21", &b, "xiaozhi_http_refused_rate_limited_total"),
+        2
+    );
+    assert_eq!(
+        counter_from("127.0.0.22", &a, "xiaozhi_http_proxy_header_errors_total"),
+        1
+    );
+    for server in [&a, &b] {
+        assert!(!server.log_text().contains("6.6.6.6"));
+        assert!(!server.log_text().contains("198.51.100."));
+        assert!(!addrs_in_log(server, "ota request").contains(&"127.0.0.9".to_string()));
+    }
 }
 
 #[test]

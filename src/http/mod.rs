@@ -2,29 +2,44 @@
 //! /mcp/vision/explain` (the camera's photo question, [`vision`]), `/healthz`, `/readyz`,
 //! `/metrics`, `/histograms/<stage>.hgrm|.hlog`. Served by hyper's HTTP/1 server on each shard (its own SO_REUSEPORT listener),
 //! over glommio sockets through `smol-hyper`'s futures-io adapter.
+//!
+//! Before the routes, [`admission`] finds each request's real client address behind a
+//! balancer (PROXY header, forwarded header) and applies the port's limits (connections per
+//! shard, requests per address).
 
+pub mod admission;
 pub mod ota;
+pub mod rewind;
 pub mod vision;
 
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 
+pub use admission::{HttpAdmission, HttpCounters};
 pub use ota::{OtaRequest, OtaSettings};
+
+use crate::front_door::{proxy, write_plain};
+use rewind::Rewind;
 
 /// Largest request body accepted (the OTA system-info JSON is ~2 KiB).
 const MAX_BODY: usize = 64 * 1024;
 /// An HTTP connection is closed after this long, keep-alive or not (bounds slow clients).
 const MAX_CONNECTION_TIME: Duration = Duration::from_secs(60);
+/// Time a trusted balancer has to send its PROXY header.
+const PROXY_HEADER_TIME: Duration = Duration::from_secs(5);
+/// A connection refused because its shard is full is answered and closed within this time.
+const REFUSED_CONNECTION_TIME: Duration = Duration::from_secs(5);
 
 /// Produces the `/metrics` text (may ask other shards).
 pub type MetricsSource = Rc<dyn Fn() -> Pin<Box<dyn Future<Output = String>>>>;
@@ -46,27 +61,128 @@ pub struct HttpContext {
     pub histograms: HistogramSource,
     /// `/mcp/vision/explain`.
     pub vision: vision::VisionEndpoint,
+    /// Real client addresses and the port's limits on this shard.
+    pub admission: Rc<HttpAdmission>,
 }
 
+/// The address a request comes from as admission resolved it (the device behind a trusted
+/// balancer, else the TCP peer); in every routed request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
 /// Serves one HTTP connection until the client closes it or the time limit passes.
-pub async fn serve_connection(stream: glommio::net::TcpStream, ctx: Rc<HttpContext>) {
+pub async fn serve_connection(mut stream: glommio::net::TcpStream, ctx: Rc<HttpContext>) {
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
     let local_ip = stream.local_addr().ok().map(|a| a.ip());
-    let io = smol_hyper::rt::FuturesIo::new(stream);
+    // Taken before anything is read: a full shard answers 503 whatever the client sends.
+    let slot = ctx.admission.open_connection();
+    let mut client = peer.ip();
+    let mut already = Vec::new();
+    if let Some(accept) = ctx.admission.proxy_header_from(peer.ip()) {
+        let read = async { Some(proxy::read_header(&mut stream, accept).await) };
+        let timeout = async {
+            glommio::timer::sleep(PROXY_HEADER_TIME).await;
+            None
+        };
+        let error = match futures_lite::future::or(read, timeout).await {
+            Some(Ok((header, rest))) => {
+                client = header.source.map_or(client, |a| a.ip());
+                already = rest;
+                None
+            }
+            Some(Err(proxy::ReadError::Invalid(e))) => Some(e.to_string()),
+            Some(Err(_)) => return,
+            None => Some("no PROXY header received in time".to_string()),
+        };
+        if let Some(error) = error {
+            ctx.admission.proxy_header_error();
+            tracing::info!(%peer, %error, "trusted balancer sent no valid PROXY header (HTTP port)");
+            let _ = write_plain(&mut stream, "400 Bad Request", "", &format!("{error}\n")).await;
+            return;
+        }
+    }
+    let io = smol_hyper::rt::FuturesIo::new(Rewind::new(already, stream));
+    let full = slot.is_none().then(|| ctx.admission.max_connections());
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(route(req, &ctx, local_ip).await) }
+        async move {
+            Ok::<_, Infallible>(match full {
+                Some(max) => shard_full(max),
+                None => admit(req, &ctx, client, local_ip).await,
+            })
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .max_buf_size(16 * 1024)
         .serve_connection(io, service);
     let limit = async {
-        glommio::timer::sleep(MAX_CONNECTION_TIME).await;
+        let time = if full.is_some() {
+            REFUSED_CONNECTION_TIME
+        } else {
+            MAX_CONNECTION_TIME
+        };
+        glommio::timer::sleep(time).await;
         Ok(())
     };
     if let Err(e) = futures_lite::future::or(conn, limit).await {
         tracing::debug!(error = %e, "http connection ended with an error");
     }
+    drop(slot);
+}
+
+/// Resolves the request's client address, applies its rate limit, routes it, and writes the
+/// access log line (OTA at info, everything else at debug: balancers probe often).
+async fn admit(
+    mut req: Request<Incoming>,
+    ctx: &HttpContext,
+    connection_client: IpAddr,
+    local_ip: Option<IpAddr>,
+) -> Response<Full<Bytes>> {
+    let client = ctx
+        .admission
+        .client_address(connection_client, req.headers());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let device = header(&req, "device-id");
+    let resp = if ctx.admission.allow_request(client, Instant::now()) {
+        req.extensions_mut().insert(ClientAddr(client));
+        route(req, ctx, local_ip).await
+    } else {
+        let mut r = text(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("too many requests from {client}; retry later\n"),
+        );
+        r.headers_mut().insert(
+            RETRY_AFTER,
+            HeaderValue::from(ctx.admission.retry_after_s()),
+        );
+        r
+    };
+    let status = resp.status().as_u16();
+    let device = device.as_deref().unwrap_or("-");
+    if path.starts_with("/xiaozhi/ota") {
+        tracing::info!(addr = %client, %method, %path, device, status, "ota request");
+    } else {
+        tracing::debug!(addr = %client, %method, %path, status, "http request");
+    }
+    resp
+}
+
+/// The answer on a connection over the shard's HTTP connection limit (then closed).
+fn shard_full(max: usize) -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!(
+            "server busy: this shard holds its maximum of {max} HTTP connections; retry later\n"
+        ),
+    );
+    let h = r.headers_mut();
+    h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    h.insert(CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 async fn route(

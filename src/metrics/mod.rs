@@ -67,7 +67,7 @@ pub fn render(shards: &[ShardStats]) -> String {
             s.shard, s.sessions
         );
     }
-    let per_shard: [PerShardGauge; 2] = [
+    let per_shard: [PerShardGauge; 5] = [
         (
             "xiaozhi_connection_limit",
             "Most sessions a shard admits (the smaller of max_connections_per_shard and its share of max_connections).",
@@ -77,6 +77,21 @@ pub fn render(shards: &[ShardStats]) -> String {
             "xiaozhi_rate_limit_addresses",
             "Client addresses in a shard's connection-rate table (bounded by rate_limit.max_addresses).",
             |s| s.rate_limit_addresses,
+        ),
+        (
+            "xiaozhi_http_connections",
+            "Open connections on a shard's HTTP port.",
+            |s| s.http.connections,
+        ),
+        (
+            "xiaozhi_http_connection_limit",
+            "Most HTTP connections a shard holds (server.http.max_connections_per_shard).",
+            |s| s.http.connection_limit,
+        ),
+        (
+            "xiaozhi_http_rate_limit_addresses",
+            "Client addresses in a shard's HTTP request-rate table (bounded by http.rate_limit.max_addresses).",
+            |s| s.http.rate_limit_addresses,
         ),
     ];
     for (name, help, get) in per_shard {
@@ -123,6 +138,26 @@ pub fn render(shards: &[ShardStats]) -> String {
             "xiaozhi_rate_limit_evictions_total",
             "Connection-rate buckets forgotten because a shard's table was full.",
             total.rate_limit_evictions,
+        ),
+        (
+            "xiaozhi_http_refused_full_total",
+            "HTTP connections refused because a shard held server.http.max_connections_per_shard (HTTP 503).",
+            total.http.refused_full,
+        ),
+        (
+            "xiaozhi_http_refused_rate_limited_total",
+            "HTTP requests refused by the per-address request rate (HTTP 429).",
+            total.http.refused_rate_limited,
+        ),
+        (
+            "xiaozhi_http_proxy_header_errors_total",
+            "HTTP-port connections from trusted balancers without a valid PROXY header (HTTP 400).",
+            total.http.proxy_header_errors,
+        ),
+        (
+            "xiaozhi_http_rate_limit_evictions_total",
+            "HTTP request-rate buckets forgotten because a shard's table was full.",
+            total.http.rate_limit_evictions,
         ),
         (
             "xiaozhi_handshake_errors_total",

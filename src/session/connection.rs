@@ -19,6 +19,7 @@ use super::{
     CloseCause, Outgoing, Session, SessionEvent, SessionSettings, SessionTimers, ToolSettings,
 };
 use crate::config::{Config, LlmProvider, TtsProvider, VisionProvider};
+use crate::front_door::{proxy, write_plain};
 use crate::pipeline::audio_in::AudioInLimits;
 use crate::protocol::token::MISSING_CLIENT_ID;
 use crate::protocol::{identify, AudioParams};
@@ -33,7 +34,6 @@ use crate::providers::tts::{TtsEngine, TtsJob};
 use crate::shard::{Refusal, Shard};
 use crate::tools::intents::Intents;
 use crate::tools::mcp::McpSettings;
-use crate::front_door::{proxy, write_plain};
 use crate::ws::handshake::{read_head_after, write_upgrade, HeadError, RequestHead};
 use std::net::SocketAddr;
 

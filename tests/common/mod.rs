@@ -196,7 +196,21 @@ pub fn http_request_bytes(
     body: &[u8],
     chunk: Option<usize>,
 ) -> std::io::Result<HttpResponse> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    let s = TcpStream::connect(("127.0.0.1", port))?;
+    http_exchange(s, port, method, path, headers, body, chunk)
+}
+
+/// [`http_request_bytes`] over `s`, a connection to 127.0.0.1:`port` (e.g. from another
+/// loopback source address).
+pub fn http_exchange(
+    mut s: TcpStream,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    chunk: Option<usize>,
+) -> std::io::Result<HttpResponse> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut req =
         format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
