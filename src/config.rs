@@ -1250,6 +1250,9 @@ mod tests {
         assert_eq!(c.server.proxy_protocol, ProxyProtocol::V2);
         assert_eq!(c.server.trusted_proxies, vec!["10.0.0.0/24".to_string()]);
         assert_eq!(c.server.drain.delay_ms, 2000);
+        assert_eq!(c.server.forwarded_header, ForwardedHeader::XForwardedFor);
+        assert_eq!(c.server.http.proxy_protocol, ProxyProtocol::Off);
+        assert_eq!(c.server.http.rate_limit.per_address_per_s, 1.0);
         assert_eq!(c.llm.provider, LlmProvider::Openai);
     }
 
