@@ -409,10 +409,15 @@ fn full_shard_refuses_new_devices_with_503() {
 
 #[test]
 fn full_http_shard_answers_503_until_a_connection_closes() {
-    let server = Server::start(&[
-        "server.http.max_connections_per_shard=2",
-        "runtime.shard_cores=[0]",
-    ]);
+    let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    sets.extend(
+        [
+            "server.http.max_connections_per_shard=2",
+            "runtime.shard_cores=[0]",
+        ]
+        .map(String::from),
+    );
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
     // Two keep-alive connections, each answered once (so both are open and counted), hold
     // both places.
     let held: Vec<TcpStream> = (0..2)

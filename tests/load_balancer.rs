@@ -477,22 +477,25 @@ fn ota_through_the_balancer_is_rate_limited_per_device_address_from_proxy_or_for
     // HAProxy reaches the instances from 127.0.0.9 (`source`), the only trusted balancer; the
     // test's own requests from 127.0.0.1 are a direct client's. One shard, so one bucket per
     // address; a bucket of 3 that does not refill within the test.
-    let common = [
-        "server.trusted_proxies=[\"127.0.0.9\"]",
-        "server.http.rate_limit.per_address_per_s=0.01",
-        "server.http.rate_limit.burst=3",
-        "runtime.shard_cores=[0]",
-    ];
-    // a: the OTA backend sends PROXY v2 (`send-proxy-v2` on its server line).
-    let a = Server::start(&[&common[..], &["server.http.proxy_protocol=\"v2\""]].concat());
-    // b: layer 7 only, the device in X-Forwarded-For (`option forwardfor`).
-    let b = Server::start(
-        &[
-            &common[..],
-            &["server.forwarded_header=\"x-forwarded-for\""],
+    // Remote providers that are never called: no local model to load, a quick start.
+    let mut common = remote_provider_sets("http://127.0.0.1:9/v1");
+    common.extend(
+        [
+            "server.trusted_proxies=[\"127.0.0.9\"]",
+            "server.http.rate_limit.per_address_per_s=0.01",
+            "server.http.rate_limit.burst=3",
+            "runtime.shard_cores=[0]",
         ]
-        .concat(),
+        .map(String::from),
     );
+    let start = |extra: &str| {
+        let sets: Vec<&str> = common.iter().map(String::as_str).chain([extra]).collect();
+        Server::start(&sets)
+    };
+    // a: the OTA backend sends PROXY v2 (`send-proxy-v2` on its server line).
+    let a = start("server.http.proxy_protocol=\"v2\"");
+    // b: layer 7 only, the device in X-Forwarded-For (`option forwardfor`).
+    let b = start("server.forwarded_header=\"x-forwarded-for\"");
     let (lb_proxy, lb_xff) = (free_port(), free_port());
     // Health checks every 50 ms from the balancer's address, far above the bucket: they pass
     // only because the balancer itself is exempt. With send-proxy-v2 and no `port`, HAProxy
