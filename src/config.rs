@@ -1258,22 +1258,18 @@ mod tests {
 
     #[test]
     fn proxy_protocol_without_trusted_proxies_or_with_a_bad_cidr_is_refused() {
-        let err = load(&["server.proxy_protocol=\"v1\""])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("server.trusted_proxies"), "{err}");
-        let err = load(&["server.trusted_proxies=[\"10.0.0.0/40\"]"])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("server.trusted_proxies"), "{err}");
-        let err = load(&["server.http.proxy_protocol=\"v2\""])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("http.proxy_protocol"), "{err}");
-        let err = load(&["server.http.rate_limit.burst=0"])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("server.http.rate_limit"), "{err}");
+        for (set, named) in [
+            ("server.proxy_protocol=\"v1\"", "server.trusted_proxies"),
+            (
+                "server.trusted_proxies=[\"10.0.0.0/40\"]",
+                "server.trusted_proxies",
+            ),
+            ("server.http.proxy_protocol=\"v2\"", "http.proxy_protocol"),
+            ("server.http.rate_limit.burst=0", "server.http.rate_limit"),
+        ] {
+            let err = load(&[set]).unwrap_err().to_string();
+            assert!(err.contains(named), "{set}: {err}");
+        }
     }
 
     #[test]

@@ -276,21 +276,30 @@ fn proxy_protocol_v1_and_v2_give_each_session_the_device_address_and_only_from_t
     drop(open);
 }
 
-/// The OTA answer of the HTTP port `port` (an instance or the balancer) for `device`.
-fn ota(port: u16, device: &str) -> serde_json::Value {
-    let body = r#"{"application":{"version":"1.6.0"}}"#;
-    let resp = http_request(
+/// An OTA POST for `device` from loopback source `src` to HTTP port `port`.
+fn ota_from(src: &str, port: u16, device: &str, extra: &[(&str, &str)]) -> HttpResponse {
+    let mut headers = vec![
+        ("Device-Id", device),
+        ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+        ("Content-Type", "application/json"),
+    ];
+    headers.extend_from_slice(extra);
+    let s = tcp_from(src, port).expect("connect");
+    http_exchange(
+        s,
         port,
         "POST",
         "/xiaozhi/ota/",
-        &[
-            ("Device-Id", device),
-            ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
-            ("Content-Type", "application/json"),
-        ],
-        body,
+        &headers,
+        br#"{"application":{"version":"1.6.0"}}"#,
+        None,
     )
-    .expect("ota");
+    .expect("ota")
+}
+
+/// The OTA answer of the HTTP port `port` (an instance or the balancer) for `device`.
+fn ota(port: u16, device: &str) -> serde_json::Value {
+    let resp = ota_from("127.0.0.1", port, device, &[]);
     assert_eq!(resp.status, 200, "{}", resp.body);
     serde_json::from_str(&resp.body).expect("ota json")
 }
@@ -438,38 +447,13 @@ fn ota_through_the_balancer_hands_out_its_url_and_any_instance_accepts_the_token
     drop(open);
 }
 
-/// An OTA POST for `device` from loopback source `src` to HTTP port `port`.
-fn ota_from(src: &str, port: u16, device: &str, extra: &[(&str, &str)]) -> HttpResponse {
-    let mut headers = vec![
-        ("Device-Id", device),
-        ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
-        ("Content-Type", "application/json"),
-    ];
-    headers.extend_from_slice(extra);
-    let s = tcp_from(src, port).expect("connect");
-    http_exchange(
-        s,
-        port,
-        "POST",
-        "/xiaozhi/ota/",
-        &headers,
-        br#"{"application":{"version":"1.6.0"}}"#,
-        None,
-    )
-    .expect("ota")
-}
-
 /// Counter `name` from `/metrics` of `server`, asked from loopback source `src` (not
 /// 127.0.0.1, whose requests the harness already spent from its bucket).
 fn counter_from(src: &str, server: &Server, name: &str) -> u64 {
     let s = tcp_from(src, server.http_port).expect("connect");
     let resp =
         http_exchange(s, server.http_port, "GET", "/metrics", &[], b"", None).expect("metrics");
-    resp.body
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing ({}):\n{}", resp.status, resp.body))
+    metric_value(&resp.body, name)
 }
 
 #[test]

@@ -138,12 +138,17 @@ impl Server {
     /// Value of a Prometheus metric (no labels) from `/metrics`.
     pub fn metric(&self, name: &str) -> u64 {
         let resp = http_request(self.http_port, "GET", "/metrics", &[], "").expect("metrics");
-        resp.body
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing in:\n{}", resp.body))
+        metric_value(&resp.body, name)
     }
+}
+
+/// Value of Prometheus metric `name` (no labels) in a `/metrics` body; panics when missing.
+pub fn metric_value(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing in:\n{metrics}"))
 }
 
 impl Drop for Server {
