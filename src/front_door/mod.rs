@@ -3,7 +3,8 @@
 //!
 //! - [`proxy`]: the PROXY protocol header (v1/v2) a layer-4 balancer puts before the stream;
 //! - [`peer`]: which balancers are trusted, and the forwarded header they name the device in;
-//! - [`rate_limit`]: token buckets per client address, one bounded table per shard.
+//! - [`rate_limit`]: token buckets per client address, one bounded table per shard;
+//! - [`rewind`]: replays the bytes read past a PROXY header to the server that reads next.
 //!
 //! Each port keeps its own state (its own limiter, its own budgets) on each shard; nothing here
 //! is shared across cores.
@@ -11,6 +12,7 @@
 pub mod peer;
 pub mod proxy;
 pub mod rate_limit;
+pub mod rewind;
 
 use futures_lite::AsyncWriteExt;
 

@@ -9,7 +9,6 @@
 
 pub mod admission;
 pub mod ota;
-pub mod rewind;
 pub mod vision;
 
 use std::cell::Cell;
@@ -29,8 +28,8 @@ use hyper::{Method, Request, Response, StatusCode};
 pub use admission::{HttpAdmission, HttpCounters};
 pub use ota::{OtaRequest, OtaSettings};
 
+use crate::front_door::rewind::Rewind;
 use crate::front_door::{proxy, write_plain};
-use rewind::Rewind;
 
 /// Largest request body accepted (the OTA system-info JSON is ~2 KiB).
 const MAX_BODY: usize = 64 * 1024;
