@@ -80,6 +80,8 @@ pub struct ShardStats {
     pub rate_limit_addresses: u64,
     /// Rate-limit buckets forgotten because the table was full.
     pub rate_limit_evictions: u64,
+    /// The HTTP port's connections and refusals.
+    pub http: HttpCounters,
     /// This shard's connection limit (gauge: the smaller of the per-shard limit and its share of
     /// the instance limit).
     pub connection_limit: u64,
@@ -111,8 +113,6 @@ pub struct ShardStats {
     pub ended: SessionCounters,
     /// Requests to `/mcp/vision/explain` by outcome.
     pub vision: crate::http::vision::VisionCounters,
-    /// The HTTP port's connections and refusals.
-    pub http: HttpCounters,
 }
 
 impl ShardStats {
@@ -126,6 +126,7 @@ impl ShardStats {
         self.proxy_header_errors += o.proxy_header_errors;
         self.rate_limit_addresses += o.rate_limit_addresses;
         self.rate_limit_evictions += o.rate_limit_evictions;
+        self.http.merge(&o.http);
         self.connection_limit += o.connection_limit;
         self.handshake_errors += o.handshake_errors;
         self.plain_http += o.plain_http;
@@ -141,7 +142,6 @@ impl ShardStats {
         self.vad_queue_depth = self.vad_queue_depth.max(o.vad_queue_depth);
         self.ended.add(&o.ended);
         self.vision.add(&o.vision);
-        self.http.merge(&o.http);
     }
 }
 

@@ -54,14 +54,14 @@ pub struct HttpContext {
     pub ota: OtaSettings,
     /// False while the instance drains (`/readyz` then answers 503).
     pub ready: Rc<Cell<bool>>,
+    /// Real client addresses and the port's limits on this shard.
+    pub admission: Rc<HttpAdmission>,
     /// `/metrics` text.
     pub metrics: MetricsSource,
     /// `/histograms` and `/histograms/<stage>[.hgrm|.hlog]`.
     pub histograms: HistogramSource,
     /// `/mcp/vision/explain`.
     pub vision: vision::VisionEndpoint,
-    /// Real client addresses and the port's limits on this shard.
-    pub admission: Rc<HttpAdmission>,
 }
 
 /// The address a request comes from as admission resolved it (the device behind a trusted
