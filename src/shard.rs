@@ -9,6 +9,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use crate::providers::asr::AsrResult;
 use crate::providers::http_client::{ClientSettings, HttpClient};
 use crate::providers::tts::TtsResult;
 use crate::providers::vad::VadResult;
+use crate::session::connection::Upgrade;
 use crate::session::{SessionCounters, SessionEvent};
 
 /// Cross-shard requests carried by `shards::Control::User`.
@@ -37,6 +39,21 @@ pub enum ShardRequest {
     IntervalLog(flume::Sender<IntervalLogCopy>),
     /// (Shard 0) write the histograms into `metrics.dump_dir` (SIGUSR1).
     Dump,
+    /// Shard `shard` has `sessions` open (sent on the load tick; feeds [`Shard::hand_off`]).
+    Load {
+        /// The sending shard.
+        shard: usize,
+        /// Its open sessions.
+        sessions: usize,
+    },
+    /// A full shard hands over a connection whose upgrade request it has read and checked:
+    /// admit it on this shard's budget (or refuse it here; it is never handed on again).
+    Adopt {
+        /// The connected socket (a duplicate; the sender closes its own descriptor).
+        fd: OwnedFd,
+        /// What the sender parsed: the request head, the client address, the WebSocket key.
+        upgrade: Upgrade,
+    },
 }
 
 /// What a shard hands the main thread when it has drained: its histograms and, from shard 0,
@@ -68,8 +85,12 @@ pub struct ShardStats {
     pub sessions: u64,
     /// WebSocket sessions accepted (upgraded).
     pub accepted: u64,
-    /// Upgrades refused because the shard was full.
+    /// Upgrades refused because the shard was full (and no other shard took them).
     pub refused_full: u64,
+    /// Upgrades this shard, being full, handed to a shard with room.
+    pub handed_off: u64,
+    /// Upgrades this shard took over from a full shard.
+    pub adopted: u64,
     /// Upgrades refused because the instance was draining.
     pub refused_draining: u64,
     /// Upgrades refused by the per-address connection rate (HTTP 429).
@@ -121,6 +142,8 @@ impl ShardStats {
         self.sessions += o.sessions;
         self.accepted += o.accepted;
         self.refused_full += o.refused_full;
+        self.handed_off += o.handed_off;
+        self.adopted += o.adopted;
         self.refused_draining += o.refused_draining;
         self.refused_rate_limited += o.refused_rate_limited;
         self.proxy_header_errors += o.proxy_header_errors;
@@ -167,6 +190,10 @@ pub struct Shard {
     /// The HTTP port's client addresses and limits (shared with its [`HttpContext`]).
     pub http_admission: Rc<HttpAdmission>,
     sessions: RefCell<HashMap<u64, Rc<Mailbox<SessionEvent>>>>,
+    /// Open sessions of every shard as last announced to this one (own entry unused); stale by
+    /// up to a load tick, which is fine: the shard a connection is handed to checks its own
+    /// budget again.
+    peer_sessions: RefCell<Vec<usize>>,
     next_key: Cell<u64>,
     /// False while draining (`/readyz`).
     pub ready: Rc<Cell<bool>>,
@@ -211,7 +238,8 @@ impl Drop for SessionSlot {
 
 /// Why a new session was not admitted.
 pub enum Refusal {
-    /// At this shard's connection limit.
+    /// At this shard's connection limit. Not counted by [`Shard::admit`]: the caller may hand
+    /// the connection to another shard instead, so it counts `refused_full` when it refuses.
     Full(usize),
     /// Draining.
     Draining,
@@ -236,7 +264,6 @@ impl Shard {
         }
         let max = self.connection_limit;
         if self.session_count() >= max {
-            self.stats.borrow_mut().refused_full += 1;
             return Err(Refusal::Full(max));
         }
         let key = self.next_key.get();
@@ -250,6 +277,24 @@ impl Shard {
             key,
             mailbox,
         })
+    }
+
+    /// Hands a connection this full shard cannot admit to the shard believed to have the most
+    /// room; says which one took the message. `None` when no shard is believed to have room or
+    /// the message cannot be sent (channel full, shard gone: the duplicate descriptor is closed
+    /// with the message); then the caller refuses the connection itself.
+    pub fn hand_off(&self, fd: OwnedFd, upgrade: Upgrade) -> Option<usize> {
+        let to = roomiest_peer(&self.peer_sessions.borrow(), self.id, self.connection_limit)?;
+        self.mesh
+            .try_send(to, Control::User(ShardRequest::Adopt { fd, upgrade }))
+            .ok()?;
+        // Count it against the target until its next announcement, so a burst spreads over the
+        // shards with room instead of piling onto the one that looked emptiest.
+        if let Some(open) = self.peer_sessions.borrow_mut().get_mut(to) {
+            *open += 1;
+        }
+        self.stats.borrow_mut().handed_off += 1;
+        Some(to)
     }
 
     /// Takes a token from `ip`'s connection-rate bucket; false means refuse (HTTP 429).
@@ -336,6 +381,17 @@ impl Shard {
         all.sort_by_key(|s| s.stats.shard);
         all
     }
+}
+
+/// The shard other than `me` with the fewest open sessions in `believed` (so the most room:
+/// every shard has the same limit), lowest index on a tie; `None` when all are at `limit`.
+fn roomiest_peer(believed: &[usize], me: usize, limit: usize) -> Option<usize> {
+    believed
+        .iter()
+        .enumerate()
+        .filter(|&(id, &open)| id != me && open < limit)
+        .min_by_key(|&(id, &open)| (open, id))
+        .map(|(id, _)| id)
 }
 
 /// Receives this shard's VAD results from the inference cores and hands each to its session.
@@ -505,6 +561,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
         rate_limiter: RefCell::new(rate_limiter),
         http_admission: Rc::new(HttpAdmission::new(s)),
         sessions: RefCell::new(HashMap::new()),
+        peer_sessions: RefCell::new(vec![0; shards]),
         next_key: Cell::new(0),
         ready: Rc::new(Cell::new(true)),
         drain_deadline: Cell::new(None),
@@ -612,6 +669,8 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
         .is_some()
         .then(|| glommio::spawn_local(crate::metrics::service::record_intervals(shard.clone())));
 
+    let _load = (shard.mesh.len() > 1).then(|| glommio::spawn_local(announce_load(shard.clone())));
+
     let ws_accept = glommio::spawn_local({
         let shard = shard.clone();
         async move {
@@ -705,6 +764,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     futures_lite::future::or(wait_sessions, control_during_drain()).await;
     drop(http_accept);
     drop(_intervals);
+    drop(_load);
     drop(_timer_probe);
     tracing::info!(shard = shard.id, left = shard.session_count(), "drained");
     let _ = env.finals.try_send(ShardFinal {
@@ -716,6 +776,33 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             .map(|l| l.replace(IntervalLog::new(std::time::SystemTime::now(), 1))),
     });
 }
+
+/// Tells the other shards this shard's session count every `runtime.tick_ms` when it changed,
+/// and at least every [`LOAD_REFRESH_TICKS`] ticks (a lost announcement heals itself).
+async fn announce_load(shard: Rc<Shard>) {
+    let period = Duration::from_millis(shard.config.runtime.tick_ms.max(1));
+    let mut last = None;
+    let mut quiet_ticks = 0;
+    loop {
+        glommio::timer::sleep(period).await;
+        let sessions = shard.session_count();
+        quiet_ticks += 1;
+        if last == Some(sessions) && quiet_ticks < LOAD_REFRESH_TICKS {
+            continue;
+        }
+        (last, quiet_ticks) = (Some(sessions), 0);
+        for to in (0..shard.mesh.len()).filter(|&to| to != shard.id) {
+            let load = ShardRequest::Load {
+                shard: shard.id,
+                sessions,
+            };
+            let _ = shard.mesh.try_send(to, Control::User(load));
+        }
+    }
+}
+
+/// Load ticks after which a shard repeats an unchanged session count.
+const LOAD_REFRESH_TICKS: u32 = 20;
 
 /// Answers a request from another shard (or the main thread).
 fn answer(shard: &Rc<Shard>, request: ShardRequest) {
@@ -731,5 +818,35 @@ fn answer(shard: &Rc<Shard>, request: ShardRequest) {
         ShardRequest::Dump => {
             glommio::spawn_local(crate::metrics::service::dump(shard.clone())).detach();
         }
+        ShardRequest::Load {
+            shard: from,
+            sessions,
+        } => {
+            if let Some(open) = shard.peer_sessions.borrow_mut().get_mut(from) {
+                *open = sessions;
+            }
+        }
+        ShardRequest::Adopt { fd, upgrade } => {
+            shard.stats.borrow_mut().adopted += 1;
+            glommio::spawn_local(crate::session::connection::adopt(
+                fd,
+                upgrade,
+                shard.clone(),
+            ))
+            .detach();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::roomiest_peer;
+
+    #[test]
+    fn hand_off_goes_to_the_emptiest_other_shard_and_never_to_a_full_one() {
+        assert_eq!(roomiest_peer(&[4, 3, 1, 1], 0, 4), Some(2));
+        assert_eq!(roomiest_peer(&[4, 3, 0, 1], 2, 4), Some(3));
+        assert_eq!(roomiest_peer(&[0, 4, 5], 0, 4), None);
+        assert_eq!(roomiest_peer(&[0], 0, 4), None);
     }
 }

@@ -45,7 +45,7 @@ pub fn render_histograms(out: &mut String, h: &StageHistograms) {
     }
 }
 
-/// A per-shard gauge: name, help, and how to read it from a shard's stats.
+/// A per-shard gauge or counter: name, help, and how to read it from a shard's stats.
 type PerShardGauge = (&'static str, &'static str, fn(&ShardStats) -> u64);
 
 /// Renders per-shard gauges and instance-wide counters in the Prometheus text format.
@@ -101,6 +101,25 @@ pub fn render(shards: &[ShardStats]) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{}\"}} {}", s.shard, get(s));
         }
     }
+    let per_shard_counters: [PerShardGauge; 2] = [
+        (
+            "xiaozhi_connections_handed_off_total",
+            "Upgrades a full shard handed to a shard with room instead of refusing them.",
+            |s| s.handed_off,
+        ),
+        (
+            "xiaozhi_connections_adopted_total",
+            "Upgrades a shard took over from a full shard (admitted or refused on its own budget).",
+            |s| s.adopted,
+        ),
+    ];
+    for (name, help, get) in per_shard_counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for s in shards {
+            let _ = writeln!(out, "{name}{{shard=\"{}\"}} {}", s.shard, get(s));
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP xiaozhi_vad_queue_depth Jobs waiting in the VAD workers' queues."
@@ -116,7 +135,7 @@ pub fn render(shards: &[ShardStats]) -> String {
         ),
         (
             "xiaozhi_refused_full_total",
-            "Upgrades refused because a shard was at its connection limit (HTTP 503).",
+            "Upgrades refused because a shard was at its connection limit and no other shard took them (HTTP 503).",
             total.refused_full,
         ),
         (
@@ -337,17 +356,26 @@ mod tests {
             shard: 0,
             sessions: 2,
             accepted: 5,
+            handed_off: 3,
             ..Default::default()
         };
         let b = ShardStats {
             shard: 1,
             sessions: 1,
             accepted: 7,
+            adopted: 3,
             ..Default::default()
         };
         let text = render(&[a, b]);
         assert!(text.contains("xiaozhi_sessions{shard=\"0\"} 2\n"));
         assert!(text.contains("xiaozhi_sessions{shard=\"1\"} 1\n"));
         assert!(text.contains("xiaozhi_sessions_accepted_total 12\n"));
+        for line in [
+            "xiaozhi_connections_handed_off_total{shard=\"0\"} 3\n",
+            "xiaozhi_connections_handed_off_total{shard=\"1\"} 0\n",
+            "xiaozhi_connections_adopted_total{shard=\"1\"} 3\n",
+        ] {
+            assert!(text.contains(line), "{line} missing in {text}");
+        }
     }
 }

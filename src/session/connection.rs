@@ -36,17 +36,29 @@ use crate::tools::intents::Intents;
 use crate::tools::mcp::McpSettings;
 use crate::ws::handshake::{read_head_after, write_upgrade, HeadError, RequestHead};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 
 /// Text the reference sends before closing a connection without a device id.
 const REF_MISSING_DEVICE_ID: &str = "端口正常，如需测试连接，请启动digital-human测试";
 /// Text the reference sends before closing a connection that failed authentication.
 const REF_AUTH_FAILED: &str = "认证失败";
 
+/// A WebSocket upgrade request read and checked on the shard that accepted it (PROXY header,
+/// forwarded address, key, per-address rate): everything admission and the session need, so a
+/// full shard can hand it to another shard as is (`Send`: plain owned data).
+pub struct Upgrade {
+    /// The request head, with the bytes read past it.
+    pub head: RequestHead,
+    /// The device's address (from the PROXY header or trusted forwarded headers, else the peer).
+    pub client: SocketAddr,
+    /// `Sec-WebSocket-Key`.
+    pub key: String,
+}
+
 /// Serves one accepted TCP connection on the WebSocket port until it closes.
 pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
     let _ = stream.set_nodelay(true);
     let cfg = &shard.config.server;
-    let local_ip = stream.local_addr().ok().map(|a| a.ip());
     let peer = match stream.peer_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -146,9 +158,62 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
         .await;
         return;
     }
+    let upgrade = Upgrade { head, client, key };
+    admit_and_serve(stream, shard, upgrade, MayHandOff::Yes).await
+}
+
+/// Serves a connection a full shard handed to this one: admitted on this shard's budget, or
+/// refused here (never handed on again, so a connection cannot bounce between full shards).
+pub async fn adopt(fd: OwnedFd, upgrade: Upgrade, shard: Rc<Shard>) {
+    tracing::debug!(addr = %upgrade.client.ip(), shard = shard.id, "adopting a connection");
+    // SAFETY: `fd` is an owned descriptor of a connected TCP socket (the sending shard
+    // duplicated its accepted stream's descriptor, then closes its own); ownership moves into
+    // the stream, which closes it when dropped.
+    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    admit_and_serve(stream, shard, upgrade, MayHandOff::No).await
+}
+
+/// Whether a full shard may hand the connection to another shard (only the accepting one may).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MayHandOff {
+    Yes,
+    No,
+}
+
+/// Hands the connection under `stream` to a shard with room; true when a shard took it (then
+/// the caller drops `stream`, closing only its own descriptor).
+fn hand_off(stream: &TcpStream, shard: &Shard, upgrade: Upgrade) -> bool {
+    // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let Ok(fd) = borrowed.try_clone_to_owned() else {
+        return false;
+    };
+    match shard.hand_off(fd, upgrade) {
+        Some(to) => {
+            tracing::debug!(shard = shard.id, to, "shard full: handed a connection over");
+            true
+        }
+        None => false,
+    }
+}
+
+/// Admission and everything after it, on the accepting shard or the one it was handed to:
+/// admit (or hand off, or refuse), upgrade, identify and authenticate, run the session.
+async fn admit_and_serve(
+    mut stream: TcpStream,
+    shard: Rc<Shard>,
+    upgrade: Upgrade,
+    may_hand_off: MayHandOff,
+) {
+    let cfg = &shard.config.server;
+    let local_ip = stream.local_addr().ok().map(|a| a.ip());
     let slot = match shard.admit() {
         Ok(slot) => slot,
         Err(Refusal::Full(max)) => {
+            if may_hand_off == MayHandOff::Yes && hand_off(&stream, &shard, upgrade) {
+                return;
+            }
+            shard.stats.borrow_mut().refused_full += 1;
             let _ = write_plain(
                 &mut stream,
                 "503 Service Unavailable",
@@ -172,6 +237,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<Shard>) {
         }
     };
 
+    let Upgrade { head, client, key } = upgrade;
     if write_upgrade(&mut stream, &key).await.is_err() {
         return;
     }
