@@ -194,7 +194,7 @@ pub struct ServerConfig {
     /// Most WebSocket connections one shard holds; further ones are refused with a message.
     pub max_connections_per_shard: usize,
     /// Most WebSocket connections the instance holds (0 = only the per-shard limit). Split into
-    /// equal per-shard budgets (rounded up), so no shard consults another.
+    /// equal per-shard budgets (rounded up); a full shard hands a device to a shard with room.
     pub max_connections: usize,
     /// Largest WebSocket message accepted from a device, bytes.
     pub max_message_bytes: usize,
