@@ -74,8 +74,7 @@ pub fn normalise_phrase(text: &str) -> String {
 
 /// Whether the text is Chinese (contains a CJK ideograph).
 pub fn is_chinese(text: &str) -> bool {
-    text.chars()
-        .any(|c| matches!(u32::from(c), 0x4E00..=0x9FFF | 0x3400..=0x4DBF))
+    crate::lang::has_cjk(text)
 }
 
 /// The spoken farewell before an exit.

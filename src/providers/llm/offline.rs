@@ -114,7 +114,7 @@ impl OfflineResponder {
     /// epoch, UTC) and the device `tz_offset_minutes` east of UTC.
     pub fn reply(&self, user_text: &str, now_unix: u64, tz_offset_minutes: i64) -> String {
         let text = user_text.trim();
-        let chinese = contains_cjk(text);
+        let chinese = crate::lang::has_cjk(text);
         if text.is_empty() {
             return "Sorry, I didn't catch that.".to_string();
         }
@@ -197,12 +197,6 @@ fn normalise(text: &str) -> String {
         out.push(' ');
     }
     out
-}
-
-fn contains_cjk(text: &str) -> bool {
-    text.chars().any(|ch| {
-        matches!(u32::from(ch), 0x4E00..=0x9FFF | 0x3400..=0x4DBF | 0xF900..=0xFAFF | 0x20000..=0x2A6DF)
-    })
 }
 
 fn shorten(text: &str) -> String {
