@@ -17,6 +17,8 @@ use glommio::{Latency, Shares};
 use shards::{Control, Mailbox, Routed, ShardContext, ShardMesh};
 
 use crate::config::Config;
+use crate::connection::settings::{ConnectionSettings, SharedParts};
+use crate::connection::{Refusal, Upgrade};
 use crate::front_door::peer::TrustedProxies;
 use crate::front_door::rate_limit::AddressRateLimiter;
 use crate::http::{HttpAdmission, HttpContext, HttpCounters, OtaSettings};
@@ -25,11 +27,13 @@ use crate::metrics::intervals::{IntervalLog, IntervalLogCopy};
 use crate::metrics::{Stage, StageHistograms};
 use crate::protocol::TokenSigner;
 use crate::providers::asr::AsrResult;
-use crate::providers::http_client::{ClientSettings, HttpClient};
+use crate::providers::http_client::HttpClient;
 use crate::providers::tts::TtsResult;
 use crate::providers::vad::VadResult;
-use crate::session::connection::Upgrade;
+use crate::providers::{LocalQueues, Providers};
 use crate::session::{SessionCounters, SessionEvent};
+
+mod host;
 
 /// Cross-shard requests carried by `shards::Control::User`.
 pub enum ShardRequest {
@@ -181,7 +185,7 @@ pub struct Shard {
     /// `Config::ensure_vision_secret`).
     pub vision_signer: Option<TokenSigner>,
     /// The HTTP port as bound (for the vision URL handed to devices).
-    pub http_port: Cell<u16>,
+    pub http_port: Rc<Cell<u16>>,
     /// Balancers whose PROXY header and forwarded headers are believed.
     pub trusted: TrustedProxies,
     /// Most sessions this shard admits (its share of the instance limit).
@@ -206,6 +210,10 @@ pub struct Shard {
     pub intervals: Option<RefCell<IntervalLog>>,
     /// Job queues on the inference cores.
     pub queues: InferenceQueues,
+    /// This shard's providers (local worker pools, remote endpoints, or offline).
+    pub providers: Rc<Providers>,
+    /// What every connection on this shard runs with (built once).
+    pub connection: Rc<ConnectionSettings>,
     /// This shard's HTTP client (keep-alive pool) for remote providers.
     pub http: Rc<HttpClient>,
     /// Server-side tools offered to the LLM in every session of this shard.
@@ -234,15 +242,6 @@ impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.shard.sessions.borrow_mut().remove(&self.key);
     }
-}
-
-/// Why a new session was not admitted.
-pub enum Refusal {
-    /// At this shard's connection limit. Not counted by [`Shard::admit`]: the caller may hand
-    /// the connection to another shard instead, so it counts `refused_full` when it refuses.
-    Full(usize),
-    /// Draining.
-    Draining,
 }
 
 impl Shard {
@@ -551,11 +550,44 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
     });
     // Validated at load; an error here cannot happen, and trusting nobody is the safe fallback.
     let trusted = TrustedProxies::parse(&s.trusted_proxies).unwrap_or_default();
+    let providers = match crate::connection::settings::providers(
+        &config,
+        LocalQueues {
+            vad: env.queues.vad.clone(),
+            asr: env.queues.asr.clone(),
+            tts: env.queues.tts.clone(),
+        },
+    ) {
+        Ok(p) => Rc::new(p),
+        Err(e) => {
+            let _ = env.startup.send(Err(format!("shard {}: {e}", ctx.id)));
+            return;
+        }
+    };
+    let base_tools = Rc::new(crate::tools::ToolSet::build(
+        &server_tools,
+        &[],
+        &crate::tools::iot::IotThings::default(),
+        config.tools.max_tools,
+    ));
+    let http_port = Rc::new(Cell::new(config.server.http_port));
+    let connection = Rc::new(ConnectionSettings::new(
+        &config,
+        SharedParts {
+            offline_llm: providers.offline_llm(),
+            signer: signer.clone(),
+            vision_signer: vision_signer.clone(),
+            server_tools: server_tools.clone(),
+            base_tools: base_tools.clone(),
+            http_port: http_port.clone(),
+            trusted: trusted.clone(),
+        },
+    ));
     let shard = Rc::new(Shard {
         id: ctx.id,
         signer,
         vision_signer,
-        http_port: Cell::new(config.server.http_port),
+        http_port,
         trusted,
         connection_limit,
         rate_limiter: RefCell::new(rate_limiter),
@@ -574,17 +606,11 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             ))
         }),
         queues: env.queues.clone(),
-        http: Rc::new(HttpClient::new(ClientSettings {
-            connect_timeout: Duration::from_millis(config.llm.openai.connect_timeout_ms),
-            ..ClientSettings::default()
-        })),
+        http: providers.http.clone(),
+        providers,
+        connection,
         mesh: ctx.mesh.clone(),
-        base_tools: Rc::new(crate::tools::ToolSet::build(
-            &server_tools,
-            &[],
-            &crate::tools::iot::IotThings::default(),
-            config.tools.max_tools,
-        )),
+        base_tools,
         server_tools,
         config,
     });
@@ -677,8 +703,8 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             loop {
                 match ws_listener.accept().await {
                     Ok(stream) => {
-                        let shard = shard.clone();
-                        glommio::spawn_local(crate::session::connection::serve(stream, shard))
+                        let ctx = shard.connection_context();
+                        glommio::spawn_local(crate::connection::accept::serve(stream, ctx))
                             .detach();
                     }
                     Err(e) => {
@@ -828,10 +854,10 @@ fn answer(shard: &Rc<Shard>, request: ShardRequest) {
         }
         ShardRequest::Adopt { fd, upgrade } => {
             shard.stats.borrow_mut().adopted += 1;
-            glommio::spawn_local(crate::session::connection::adopt(
+            glommio::spawn_local(crate::connection::accept::adopt(
                 fd,
                 upgrade,
-                shard.clone(),
+                shard.connection_context(),
             ))
             .detach();
         }

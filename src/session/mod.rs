@@ -1,6 +1,6 @@
 //! A device session: the state machine, with no I/O.
 //!
-//! The connection loop ([`connection`]) feeds it what arrives (text, binary, timer expiries,
+//! A transport's driver (`crate::connection`) feeds it what arrives (text, binary, timer expiries,
 //! shard events) and writes what it returns. Keeping the decisions here lets them be tested
 //! without sockets and keeps the wire format (in `protocol`) out of the I/O code.
 //!
@@ -11,29 +11,37 @@
 //! [`ToolSet`] to the dialogue and carries out the tool calls the dialogue asks for (a device
 //! call goes out as `tools/call` and its answer, error or timeout comes back later; IoT and
 //! server tools answer at once). Calls of an aborted turn are dropped from the pending map.
+//!
+//! Every event goes in through one `on_*` method and comes out as one [`Effects`] value: what
+//! to send (text, audio to play, a close), the next VAD job, the requests for the providers and
+//! the latency samples. Files: `messages` (the device's JSON messages), `audio` (the uplink and
+//! VAD), `tools` (tool calls), `dialogue` (the reply side), `settings` and `counters`.
 
-pub mod connection;
+mod audio;
+mod counters;
 pub mod dialogue;
+mod messages;
+mod settings;
+mod tools;
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-
 use crate::metrics::Stage;
-use crate::pipeline::audio_in::{AudioIn, AudioInCounters, AudioInLimits, PacketOutcome};
-use crate::pipeline::segmenter::{Event, Mode, SegmenterConfig};
+use crate::pipeline::audio_in::AudioIn;
 use crate::protocol::{
-    parse_client_message, AudioParams, BinaryProtocol, ClientMessage, DeviceIdentity, ListenMode,
-    ListenState, ServerMessage, Transport,
+    AudioParams, BinaryProtocol, DeviceIdentity, ListenMode, ServerMessage, Transport,
 };
 use crate::providers::llm::ToolCall;
 use crate::providers::vad::{VadJob, VadResult};
 use crate::tools::iot::IotThings;
-use crate::tools::mcp::{McpClient, McpCounters, McpEvent, McpSettings};
-use crate::tools::server::{ServerTools, ToolContext};
-use crate::tools::{intents, truncate_utf8, ToolSet, ToolTarget};
-use dialogue::{Dialogue, DialogueSettings, OutItem, Output, Request, ToolInvocation};
+use crate::tools::mcp::McpClient;
+use crate::tools::{truncate_utf8, ToolSet};
+use dialogue::{Dialogue, OutItem, Output, Request, ToolInvocation};
+
+use audio::segmenter_mode;
+pub use counters::SessionCounters;
+pub use settings::{SessionSettings, SessionTimers, ToolSettings};
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,62 +58,19 @@ pub enum SessionState {
     Closing,
 }
 
-/// Everything a session reads from config.
-#[derive(Debug, Clone)]
-pub struct SessionSettings {
-    /// Timers.
-    pub timers: SessionTimers,
-    /// Answer `ping`.
-    pub answer_ping: bool,
-    /// Send `vad` start/end messages.
-    pub vad_events: bool,
-    /// Utterance segmentation.
-    pub segmenter: SegmenterConfig,
-    /// Uplink backlog bounds.
-    pub limits: AudioInLimits,
-    /// The reply side.
-    pub dialogue: DialogueSettings,
-    /// Device and server tools.
-    pub tools: ToolSettings,
-}
-
-/// Device tools, server tools and greetings (from config `[tools]`).
-#[derive(Debug, Clone)]
-pub struct ToolSettings {
-    /// The device MCP client's settings; `None` = device MCP tools are not used.
-    pub mcp: Option<McpSettings>,
-    /// Accept legacy `iot` descriptors as tools.
-    pub iot: bool,
-    /// The shard's server-side tools.
-    pub server: Rc<ServerTools>,
-    /// The tools offered before the device announces any (server tools; shared).
-    pub base: Rc<ToolSet>,
-    /// Most tools offered to the LLM.
-    pub max_tools: usize,
-    /// Spoken after an English wake word (empty: no greeting).
-    pub wake_greeting: String,
-    /// Spoken after a Chinese wake word (empty: no greeting).
-    pub wake_greeting_zh: String,
-}
-
-/// Session timers (from config).
-#[derive(Debug, Clone, Copy)]
-pub struct SessionTimers {
-    /// Time the device has to send `hello`.
-    pub hello_timeout: Duration,
-    /// Time without voice before goodbye.
-    pub no_voice_close: Duration,
-    /// Time without any activity before close.
-    pub idle_close: Duration,
-}
-
-/// Something the connection loop must do.
+/// One thing for the device, in send order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outgoing {
     /// A JSON text message.
     Text(String),
-    /// A binary (audio) message.
-    Binary(Vec<u8>),
+    /// One Opus packet to play (60 ms), unframed: each transport frames it its own way (the
+    /// WebSocket's binary protocol v1/v2/v3 with [`Session::protocol`], UDP its own header).
+    Audio {
+        /// The Opus packet.
+        opus: Vec<u8>,
+        /// Milliseconds since the session started (the v2/v3 header timestamp).
+        timestamp_ms: u32,
+    },
     /// Close the WebSocket with this code and reason, after sending what is queued.
     Close {
         /// WebSocket close code (1000 normal, 1001 going away, 1008 policy, 1009 too big).
@@ -113,6 +78,36 @@ pub enum Outgoing {
         /// Human-readable reason (≤ 123 bytes).
         reason: String,
     },
+}
+
+/// What a session asks its driver to do after one event: every `Session::on_*` returns one.
+///
+/// The driver (one per transport) sends `send` in order, hands `vad` and `requests` to the
+/// providers, and records `samples`; a job a provider refuses comes back as another event
+/// ([`Session::on_vad_refused`], or an error result), whose effects the driver handles the same
+/// way.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// For the device, in send order: JSON text, Opus audio to play, at most one close (last).
+    pub send: Vec<Outgoing>,
+    /// The session's next VAD job for its inference worker, when one is ready.
+    pub vad: Option<VadJob>,
+    /// Work to start: a recognition, an LLM stream or its cancellation, a synthesis.
+    pub requests: Vec<Request>,
+    /// Latency samples (stage, µs) for the shard's histograms.
+    pub samples: Vec<(Stage, u64)>,
+}
+
+impl Effects {
+    /// Appends `later`'s effects after this one's (send order kept).
+    pub fn merge(&mut self, later: Effects) {
+        self.send.extend(later.send);
+        if later.vad.is_some() {
+            self.vad = later.vad;
+        }
+        self.requests.extend(later.requests);
+        self.samples.extend(later.samples);
+    }
 }
 
 /// Why the session decided to close (for counters).
@@ -165,61 +160,6 @@ pub enum SessionEvent {
     },
 }
 
-/// Per-session counters the shard adds to its totals when the session ends.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SessionCounters {
-    /// Text messages that were not valid JSON or not a valid message.
-    pub malformed: u64,
-    /// Text messages of an unknown type (ignored).
-    pub unknown: u64,
-    /// Binary frames whose framing was invalid.
-    pub bad_frames: u64,
-    /// Audio frames received after hello.
-    pub audio_frames: u64,
-    /// Binary frames received before hello (dropped).
-    pub early_frames: u64,
-    /// Turns refused at `listen start` because inference was busy.
-    pub turns_refused: u64,
-    /// Turns shed mid-way because the VAD backlog passed its bound.
-    pub turns_shed: u64,
-    /// VAD jobs the inference queue refused (retried later).
-    pub vad_queue_full: u64,
-    /// Audio frames dropped in a refused or shed turn.
-    pub shed_frames: u64,
-    /// Uplink pipeline counters (folded in when the pipeline is released).
-    pub audio: AudioInCounters,
-    /// Device tool (MCP) counters.
-    pub mcp: McpCounters,
-}
-
-impl SessionCounters {
-    /// Adds `o` into `self`.
-    pub fn add(&mut self, o: &SessionCounters) {
-        self.malformed += o.malformed;
-        self.unknown += o.unknown;
-        self.bad_frames += o.bad_frames;
-        self.audio_frames += o.audio_frames;
-        self.early_frames += o.early_frames;
-        self.turns_refused += o.turns_refused;
-        self.turns_shed += o.turns_shed;
-        self.vad_queue_full += o.vad_queue_full;
-        self.shed_frames += o.shed_frames;
-        let (a, b) = (&mut self.audio, &o.audio);
-        a.decoded += b.decoded;
-        a.garbage += b.garbage;
-        a.jobs += b.jobs;
-        a.stale_results += b.stale_results;
-        a.vad_errors += b.vad_errors;
-        a.utterances += b.utterances;
-        let (m, n) = (&mut self.mcp, &o.mcp);
-        m.calls += n.calls;
-        m.call_errors += n.call_errors;
-        m.timeouts += n.timeouts;
-        m.cancelled += n.cancelled;
-        m.ignored += n.ignored;
-    }
-}
-
 /// How long an uplink pipeline stays allocated without audio.
 const AUDIO_IDLE_RELEASE: Duration = Duration::from_secs(10);
 /// How soon a VAD job refused by a full queue is retried.
@@ -250,6 +190,9 @@ pub struct Session {
     dialogue: Dialogue,
     requests: Vec<Request>,
     samples: Vec<(Stage, u64)>,
+    /// Tool calls the dialogue asked for, carried out in order after the event that asked
+    /// (a call answered at once can ask for more; they queue here instead of recursing).
+    tool_calls: std::collections::VecDeque<ToolInvocation>,
     started: Instant,
     last_activity: Instant,
     last_voice: Instant,
@@ -303,6 +246,7 @@ impl Session {
             dialogue,
             requests: Vec::new(),
             samples: Vec::new(),
+            tool_calls: std::collections::VecDeque::new(),
             started: now,
             last_activity: now,
             last_voice: now,
@@ -325,156 +269,116 @@ impl Session {
         }
     }
 
-    /// Work the dialogue asked for (jobs, remote calls), to be carried out by the caller.
-    pub fn take_requests(&mut self) -> Vec<Request> {
-        std::mem::take(&mut self.requests)
+    /// Runs one event's handler and gathers everything it asked for into one [`Effects`]:
+    /// the messages, the tool calls it queued (carried out here, in order), the next VAD job,
+    /// the requests and the latency samples.
+    fn step(
+        &mut self,
+        now: Instant,
+        handle: impl FnOnce(&mut Self, &mut Vec<Outgoing>),
+    ) -> Effects {
+        let mut send = Vec::new();
+        handle(self, &mut send);
+        while let Some(call) = self.tool_calls.pop_front() {
+            if self.state == SessionState::Closing {
+                self.tool_calls.clear();
+                break;
+            }
+            self.dispatch_call(call, now, &mut send);
+        }
+        self.forget_stale_calls();
+        Effects {
+            send,
+            vad: self.take_vad_job(now),
+            requests: std::mem::take(&mut self.requests),
+            samples: std::mem::take(&mut self.samples),
+        }
     }
 
-    /// Latency samples recorded since the last call.
-    pub fn take_samples(&mut self) -> Vec<(Stage, u64)> {
-        std::mem::take(&mut self.samples)
-    }
-
-    /// Moves what the dialogue produced into the session's outputs, framing audio, and
-    /// carries out the tool calls it asked for.
+    /// Moves what the dialogue produced into the session's outputs and queues the tool calls
+    /// it asked for (carried out by [`Session::step`] once this handler returns).
     fn absorb(&mut self, d: Output, now: Instant, out: &mut Vec<Outgoing>) {
         for item in d.items {
             match item {
                 OutItem::Text(t) => out.push(Outgoing::Text(t)),
-                OutItem::Audio(packet) => {
-                    let ts = self.started.elapsed().as_millis() as u32;
-                    let mut framed = Vec::with_capacity(packet.len() + 16);
-                    if self.protocol.encode_into(&packet, ts, &mut framed).is_ok() {
-                        out.push(Outgoing::Binary(framed));
-                    }
-                }
+                OutItem::Audio(opus) => out.push(Outgoing::Audio {
+                    opus,
+                    timestamp_ms: now.saturating_duration_since(self.started).as_millis() as u32,
+                }),
             }
         }
         self.requests.extend(d.requests);
         self.samples.extend(d.samples);
-        for call in d.calls {
-            self.dispatch_call(call, now, out);
-        }
-        // Calls of an aborted or replaced turn are forgotten: a late answer is ignored.
+        self.tool_calls.extend(d.calls);
+        self.forget_stale_calls();
+    }
+
+    /// Calls of an aborted or replaced turn are forgotten: a late answer is ignored.
+    fn forget_stale_calls(&mut self) {
         let turn = self.dialogue.current_turn();
+        self.tool_calls.retain(|c| Some(c.turn) == turn);
         if let Some(c) = self.mcp_client.as_mut() {
             c.cancel_calls_except(turn);
         }
     }
 
-    /// Carries out one tool call: a device call goes out as `tools/call` (its answer comes
-    /// later), the others answer at once.
-    fn dispatch_call(&mut self, call: ToolInvocation, now: Instant, out: &mut Vec<Outgoing>) {
-        let ToolInvocation {
-            turn,
-            call_id,
-            name,
-            arguments,
-        } = call;
-        let args = match arguments.trim() {
-            "" => Ok(json!({})),
-            text => match serde_json::from_str::<Value>(text) {
-                Ok(v @ Value::Object(_)) => Ok(v),
-                _ => Err(format!("arguments of {name} are not a JSON object")),
-            },
-        };
-        let result = match (args, self.toolset.resolve(&name).cloned()) {
-            (Err(e), _) => Err(e),
-            (_, None) => Err(format!("there is no tool named {name}")),
-            (Ok(args), Some(ToolTarget::Device(device_name))) => match self.mcp_client.as_mut() {
-                Some(c) => match c.call(&device_name, args, turn, &call_id, now) {
-                    Ok(payload) => {
-                        tracing::debug!(session = %self.id, tool = %device_name, "device tool call");
-                        self.send(out, ServerMessage::Mcp { payload: &payload });
-                        return;
-                    }
-                    Err(e) => Err(e),
-                },
-                None => Err("the device has no MCP tools".to_string()),
-            },
-            (Ok(args), Some(ToolTarget::IotMethod { thing, method })) => {
-                let commands = IotThings::command(&thing, &method, &args);
-                self.send(
-                    out,
-                    ServerMessage::Iot {
-                        commands: &commands,
-                    },
-                );
-                Ok(format!("{thing}.{method} sent to the device"))
-            }
-            (Ok(_), Some(ToolTarget::IotState { thing })) => self.iot.state_text(&thing),
-            (Ok(args), Some(ToolTarget::Server(i))) => match self.settings.tools.server.get(i) {
-                Some(tool) => {
-                    let result = tool.call(
-                        &args,
-                        &ToolContext {
-                            now_unix: crate::clock::unix_now(),
-                            tz_offset_minutes: self.settings.dialogue.tz_offset_minutes,
-                            device_id: &self.identity.device_id,
-                            user_text: self.dialogue.user_text(),
-                        },
-                    );
-                    if result.is_ok() && tool.ends_session() {
-                        // As after an exit phrase: goodbye and close once this turn is spoken.
-                        self.dialogue.close_after_turn(turn);
-                    }
-                    result
-                }
-                None => Err(format!("there is no tool named {name}")),
-            },
-        };
-        self.on_tool_done(turn, &call_id, result, now, out);
+    /// A text frame from the device (a JSON control message).
+    pub fn on_text(&mut self, text: &str, now: Instant) -> Effects {
+        self.step(now, |s, out| s.handle_text(text, now, out))
     }
 
-    fn on_tool_done(
-        &mut self,
-        turn: u32,
-        call_id: &str,
-        result: Result<String, String>,
-        now: Instant,
-        out: &mut Vec<Outgoing>,
-    ) {
-        let mut d = Output::default();
-        self.dialogue
-            .on_tool_result(turn, call_id, result, now, &mut d);
-        self.absorb(d, now, out);
-    }
-
-    fn on_mcp_events(&mut self, events: Vec<McpEvent>, now: Instant, out: &mut Vec<Outgoing>) {
-        for event in events {
-            match event {
-                McpEvent::ToolsReady => self.rebuild_tools(),
-                McpEvent::CallDone {
-                    turn,
-                    call_id,
-                    result,
-                } => self.on_tool_done(turn, &call_id, result, now, out),
-            }
+    /// An event a provider or the shard delivered to the session's mailbox (LLM output is
+    /// read by the driver from its stream buffer and given to [`Session::on_llm`]).
+    pub fn on_event(&mut self, event: SessionEvent, now: Instant) -> Effects {
+        match event {
+            SessionEvent::Drain { deadline } => self.on_drain(deadline, now),
+            SessionEvent::Vad(result) => self.on_vad_result(*result, now),
+            SessionEvent::Asr { turn, result } => self.on_asr_result(turn, result, now),
+            SessionEvent::Tts { turn, seq, result } => self.on_tts_result(turn, seq, result, now),
+            SessionEvent::LlmReady { .. } => Effects::default(),
         }
     }
 
-    /// Offers the current device, IoT and server tools to the dialogue.
-    fn rebuild_tools(&mut self) {
-        let device = self.mcp_client.as_ref().map_or(&[][..], |c| c.tools());
-        self.toolset = Rc::new(ToolSet::build(
-            &self.settings.tools.server,
-            device,
-            &self.iot,
-            self.settings.tools.max_tools,
-        ));
-        let toolset = &self.toolset;
-        self.dialogue
-            .set_tools(toolset.openai_tools().cloned(), toolset.volume_tools());
-        tracing::debug!(session = %self.id, tools = toolset.len(), "tools offered");
+    /// A VAD result from an inference core.
+    pub fn on_vad_result(&mut self, result: VadResult, now: Instant) -> Effects {
+        self.step(now, |s, out| s.handle_vad_result(result, now, out))
     }
 
-    /// Requests of device tools awaiting an answer.
-    pub fn pending_tool_requests(&self) -> usize {
-        self.mcp_client.as_ref().map_or(0, |c| c.pending())
-    }
-
-    /// A recognition result for turn `turn`.
+    /// A recognition result for turn `turn` (or why it failed, including a refused job).
     pub fn on_asr_result(
+        &mut self,
+        turn: u32,
+        result: Result<String, String>,
+        now: Instant,
+    ) -> Effects {
+        self.step(now, |s, out| s.handle_asr_result(turn, result, now, out))
+    }
+
+    /// LLM text for turn `turn`; `done` carries the end of the stream (with its tool calls).
+    pub fn on_llm(
+        &mut self,
+        turn: u32,
+        text: &str,
+        done: Option<Result<Vec<ToolCall>, String>>,
+        now: Instant,
+    ) -> Effects {
+        self.step(now, |s, out| s.handle_llm(turn, text, done, now, out))
+    }
+
+    /// A synthesis result for segment `seq` of turn `turn` (or why it failed).
+    pub fn on_tts_result(
+        &mut self,
+        turn: u32,
+        seq: u32,
+        result: Result<(Vec<i16>, u32), String>,
+        now: Instant,
+    ) -> Effects {
+        self.step(now, |s, out| {
+            s.handle_tts_result(turn, seq, result, now, out)
+        })
+    }
+
+    fn handle_asr_result(
         &mut self,
         turn: u32,
         result: Result<String, String>,
@@ -486,8 +390,7 @@ impl Session {
         self.absorb(d, now, out);
     }
 
-    /// LLM text for turn `turn`; `done` carries the end of the stream (with its tool calls).
-    pub fn on_llm(
+    fn handle_llm(
         &mut self,
         turn: u32,
         text: &str,
@@ -505,8 +408,7 @@ impl Session {
         self.absorb(d, now, out);
     }
 
-    /// A synthesis result for segment `seq` of turn `turn`.
-    pub fn on_tts_result(
+    fn handle_tts_result(
         &mut self,
         turn: u32,
         seq: u32,
@@ -567,378 +469,6 @@ impl Session {
         out.push(Outgoing::Close { code, reason });
     }
 
-    /// Handles a text frame.
-    pub fn on_text(&mut self, text: &str, now: Instant, out: &mut Vec<Outgoing>) {
-        if self.state == SessionState::Closing {
-            return;
-        }
-        let msg = match parse_client_message(text) {
-            Ok(m) => m,
-            Err(e) => {
-                self.counters.malformed += 1;
-                let message = e.to_string();
-                tracing::debug!(session = %self.id, error = %message, "malformed message");
-                self.send(out, ServerMessage::Error { message: &message });
-                return;
-            }
-        };
-        match msg {
-            ClientMessage::Hello(hello) => {
-                self.last_activity = now;
-                if self.identity.protocol_version.is_none() {
-                    if let Some(p) = hello
-                        .version
-                        .and_then(|v| BinaryProtocol::from_version(v).ok())
-                    {
-                        self.protocol = p;
-                    }
-                }
-                if hello.transport.as_deref() == Some("udp") {
-                    self.transport = Transport::Udp;
-                }
-                if let Some(params) = hello.audio_params {
-                    self.uplink = params;
-                }
-                self.mcp = hello.features.mcp;
-                let start_mcp = self.mcp && self.mcp_client.is_none();
-                if self.state == SessionState::AwaitingHello {
-                    self.state = SessionState::Idle;
-                    self.samples.push((
-                        Stage::ConnectToHello,
-                        now.saturating_duration_since(self.started).as_micros() as u64,
-                    ));
-                }
-                self.send(
-                    out,
-                    ServerMessage::Hello {
-                        version: self.protocol.version(),
-                        transport: self.transport,
-                        audio_params: &self.downlink,
-                        udp: None,
-                    },
-                );
-                if let Some(settings) = self.settings.tools.mcp.clone().filter(|_| start_mcp) {
-                    let mut client = Box::new(McpClient::new(settings, self.id.clone()));
-                    if let Some(init) = client.start(now) {
-                        self.send(out, ServerMessage::Mcp { payload: &init });
-                    }
-                    self.mcp_client = Some(client);
-                }
-            }
-            _ if self.state == SessionState::AwaitingHello => {
-                let message = "send hello first";
-                self.send(out, ServerMessage::Error { message });
-            }
-            ClientMessage::Listen(listen) => {
-                self.last_activity = now;
-                if let Some(mode) = listen.mode {
-                    self.mode = mode;
-                }
-                match listen.state {
-                    ListenState::Start => {
-                        self.state = SessionState::Listening;
-                        self.start_turn(now, out);
-                    }
-                    ListenState::Stop => {
-                        if self.state == SessionState::Listening {
-                            self.state = SessionState::Idle;
-                        }
-                        if let Some(audio) = self.audio.as_mut() {
-                            let mut events = Vec::new();
-                            audio.stop(&mut events);
-                            self.apply_events(events, now, out);
-                        }
-                    }
-                    ListenState::Detect => {
-                        // The wake word (or a client's typed text): counts as voice; the
-                        // wake-word audio sent before it is not an utterance; the text is
-                        // answered like a spoken turn.
-                        self.last_voice = now;
-                        self.speech_open = false;
-                        if let Some(audio) = self.audio.as_mut() {
-                            audio.new_turn(segmenter_mode(self.mode));
-                        }
-                        if let Some(text) = listen.text.as_deref().filter(|t| !t.trim().is_empty())
-                        {
-                            let mut d = Output::default();
-                            if self.settings.dialogue.intents.is_wake_word(text) {
-                                let t = &self.settings.tools;
-                                let greeting = if intents::is_chinese(text) {
-                                    &t.wake_greeting_zh
-                                } else {
-                                    &t.wake_greeting
-                                };
-                                if !greeting.trim().is_empty() {
-                                    let greeting = greeting.clone();
-                                    self.dialogue.speak(&greeting, now, &mut d);
-                                }
-                            } else {
-                                self.dialogue.on_text_turn(text, now, &mut d);
-                            }
-                            self.absorb(d, now, out);
-                        }
-                    }
-                }
-            }
-            ClientMessage::Abort { .. } => {
-                self.last_activity = now;
-                self.speech_open = false;
-                if let Some(audio) = self.audio.as_mut() {
-                    audio.new_turn(segmenter_mode(self.mode));
-                }
-                let was_speaking = self.dialogue.speaking();
-                let mut d = Output::default();
-                self.dialogue.abort(now, &mut d);
-                self.absorb(d, now, out);
-                if !was_speaking {
-                    // The reference always answers abort with an immediate tts stop.
-                    self.send(out, ServerMessage::TtsStop);
-                }
-            }
-            ClientMessage::Ping => {
-                self.last_activity = now;
-                if self.settings.answer_ping {
-                    let ts = crate::clock::local_timestamp();
-                    self.send(out, ServerMessage::Pong { timestamp: &ts });
-                }
-            }
-            ClientMessage::Goodbye => {
-                self.close(out, CloseCause::DeviceGoodbye, 1000, "goodbye");
-            }
-            ClientMessage::Mcp { payload } => {
-                self.last_activity = now;
-                let Some(client) = self.mcp_client.as_mut() else {
-                    self.counters.mcp.ignored += 1;
-                    tracing::info!(session = %self.id, "mcp message without an MCP session ignored");
-                    return;
-                };
-                let (mut sends, mut events) = (Vec::new(), Vec::new());
-                client.on_message(&payload, now, &mut sends, &mut events);
-                for payload in &sends {
-                    self.send(out, ServerMessage::Mcp { payload });
-                }
-                self.on_mcp_events(events, now, out);
-            }
-            ClientMessage::Iot(iot) => {
-                self.last_activity = now;
-                if !self.settings.tools.iot {
-                    return;
-                }
-                let mut changed = false;
-                if let Some(d) = &iot.descriptors {
-                    changed = self.iot.on_descriptors(d);
-                }
-                if let Some(states) = &iot.states {
-                    self.iot.on_states(states);
-                }
-                if changed {
-                    self.rebuild_tools();
-                }
-            }
-            ClientMessage::Server { action, .. } => {
-                self.send(
-                    out,
-                    ServerMessage::AdminReply {
-                        status: "error",
-                        message: "admin commands are not accepted on device connections",
-                        action: &action,
-                    },
-                );
-            }
-            ClientMessage::Unknown { kind } => {
-                self.counters.unknown += 1;
-                tracing::info!(session = %self.id, kind = %kind, "unknown message type ignored");
-            }
-        }
-    }
-
-    /// Handles a binary frame; returns the Opus payload when it is audio to process.
-    pub fn on_binary<'f>(&mut self, frame: &'f [u8], now: Instant) -> Option<&'f [u8]> {
-        match self.state {
-            SessionState::Closing => return None,
-            SessionState::AwaitingHello => {
-                self.counters.early_frames += 1;
-                return None;
-            }
-            _ => {}
-        }
-        match self.protocol.decode(frame) {
-            Ok(audio) => {
-                self.counters.audio_frames += 1;
-                self.last_activity = now;
-                Some(audio.payload)
-            }
-            Err(e) => {
-                self.counters.bad_frames += 1;
-                tracing::debug!(session = %self.id, error = %e, "bad binary frame dropped");
-                None
-            }
-        }
-    }
-
-    /// Tells the session whether its inference worker is over the busy watermark (checked at
-    /// `listen start` to refuse new turns while overloaded).
-    pub fn set_inference_busy(&mut self, busy: bool) {
-        self.inference_busy = busy;
-    }
-
-    fn start_turn(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
-        self.turn_refused = false;
-        self.last_audio = now;
-        if self.inference_busy {
-            // Admission: keep admitted sessions on time by refusing new turns while overloaded.
-            self.turn_refused = true;
-            self.counters.turns_refused += 1;
-            self.send(
-                out,
-                ServerMessage::Alert {
-                    status: "busy",
-                    message: "The server is busy; please try again in a moment.",
-                    emotion: "sad",
-                },
-            );
-            self.speech_open = false;
-            if let Some(audio) = self.audio.as_mut() {
-                audio.new_turn(segmenter_mode(self.mode));
-            }
-            return;
-        }
-        self.speech_open = false;
-        let mode = segmenter_mode(self.mode);
-        match self.audio.as_mut() {
-            Some(audio) => audio.new_turn(mode),
-            None => {
-                self.audio = Some(Box::new(AudioIn::new(
-                    self.settings.segmenter.clone(),
-                    mode,
-                    self.settings.limits.clone(),
-                )))
-            }
-        }
-    }
-
-    /// Handles the Opus payload of an audio frame: decode, queue for VAD.
-    pub fn on_audio(&mut self, payload: &[u8], now: Instant, out: &mut Vec<Outgoing>) {
-        if matches!(
-            self.state,
-            SessionState::AwaitingHello | SessionState::Closing
-        ) {
-            return;
-        }
-        if self.turn_refused {
-            self.counters.shed_frames += 1;
-            return;
-        }
-        self.last_audio = now;
-        if self.audio.is_none() {
-            // Audio without `listen start` (some clients): treat as a turn in the current mode.
-            self.start_turn(now, out);
-            if self.turn_refused {
-                self.counters.shed_frames += 1;
-                return;
-            }
-        }
-        let Some(audio) = self.audio.as_mut() else {
-            return;
-        };
-        match audio.on_packet(payload, now) {
-            Ok(PacketOutcome::Queued) | Ok(PacketOutcome::Garbage) => {}
-            Ok(PacketOutcome::Overloaded) => {
-                // Shed this turn: its audio waited too long for VAD.
-                self.speech_open = false;
-                audio.new_turn(segmenter_mode(self.mode));
-                self.turn_refused = true;
-                self.counters.turns_shed += 1;
-                self.send(
-                    out,
-                    ServerMessage::Alert {
-                        status: "busy",
-                        message: "The server is overloaded; please say that again.",
-                        emotion: "sad",
-                    },
-                );
-            }
-            Err(e) => {
-                tracing::warn!(session = %self.id, error = %e, "uplink decoder unavailable");
-            }
-        }
-    }
-
-    /// The next VAD job to submit, if one is ready (none in flight, audio waiting).
-    pub fn take_vad_job(&mut self, now: Instant) -> Option<VadJob> {
-        if self.vad_retry_at.is_some_and(|t| now < t) {
-            return None;
-        }
-        self.vad_retry_at = None;
-        let key = self.key;
-        self.audio.as_mut()?.take_job(key, now)
-    }
-
-    /// The inference queue refused `job`: keep it and retry shortly.
-    pub fn vad_job_refused(&mut self, job: VadJob, now: Instant) {
-        self.counters.vad_queue_full += 1;
-        self.vad_retry_at = Some(now + VAD_RETRY);
-        if let Some(audio) = self.audio.as_mut() {
-            audio.job_refused(job);
-        }
-    }
-
-    /// Applies a VAD result from an inference core.
-    pub fn on_vad_result(&mut self, result: VadResult, now: Instant, out: &mut Vec<Outgoing>) {
-        let Some(audio) = self.audio.as_mut() else {
-            self.counters.audio.stale_results += 1;
-            return;
-        };
-        let mut events = Vec::new();
-        audio.on_result(result, &mut events);
-        self.apply_events(events, now, out);
-    }
-
-    fn apply_events(&mut self, events: Vec<Event>, now: Instant, out: &mut Vec<Outgoing>) {
-        for event in events {
-            match event {
-                Event::SpeechStart { audio_ms, .. } => {
-                    self.last_voice = now;
-                    self.speech_open = true;
-                    if self.settings.vad_events {
-                        self.send(
-                            out,
-                            ServerMessage::Vad {
-                                state: "start",
-                                start_ms: audio_ms,
-                                end_ms: 0,
-                                decided_ms: 0,
-                            },
-                        );
-                    }
-                }
-                Event::Utterance(u) => {
-                    self.last_voice = now;
-                    self.speech_open = false;
-                    if self.settings.vad_events {
-                        self.send(
-                            out,
-                            ServerMessage::Vad {
-                                state: "end",
-                                start_ms: u.start_ms,
-                                end_ms: u.end_ms,
-                                decided_ms: u.decided_ms,
-                            },
-                        );
-                    }
-                    tracing::debug!(session = %self.id, start_ms = u.start_ms, end_ms = u.end_ms, "utterance");
-                    let mut d = Output::default();
-                    self.dialogue.on_utterance(u.pcm, now, &mut d);
-                    self.absorb(d, now, out);
-                }
-                Event::Discarded { reason } => {
-                    self.speech_open = false;
-                    tracing::debug!(session = %self.id, ?reason, "speech discarded");
-                }
-            }
-        }
-    }
-
     /// Counters including the live uplink pipeline's.
     pub fn counters(&self) -> SessionCounters {
         let mut c = self.counters;
@@ -983,8 +513,12 @@ impl Session {
         d
     }
 
-    /// Checks timers at `now`.
-    pub fn on_timer(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+    /// Checks timers at `now` (call at [`Session::next_deadline`]).
+    pub fn on_timer(&mut self, now: Instant) -> Effects {
+        self.step(now, |s, out| s.handle_timer(now, out))
+    }
+
+    fn handle_timer(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
         if self.state == SessionState::Closing {
             return;
         }
@@ -1050,7 +584,11 @@ impl Session {
     }
 
     /// The instance is draining: close now unless an interaction is under way.
-    pub fn on_drain(&mut self, deadline: Instant, now: Instant, out: &mut Vec<Outgoing>) {
+    pub fn on_drain(&mut self, deadline: Instant, now: Instant) -> Effects {
+        self.step(now, |s, out| s.handle_drain(deadline, now, out))
+    }
+
+    fn handle_drain(&mut self, deadline: Instant, now: Instant, out: &mut Vec<Outgoing>) {
         self.drain_deadline = Some(deadline);
         match self.state() {
             SessionState::Closing => {}
@@ -1068,17 +606,15 @@ impl Session {
     }
 }
 
-fn segmenter_mode(mode: ListenMode) -> Mode {
-    match mode {
-        ListenMode::Auto => Mode::Auto,
-        ListenMode::Manual => Mode::Manual,
-        ListenMode::Realtime => Mode::Realtime,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::audio_in::AudioInLimits;
+    use crate::pipeline::segmenter::SegmenterConfig;
+    use crate::tools::mcp::McpSettings;
+    use crate::tools::server::ServerTools;
+    use dialogue::DialogueSettings;
+    use serde_json::json;
 
     fn identity(version: Option<u8>) -> DeviceIdentity {
         DeviceIdentity {
@@ -1098,9 +634,74 @@ mod tests {
         }
     }
 
-    fn session(version: Option<u8>, now: Instant) -> Session {
+    /// A session with a driver's bookkeeping: the old push-style calls (`out` collects what
+    /// to send, requests wait for `take_requests`) over the effects API, so each test reads as
+    /// the conversation it checks.
+    struct Harness {
+        s: Session,
+        requests: Vec<Request>,
+    }
+
+    impl std::ops::Deref for Harness {
+        type Target = Session;
+        fn deref(&self) -> &Session {
+            &self.s
+        }
+    }
+
+    impl std::ops::DerefMut for Harness {
+        fn deref_mut(&mut self) -> &mut Session {
+            &mut self.s
+        }
+    }
+
+    impl Harness {
+        fn apply(&mut self, fx: Effects, out: &mut Vec<Outgoing>) {
+            out.extend(fx.send);
+            self.requests.extend(fx.requests);
+        }
+        fn on_text(&mut self, text: &str, now: Instant, out: &mut Vec<Outgoing>) {
+            let fx = self.s.on_text(text, now);
+            self.apply(fx, out);
+        }
+        fn on_timer(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+            let fx = self.s.on_timer(now);
+            self.apply(fx, out);
+        }
+        fn on_drain(&mut self, deadline: Instant, now: Instant, out: &mut Vec<Outgoing>) {
+            let fx = self.s.on_drain(deadline, now);
+            self.apply(fx, out);
+        }
+        fn on_llm(
+            &mut self,
+            turn: u32,
+            text: &str,
+            done: Option<Result<Vec<ToolCall>, String>>,
+            now: Instant,
+            out: &mut Vec<Outgoing>,
+        ) {
+            let fx = self.s.on_llm(turn, text, done, now);
+            self.apply(fx, out);
+        }
+        fn on_tts_result(
+            &mut self,
+            turn: u32,
+            seq: u32,
+            result: Result<(Vec<i16>, u32), String>,
+            now: Instant,
+            out: &mut Vec<Outgoing>,
+        ) {
+            let fx = self.s.on_tts_result(turn, seq, result, now);
+            self.apply(fx, out);
+        }
+        fn take_requests(&mut self) -> Vec<Request> {
+            std::mem::take(&mut self.requests)
+        }
+    }
+
+    fn session(version: Option<u8>, now: Instant) -> Harness {
         let server_tools = Rc::new(ServerTools::from_names(&["get_time".into()]).unwrap());
-        Session::new(
+        let s = Session::new(
             "sid".into(),
             1,
             identity(version),
@@ -1152,7 +753,11 @@ mod tests {
                 },
             },
             now,
-        )
+        );
+        Harness {
+            s,
+            requests: Vec::new(),
+        }
     }
 
     fn json(o: &Outgoing) -> serde_json::Value {
@@ -1218,7 +823,8 @@ mod tests {
     fn audio_before_hello_is_dropped_and_counted() {
         let now = Instant::now();
         let mut s = session(None, now);
-        assert!(s.on_binary(&[1, 2, 3, 4], now).is_none());
+        let fx = s.on_binary(&[1, 2, 3, 4], now);
+        assert!(fx.send.is_empty() && fx.vad.is_none());
         assert_eq!(s.counters.early_frames, 1);
     }
 
@@ -1290,7 +896,7 @@ mod tests {
     }
 
     /// A session whose device announced MCP and listed a volume and a status tool.
-    fn session_with_device_tools(offline: bool, now: Instant) -> Session {
+    fn session_with_device_tools(offline: bool, now: Instant) -> Harness {
         let mut s = session(None, now);
         s.settings.dialogue.offline_llm = offline;
         s.dialogue = Dialogue::new(s.settings.dialogue.clone(), "sid".into());
@@ -1320,7 +926,7 @@ mod tests {
     }
 
     /// Synthesises every segment the session asks for (100 ms of silence each); their texts.
-    fn spoken(s: &mut Session, now: Instant, out: &mut Vec<Outgoing>) -> Vec<String> {
+    fn spoken(s: &mut Harness, now: Instant, out: &mut Vec<Outgoing>) -> Vec<String> {
         let mut texts = Vec::new();
         loop {
             let tts: Vec<_> = s
@@ -1524,7 +1130,7 @@ mod tests {
                     .unwrap()
                     .to_string(),
                 Outgoing::Close { code, .. } => format!("close {code}"),
-                Outgoing::Binary(_) => "audio".into(),
+                Outgoing::Audio { .. } => "audio".into(),
             })
             .collect();
         assert_eq!(kinds, ["tts", "goodbye", "close 1000"]);

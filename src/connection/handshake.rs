@@ -1,4 +1,9 @@
 //! Reading and answering the HTTP/1.1 request head on the WebSocket port.
+//!
+//! Parsing the head ourselves (with `httparse`) instead of letting tungstenite do the
+//! handshake lets one port answer a plain `GET` with 200 like the reference, refuse with a
+//! proper HTTP status before upgrading (full shard, draining), and read identity from headers
+//! or the query string; the upgraded socket then goes to tungstenite.
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 

@@ -1,0 +1,298 @@
+//! Session and connection settings and the shard's [`Providers`], built once per shard from the
+//! config (before, each connection rebuilt them, and each remote call looked its API key up
+//! again).
+
+use std::cell::Cell;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::config::{AsrProvider, Config, LlmProvider, ServerConfig, TtsProvider, VisionProvider};
+use crate::front_door::peer::TrustedProxies;
+use crate::pipeline::audio_in::AudioInLimits;
+use crate::protocol::{AudioParams, TokenSigner};
+use crate::providers::asr::openai::OpenAiAsrSettings;
+use crate::providers::http_client::{ApiKey, ClientSettings, HttpClient};
+use crate::providers::llm::openai::OpenAiSettings;
+use crate::providers::select::{Asr, Llm, LocalVoices, Tts};
+use crate::providers::tts::openai::OpenAiTtsSettings;
+use crate::providers::{LocalQueues, Providers};
+use crate::session::dialogue::DialogueSettings;
+use crate::session::{SessionSettings, SessionTimers, ToolSettings};
+use crate::tools::intents::Intents;
+use crate::tools::mcp::McpSettings;
+use crate::tools::server::ServerTools;
+use crate::tools::ToolSet;
+
+/// Everything a connection reads from config, computed once per shard.
+pub struct ConnectionSettings {
+    /// The WebSocket port's limits and timeouts (`[server]`).
+    pub server: ServerConfig,
+    /// Balancers whose PROXY header and forwarded headers are believed.
+    pub trusted: TrustedProxies,
+    /// Device token authentication, when on.
+    pub auth: Option<DeviceAuth>,
+    /// A new session's settings (the vision capability is added per device).
+    pub session: SessionSettings,
+    /// Our downlink audio parameters (sent in hello).
+    pub downlink: AudioParams,
+    /// Issues the camera's `capabilities.vision{url, token}`.
+    pub vision: VisionIssuer,
+    /// A new turn is refused while the session's VAD worker queue is fuller than this share.
+    pub busy_watermark: f64,
+}
+
+/// Device token authentication (`[server.auth]` with `enabled = true`).
+pub struct DeviceAuth {
+    /// Verifies device tokens (every configured secret is accepted: rotation).
+    pub signer: TokenSigner,
+    /// Devices let in without a token.
+    pub allowed_devices: Vec<String>,
+    /// Token lifetime, seconds (0 = never expires).
+    pub expire_seconds: u64,
+}
+
+impl DeviceAuth {
+    /// Checks a device's token; `Err` says why it was refused.
+    pub fn check(&self, identity: &crate::protocol::DeviceIdentity) -> Result<(), String> {
+        if self
+            .allowed_devices
+            .iter()
+            .any(|d| d == &identity.device_id)
+        {
+            return Ok(());
+        }
+        let client_id = identity
+            .client_id
+            .as_deref()
+            .unwrap_or(crate::protocol::token::MISSING_CLIENT_ID);
+        self.signer
+            .verify(
+                identity.authorization.as_deref(),
+                client_id,
+                &identity.device_id,
+                crate::clock::unix_now(),
+                self.expire_seconds,
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Hands each device with a camera the URL and token for `/mcp/vision/explain`.
+pub struct VisionIssuer {
+    /// Signs per-device vision tokens, when our own vision endpoint is on.
+    pub signer: Option<TokenSigner>,
+    /// `tools.vision_url` (empty: our HTTP port on the host the device connected to).
+    pub url: String,
+    /// `tools.vision_token` for an external endpoint.
+    pub external_token: String,
+    /// Lifetime of our tokens, seconds.
+    pub token_expire_seconds: u64,
+    /// The HTTP port as bound (known once the shard has bound it).
+    pub http_port: Rc<Cell<u16>>,
+}
+
+impl VisionIssuer {
+    /// `capabilities.vision{url, token}` for this device's MCP initialize: with our vision
+    /// endpoint, its URL (or `tools.vision_url`) and a token for this device; without one, an
+    /// external `tools.vision_url` with the configured token; else none.
+    pub fn capability(
+        &self,
+        device_id: &str,
+        host: Option<&str>,
+        local_ip: Option<IpAddr>,
+    ) -> Option<(String, String)> {
+        match &self.signer {
+            Some(signer) => {
+                let url = if self.url.is_empty() {
+                    crate::http::vision::explain_url(host, local_ip, self.http_port.get())
+                } else {
+                    self.url.clone()
+                };
+                let expires = crate::clock::unix_now().saturating_add(self.token_expire_seconds);
+                Some((url, signer.sign_vision(device_id, expires)))
+            }
+            None => (!self.url.is_empty()).then(|| (self.url.clone(), self.external_token.clone())),
+        }
+    }
+}
+
+/// What a shard has already built that the settings share.
+pub struct SharedParts {
+    /// Whether the built-in responder answers (from the shard's providers).
+    pub offline_llm: bool,
+    /// Verifies device tokens when auth is on.
+    pub signer: Option<TokenSigner>,
+    /// Signs vision tokens (any configured secret, auth on or not).
+    pub vision_signer: Option<TokenSigner>,
+    /// Server-side tools.
+    pub server_tools: Rc<ServerTools>,
+    /// The tools of a session before its device announces any.
+    pub base_tools: Rc<ToolSet>,
+    /// The HTTP port as bound.
+    pub http_port: Rc<Cell<u16>>,
+    /// Trusted balancers.
+    pub trusted: TrustedProxies,
+}
+
+impl ConnectionSettings {
+    /// The settings `c` describes, around the parts the shard built.
+    pub fn new(c: &Config, parts: SharedParts) -> ConnectionSettings {
+        let s = &c.server;
+        let t = &c.tools;
+        let inference = &c.inference;
+        let session = SessionSettings {
+            timers: SessionTimers {
+                hello_timeout: Duration::from_millis(s.hello_timeout_ms),
+                no_voice_close: Duration::from_secs(c.session.no_voice_close_s),
+                idle_close: Duration::from_secs(c.session.idle_close_s),
+            },
+            answer_ping: c.session.answer_ping,
+            vad_events: c.session.vad_events,
+            segmenter: c.vad.segmenter(),
+            limits: AudioInLimits {
+                max_wait: Duration::from_millis(inference.max_wait_ms),
+                max_backlog_chunks: (c.vad.max_utterance_ms / 32) as usize,
+                max_chunks_per_job: inference.max_chunks_per_job,
+            },
+            dialogue: DialogueSettings {
+                offline_llm: parts.offline_llm,
+                system_prompt: c.llm.system_prompt.clone(),
+                history_messages: c.llm.history_messages,
+                out_rate: c.audio_out.sample_rate,
+                complexity: c.audio_out.complexity,
+                prebuffer_frames: c.audio_out.prebuffer_frames,
+                stop_guard: Duration::from_millis(c.audio_out.stop_guard_ms),
+                asr_timeout: Duration::from_millis(c.asr.timeout_ms),
+                tts_timeout: Duration::from_millis(c.tts.timeout_ms),
+                tz_offset_minutes: (s.timezone_offset_hours * 60.0).round() as i64,
+                emotions: true,
+                max_tool_rounds: t.max_rounds,
+                max_calls_per_round: t.max_calls_per_round,
+                max_tool_result_bytes: t.max_result_bytes,
+                intents: Intents::new(&t.exit_phrases, &t.wake_words),
+            },
+            tools: ToolSettings {
+                mcp: t.mcp.then(|| McpSettings {
+                    call_timeout: Duration::from_millis(t.call_timeout_ms),
+                    max_pending_calls: t.max_pending_calls,
+                    max_tools: t.max_tools,
+                    max_pages: t.max_list_pages,
+                    vision: None,
+                }),
+                iot: t.iot,
+                server: parts.server_tools,
+                base: parts.base_tools,
+                max_tools: t.max_tools,
+                wake_greeting: t.wake_greeting.clone(),
+                wake_greeting_zh: t.wake_greeting_zh.clone(),
+            },
+        };
+        let vision_on = c.vision.provider != VisionProvider::None;
+        ConnectionSettings {
+            server: s.clone(),
+            trusted: parts.trusted,
+            auth: parts.signer.map(|signer| DeviceAuth {
+                signer,
+                allowed_devices: s.auth.allowed_devices.clone(),
+                expire_seconds: s.auth.expire_seconds,
+            }),
+            session,
+            downlink: AudioParams {
+                sample_rate: c.audio_out.sample_rate,
+                ..AudioParams::downlink_default()
+            },
+            vision: VisionIssuer {
+                signer: parts.vision_signer.filter(|_| vision_on),
+                url: t.vision_url.clone(),
+                external_token: t.vision_token.clone(),
+                token_expire_seconds: c.vision.token_expire_seconds,
+                http_port: parts.http_port,
+            },
+            busy_watermark: inference.busy_watermark,
+        }
+    }
+
+    /// A new session's settings, with this device's vision capability.
+    pub fn session_settings(&self, vision: Option<(String, String)>) -> SessionSettings {
+        let mut s = self.session.clone();
+        if let Some(mcp) = s.tools.mcp.as_mut() {
+            mcp.vision = vision;
+        }
+        s
+    }
+}
+
+/// The providers `config` selects, built once per shard; an error names a local provider whose
+/// workers were not started (cannot happen when the queues come from the same config). API keys
+/// are resolved here, once (the environment variable wins over the config value).
+pub fn providers(config: &Config, queues: LocalQueues) -> Result<Providers, String> {
+    let asr = match config.asr.provider {
+        AsrProvider::Whisper => Asr::Local(
+            queues
+                .asr
+                .ok_or("asr.provider = whisper but no Whisper workers were started")?,
+        ),
+        AsrProvider::Openai => {
+            let o = &config.asr.openai;
+            Asr::Remote(Rc::new(OpenAiAsrSettings {
+                base_url: o.base_url.clone(),
+                api_key: ApiKey::from_env_or("XIAOZHI_ASR_API_KEY", &o.api_key),
+                model: o.model.clone(),
+                language: (!o.language.is_empty()).then(|| o.language.clone()),
+                timeout: Duration::from_millis(config.asr.timeout_ms),
+            }))
+        }
+    };
+    let llm = match config.llm.provider {
+        LlmProvider::Offline => Llm::Offline,
+        LlmProvider::Openai => {
+            let o = &config.llm.openai;
+            Llm::Remote(Rc::new(OpenAiSettings {
+                base_url: o.base_url.clone(),
+                api_key: ApiKey::from_env_or("XIAOZHI_LLM_API_KEY", &o.api_key),
+                model: o.model.clone(),
+                temperature: (o.temperature >= 0.0).then_some(o.temperature),
+                max_tokens: (o.max_tokens > 0).then_some(o.max_tokens),
+                connect_timeout: Duration::from_millis(o.connect_timeout_ms),
+                first_token_timeout: Duration::from_millis(o.first_token_timeout_ms),
+                total_timeout: Duration::from_millis(o.total_timeout_ms),
+            }))
+        }
+    };
+    let t = &config.tts;
+    let tts = match t.provider {
+        TtsProvider::Piper | TtsProvider::Espeak => Tts::Local {
+            pool: queues
+                .tts
+                .ok_or("a local tts.provider is selected but no TTS workers were started")?,
+            voices: LocalVoices {
+                piper: t.provider == TtsProvider::Piper,
+                espeak: t.espeak_voice.clone(),
+                espeak_zh: t.espeak_voice_zh.clone(),
+            },
+        },
+        TtsProvider::Openai => {
+            let o = &t.openai;
+            Tts::Remote(Rc::new(OpenAiTtsSettings {
+                base_url: o.base_url.clone(),
+                api_key: ApiKey::from_env_or("XIAOZHI_TTS_API_KEY", &o.api_key),
+                model: o.model.clone(),
+                voice: o.voice.clone(),
+                response_format: o.response_format.clone(),
+                sample_rate_for_pcm: o.sample_rate,
+                timeout: Duration::from_millis(t.timeout_ms),
+            }))
+        }
+    };
+    Ok(Providers {
+        vad: queues.vad,
+        asr,
+        llm,
+        tts,
+        http: Rc::new(HttpClient::new(ClientSettings {
+            connect_timeout: Duration::from_millis(config.llm.openai.connect_timeout_ms),
+            ..ClientSettings::default()
+        })),
+    })
+}

@@ -1,0 +1,134 @@
+//! Which provider does each job, decided once per shard: [`Providers`] holds, for ASR, LLM and
+//! TTS, either a local engine (a queue into the inference cores' worker pool), a remote
+//! OpenAI-compatible endpoint (its settings with the API key resolved once, at start), or the
+//! built-in offline responder. The connection wing only matches on these values; the
+//! language-based choice of a local voice lives here too ([`LocalVoices::engine_for`]).
+
+use shards::WorkerPool;
+use std::rc::Rc;
+
+use crate::providers::asr::openai::OpenAiAsrSettings;
+use crate::providers::asr::AsrJob;
+use crate::providers::http_client::HttpClient;
+use crate::providers::llm::openai::OpenAiSettings;
+use crate::providers::tts::openai::OpenAiTtsSettings;
+use crate::providers::tts::{TtsEngine, TtsJob};
+use crate::providers::vad::VadJob;
+
+/// Speech recognition.
+pub enum Asr {
+    /// Whisper on the inference cores.
+    Local(WorkerPool<AsrJob>),
+    /// `POST /audio/transcriptions` from the shard.
+    Remote(Rc<OpenAiAsrSettings>),
+}
+
+/// The language model.
+pub enum Llm {
+    /// The built-in responder (greetings, time, device commands, echo); no model.
+    Offline,
+    /// Streaming chat completions from the shard.
+    Remote(Rc<OpenAiSettings>),
+}
+
+/// Speech synthesis.
+pub enum Tts {
+    /// Piper / espeak-ng on the inference cores.
+    Local {
+        /// The TTS workers' queue.
+        pool: WorkerPool<TtsJob>,
+        /// Which local engine speaks which text.
+        voices: LocalVoices,
+    },
+    /// `POST /audio/speech` from the shard.
+    Remote(Rc<OpenAiTtsSettings>),
+}
+
+/// The local engines and how a text picks one.
+#[derive(Debug, Clone)]
+pub struct LocalVoices {
+    /// A Piper voice is loaded (it speaks non-Chinese text).
+    pub piper: bool,
+    /// espeak-ng voice for text without a Piper voice.
+    pub espeak: String,
+    /// espeak-ng voice for Chinese text.
+    pub espeak_zh: String,
+}
+
+impl LocalVoices {
+    /// The engine for `text`: Chinese text (any CJK ideograph) goes to the Chinese espeak-ng
+    /// voice (the Piper voice is English only), other text to Piper when loaded, else espeak-ng.
+    pub fn engine_for(&self, text: &str) -> TtsEngine {
+        if crate::lang::has_cjk(text) {
+            TtsEngine::Espeak {
+                voice: self.espeak_zh.clone(),
+            }
+        } else if self.piper {
+            TtsEngine::Piper
+        } else {
+            TtsEngine::Espeak {
+                voice: self.espeak.clone(),
+            }
+        }
+    }
+}
+
+/// One shard's providers (built once per shard from the config and the inference queues, by
+/// `crate::connection::settings::providers`; this module does not read the config).
+pub struct Providers {
+    /// Voice activity detection (always local).
+    pub vad: WorkerPool<VadJob>,
+    /// Speech recognition.
+    pub asr: Asr,
+    /// The language model.
+    pub llm: Llm,
+    /// Speech synthesis.
+    pub tts: Tts,
+    /// The shard's HTTP client (keep-alive pool) for the remote ones.
+    pub http: Rc<HttpClient>,
+}
+
+/// The inference queues a shard can use (as started by `crate::inference::start`).
+pub struct LocalQueues {
+    /// VAD.
+    pub vad: WorkerPool<VadJob>,
+    /// Whisper, when started.
+    pub asr: Option<WorkerPool<AsrJob>>,
+    /// Piper/espeak-ng, when started.
+    pub tts: Option<WorkerPool<TtsJob>>,
+}
+
+impl Providers {
+    /// Whether the built-in responder answers (no LLM call).
+    pub fn offline_llm(&self) -> bool {
+        matches!(self.llm, Llm::Offline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chinese_text_goes_to_the_chinese_voice_and_other_text_to_piper_when_loaded() {
+        let v = LocalVoices {
+            piper: true,
+            espeak: "en-us".into(),
+            espeak_zh: "cmn".into(),
+        };
+        assert_eq!(v.engine_for("Hello there."), TtsEngine::Piper);
+        assert_eq!(
+            v.engine_for("你好，world"),
+            TtsEngine::Espeak {
+                voice: "cmn".into()
+            }
+        );
+        let no_piper = LocalVoices { piper: false, ..v };
+        assert_eq!(
+            no_piper.engine_for("Hello"),
+            TtsEngine::Espeak {
+                voice: "en-us".into()
+            }
+        );
+    }
+}

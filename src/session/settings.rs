@@ -1,0 +1,61 @@
+//! What a session reads from config, as plain values (the connection wing builds them once
+//! per shard; the session never sees the config).
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::dialogue::DialogueSettings;
+use crate::pipeline::audio_in::AudioInLimits;
+use crate::pipeline::segmenter::SegmenterConfig;
+use crate::tools::mcp::McpSettings;
+use crate::tools::server::ServerTools;
+use crate::tools::ToolSet;
+
+/// Everything a session reads from config.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// Timers.
+    pub timers: SessionTimers,
+    /// Answer `ping`.
+    pub answer_ping: bool,
+    /// Send `vad` start/end messages.
+    pub vad_events: bool,
+    /// Utterance segmentation.
+    pub segmenter: SegmenterConfig,
+    /// Uplink backlog bounds.
+    pub limits: AudioInLimits,
+    /// The reply side.
+    pub dialogue: DialogueSettings,
+    /// Device and server tools.
+    pub tools: ToolSettings,
+}
+
+/// Device tools, server tools and greetings (from config `[tools]`).
+#[derive(Debug, Clone)]
+pub struct ToolSettings {
+    /// The device MCP client's settings; `None` = device MCP tools are not used.
+    pub mcp: Option<McpSettings>,
+    /// Accept legacy `iot` descriptors as tools.
+    pub iot: bool,
+    /// The shard's server-side tools.
+    pub server: Rc<ServerTools>,
+    /// The tools offered before the device announces any (server tools; shared).
+    pub base: Rc<ToolSet>,
+    /// Most tools offered to the LLM.
+    pub max_tools: usize,
+    /// Spoken after an English wake word (empty: no greeting).
+    pub wake_greeting: String,
+    /// Spoken after a Chinese wake word (empty: no greeting).
+    pub wake_greeting_zh: String,
+}
+
+/// Session timers (from config).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionTimers {
+    /// Time the device has to send `hello`.
+    pub hello_timeout: Duration,
+    /// Time without voice before goodbye.
+    pub no_voice_close: Duration,
+    /// Time without any activity before close.
+    pub idle_close: Duration,
+}
