@@ -296,3 +296,99 @@ pub fn providers(config: &Config, queues: LocalQueues) -> Result<Providers, Stri
         })),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::DeviceIdentity;
+
+    fn identity(device: &str, authorization: Option<String>) -> DeviceIdentity {
+        DeviceIdentity {
+            device_id: device.into(),
+            client_id: Some("client-1".into()),
+            authorization,
+            protocol_version: None,
+            from_mqtt_gateway: false,
+        }
+    }
+
+    fn auth(allowed: &[&str]) -> DeviceAuth {
+        DeviceAuth {
+            signer: TokenSigner::new("old").also_accepting("new"),
+            allowed_devices: allowed.iter().map(|d| d.to_string()).collect(),
+            expire_seconds: 3600,
+        }
+    }
+
+    #[test]
+    fn a_token_signed_with_either_secret_for_this_device_is_accepted() {
+        let now = crate::clock::unix_now();
+        let a = auth(&[]);
+        let old = TokenSigner::new("old").sign("client-1", "aa:bb", now);
+        let new = TokenSigner::new("new").sign("client-1", "aa:bb", now);
+        assert_eq!(
+            a.check(&identity("aa:bb", Some(format!("Bearer {old}")))),
+            Ok(())
+        );
+        assert_eq!(
+            a.check(&identity("aa:bb", Some(format!("Bearer {new}")))),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_token_of_another_device_a_foreign_secret_or_none_is_refused() {
+        let now = crate::clock::unix_now();
+        let a = auth(&[]);
+        let other = TokenSigner::new("old").sign("client-1", "victim", now);
+        let foreign = TokenSigner::new("guess").sign("client-1", "aa:bb", now);
+        assert!(a
+            .check(&identity("aa:bb", Some(format!("Bearer {other}"))))
+            .is_err());
+        assert!(a
+            .check(&identity("aa:bb", Some(format!("Bearer {foreign}"))))
+            .is_err());
+        assert!(a.check(&identity("aa:bb", None)).is_err());
+    }
+
+    #[test]
+    fn allowed_devices_skip_the_token_check() {
+        assert_eq!(auth(&["aa:bb"]).check(&identity("aa:bb", None)), Ok(()));
+        assert!(auth(&["aa:bb"]).check(&identity("cc:dd", None)).is_err());
+    }
+
+    fn issuer(signer: Option<TokenSigner>, url: &str) -> VisionIssuer {
+        VisionIssuer {
+            signer,
+            url: url.into(),
+            external_token: "ext-token".into(),
+            token_expire_seconds: 60,
+            http_port: Rc::new(Cell::new(8003)),
+        }
+    }
+
+    #[test]
+    fn vision_capability_points_at_our_port_with_a_device_token_or_at_the_external_url() {
+        let ours = issuer(Some(TokenSigner::new("s")), "");
+        let (url, token) = ours
+            .capability("aa:bb", Some("10.0.0.5:8000"), None)
+            .expect("capability");
+        assert_eq!(url, "http://10.0.0.5:8003/mcp/vision/explain");
+        assert!(TokenSigner::new("s")
+            .verify_vision(
+                Some(&format!("Bearer {token}")),
+                "aa:bb",
+                crate::clock::unix_now()
+            )
+            .is_ok());
+        let external = issuer(None, "https://vision.example/explain");
+        assert_eq!(
+            external.capability("aa:bb", None, None),
+            Some((
+                "https://vision.example/explain".to_string(),
+                "ext-token".to_string()
+            ))
+        );
+        assert_eq!(issuer(None, "").capability("aa:bb", None, None), None);
+    }
+}
