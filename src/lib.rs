@@ -19,8 +19,11 @@ pub mod lang;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;
-pub mod protocol;
 pub mod providers;
 pub mod session;
 pub mod shard;
 pub mod tools;
+
+/// The wire protocol is the `xiaozhi-protocol` workspace crate (the bench shares it); it keeps
+/// its old path here so every `crate::protocol::…` import stays as it was.
+pub use xiaozhi_protocol as protocol;

@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tungstenite::Bytes;
-
-use crate::protocol::BinaryProtocol;
+use xiaozhi_protocol::BinaryProtocol;
 
 /// Uplink sample rate and frame size (firmware constants).
 pub const UPLINK_RATE: u32 = 16_000;

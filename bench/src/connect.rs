@@ -10,11 +10,11 @@ use futures_lite::StreamExt;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::Request;
 use tungstenite::Message;
+use xiaozhi_protocol::BinaryProtocol;
 
 use crate::inbound::{parse_server_text, ServerEvent};
 use crate::ota::split_url;
 use crate::outcome::ErrorKind;
-use crate::protocol::BinaryProtocol;
 use crate::schedule::mix;
 
 /// The device's WebSocket.
@@ -271,7 +271,7 @@ pub fn close_kind(frame: Option<&tungstenite::protocol::CloseFrame>) -> (ErrorKi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{identify, parse_client_message, ClientMessage};
+    use xiaozhi_protocol::{identify, parse_client_message, ClientMessage};
 
     fn headers_and_target(req: &Request) -> (Vec<(String, Vec<u8>)>, String) {
         let headers = req

@@ -21,12 +21,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_lite::StreamExt;
 use tungstenite::{Bytes, Message};
+use xiaozhi_protocol::{BinaryProtocol, TokenSigner};
 
 use crate::audio::{Uplink, FRAME_MS};
 use crate::connect::{close_kind, open, ConnectTimes, DeviceId, IdentityMode, HELLO_TIMEOUT};
 use crate::inbound::{check_downlink, parse_server_text, ServerEvent};
 use crate::outcome::{classify, End, ErrorKind, Observed, Verdict};
-use crate::protocol::{BinaryProtocol, TokenSigner};
 use crate::schedule::{Limit, Schedule};
 use crate::{mcp, ota};
 
@@ -747,7 +747,7 @@ fn describe(event: &ServerEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{parse_client_message, ClientMessage, ListenMode, ListenState};
+    use xiaozhi_protocol::{parse_client_message, ClientMessage, ListenMode, ListenState};
 
     #[test]
     fn listen_messages_parse_as_the_firmware_sends_them() {

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use xiaozhi_protocol::BinaryProtocol;
+
 use crate::audio;
 use crate::connect::IdentityMode;
 use crate::device::{DeviceConfig, Mode};
-use crate::protocol::BinaryProtocol;
 
 /// How a simulated device talks to the server.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]

@@ -8,8 +8,7 @@
 //! so a wrong one garbles audio on a real device).
 
 use serde_json::Value;
-
-use crate::protocol::{BinaryProtocol, FrameError};
+use xiaozhi_protocol::{BinaryProtocol, FrameError};
 
 /// A server text message, as far as the device cares.
 #[derive(Debug, Clone, PartialEq)]

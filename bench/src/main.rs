@@ -5,20 +5,10 @@
 //! - `probe`: one device, one interaction, as a human-readable timeline; saves the reply audio.
 //! - `hold`: N idle connected devices, for connect→hello latency and memory per idle device.
 //!
-//! The bench shares only the pure `protocol` module (message types, binary framing, identity,
-//! tokens) and the HdrHistogram file writers with the server, and depends on nothing else of
-//! it, so it measures other servers
-//! (the Python reference, say) exactly as it measures ours. See `bench/README.md`.
-
-// The bench uses the device side of the shared protocol module; the server side goes unused
-// (and lints meant for the server's exported API do not apply to this private copy).
-#[allow(dead_code, unused_imports, clippy::wrong_self_convention)]
-#[path = "../../src/protocol/mod.rs"]
-mod protocol;
-
-// HdrHistogram `.hgrm` / `.hlog` writers, shared with the server's exports.
-#[path = "../../src/metrics/hdr_export.rs"]
-mod hdr_export;
+//! The bench shares only the `xiaozhi-protocol` crate with the server (message types, binary
+//! framing, identity, tokens, and the HdrHistogram file writers) and depends on nothing else of
+//! it, so it measures other servers (the Python reference, say) exactly as it measures ours.
+//! See `bench/README.md`.
 
 mod audio;
 mod connect;

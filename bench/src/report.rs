@@ -13,11 +13,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use xiaozhi_protocol::hdr_files;
 
 use crate::device::Report;
-use crate::hdr_export;
-pub use crate::hdr_export::write_hgrm;
 use crate::outcome::ErrorKind;
+
+pub use xiaozhi_protocol::hdr_files::write_hgrm;
 
 /// Largest recordable value: one hour in µs (larger values saturate).
 const MAX_US: u64 = 3_600_000_000;
@@ -269,12 +270,12 @@ pub fn write_hlog(
     let intervals = series
         .intervals
         .iter()
-        .map(|(index, h)| hdr_export::Interval {
+        .map(|(index, h)| hdr_files::Interval {
             start: interval * u32::try_from(*index).unwrap_or(u32::MAX),
             length: interval,
             hist: h,
         });
-    hdr_export::write_hlog(&comment, start_wall, 1000.0, intervals, out)
+    hdr_files::write_hlog(&comment, start_wall, 1000.0, intervals, out)
 }
 
 /// The `errors` object: every kind, zero or not.

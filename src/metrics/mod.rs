@@ -1,10 +1,13 @@
 //! Prometheus text for the counters every shard keeps (merged on request over the shards'
 //! control channels; no shared atomics).
 
-pub mod hdr_export;
 pub mod hist;
 pub mod intervals;
 pub mod service;
+
+/// The `.hgrm` / `.hlog` writers live in the protocol crate, shared with the bench so both write
+/// the same formats; re-exported under their old name.
+pub use xiaozhi_protocol::hdr_files as hdr_export;
 
 use std::fmt::Write;
 

@@ -1,5 +1,7 @@
-//! HdrHistogram export formats, shared by the server and `xiaozhi-bench` (which includes this
-//! file by `#[path]`: it depends on nothing but the `hdrhistogram` crate).
+//! The HdrHistogram file formats both the server and `xiaozhi-bench` write, kept in one place so
+//! their outputs are comparable: the server's `/histograms/…` answers and dumps and a bench run
+//! of the same scenario load into the same tools with the same layout. It lives in the protocol
+//! crate because that is the one crate the two share; it depends on nothing but `hdrhistogram`.
 //!
 //! - `.hgrm`: the percentile distribution text of HdrHistogram's `outputPercentileDistribution`
 //!   (what the online plotter and HistogramLogAnalyzer read).
