@@ -311,10 +311,10 @@ async fn admit_and_serve(
             },
             answer_ping: shard.config.session.answer_ping,
             vad_events: shard.config.session.vad_events,
-            segmenter: shard.config.vad.segmenter(),
+            segmenter: shard.config.vad.segmenter.clone(),
             limits: AudioInLimits {
                 max_wait: Duration::from_millis(inference.max_wait_ms),
-                max_backlog_chunks: (shard.config.vad.max_utterance_ms / 32) as usize,
+                max_backlog_chunks: (shard.config.vad.segmenter.max_utterance_ms / 32) as usize,
                 max_chunks_per_job: inference.max_chunks_per_job,
             },
             dialogue: dialogue_settings(&shard.config),
