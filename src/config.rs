@@ -6,7 +6,12 @@
 //! Unknown keys and bad values fail at start with the key's dotted path and the reason.
 
 use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
+
+use crate::front_door::peer::TrustedProxies;
+use crate::pipeline::segmenter::SegmenterConfig;
+use crate::tools::server::ServerToolName;
 
 /// Everything the server reads at start.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -71,7 +76,7 @@ pub struct ToolsConfig {
     /// is "none"; with a provider set, each device gets its own expiring token instead.
     pub vision_token: String,
     /// Server-side tools offered to the LLM (built in: "get_time", "handle_exit_intent").
-    pub server_tools: Vec<String>,
+    pub server_tools: Vec<ServerToolName>,
     /// Utterances that end the session after a spoken farewell (whole utterance, any case,
     /// punctuation ignored).
     pub exit_phrases: Vec<String>,
@@ -98,7 +103,7 @@ impl Default for ToolsConfig {
             max_result_bytes: 2048,
             vision_url: String::new(),
             vision_token: String::new(),
-            server_tools: strings(&["get_time", "handle_exit_intent"]),
+            server_tools: vec![ServerToolName::GetTime, ServerToolName::HandleExitIntent],
             exit_phrases: strings(&["goodbye", "bye bye", "exit", "退出", "关闭", "再见"]),
             wake_words: strings(&[
                 "你好小智",
@@ -182,7 +187,8 @@ impl Default for RemoteVisionConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address both listeners bind to.
-    pub ip: String,
+    #[serde(deserialize_with = "ip_address")]
+    pub ip: IpAddr,
     /// WebSocket port (devices).
     pub port: u16,
     /// HTTP port (OTA, health, readiness, metrics).
@@ -221,7 +227,7 @@ pub struct ServerConfig {
     /// PROXY protocol on the WebSocket port: off, v1, v2 or any (from trusted proxies only).
     pub proxy_protocol: ProxyProtocol,
     /// Balancers (CIDRs or addresses) whose PROXY header and forwarded headers are believed.
-    pub trusted_proxies: Vec<String>,
+    pub trusted_proxies: TrustedProxies,
     /// Which header, from trusted proxies only, names the device: off, x-forwarded-for, x-real-ip.
     pub forwarded_header: ForwardedHeader,
     /// New connections per client address.
@@ -321,7 +327,7 @@ impl Default for RateLimitConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            ip: "0.0.0.0".into(),
+            ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             port: 8000,
             http_port: 8003,
             public_ws_url: String::new(),
@@ -340,7 +346,7 @@ impl Default for ServerConfig {
             firmware: FirmwareConfig::default(),
             drain: DrainConfig::default(),
             proxy_protocol: ProxyProtocol::Off,
-            trusted_proxies: Vec::new(),
+            trusted_proxies: TrustedProxies::default(),
             forwarded_header: ForwardedHeader::Off,
             rate_limit: RateLimitConfig::default(),
             http: HttpPortConfig::default(),
@@ -516,64 +522,66 @@ impl InferenceConfig {
 }
 
 /// Server VAD (Silero) and how its decisions become utterances. Times are audio time.
+///
+/// `[vad]` holds the model and, beside it, the segmenter's keys (`threshold`, `threshold_low`,
+/// `min_silence_ms`, `min_speech_ms`, `pre_roll_ms`, `post_pad_ms`, `max_utterance_ms`,
+/// `manual_max_silence_ms`, `min_utterance_ms`): they deserialise straight into the
+/// [`SegmenterConfig`] each session gets, so there is no second copy to keep in step.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VadConfig {
     /// Silero model file inside `inference.models_dir`.
     pub model: String,
-    /// Probability at or above which a chunk is voiced.
-    pub threshold: f32,
-    /// Probability at or below which a chunk is silent (between: previous decision repeats).
-    pub threshold_low: f32,
-    /// Silence after the last voiced chunk that ends an utterance, ms.
-    pub min_silence_ms: u32,
-    /// Shorter speech is dropped as noise, ms.
-    pub min_speech_ms: u32,
-    /// Audio kept before speech starts, ms.
-    pub pre_roll_ms: u32,
-    /// Silence kept after speech ends, ms.
-    pub post_pad_ms: u32,
-    /// Longest utterance; a longer one is cut and continued, ms.
-    pub max_utterance_ms: u32,
-    /// Manual mode: silence that ends the turn without `listen stop`, ms.
-    pub manual_max_silence_ms: u32,
-    /// Utterances with less audio than this are not sent to ASR, ms.
-    pub min_utterance_ms: u32,
+    /// How chunk probabilities become utterances (the rest of the `[vad]` keys).
+    #[serde(flatten, deserialize_with = "keyed_flatten")]
+    pub segmenter: SegmenterConfig,
 }
 
 impl Default for VadConfig {
     fn default() -> Self {
-        let d = crate::pipeline::segmenter::SegmenterConfig::default();
         Self {
             model: "silero_vad.onnx".into(),
-            threshold: d.threshold,
-            threshold_low: d.threshold_low,
-            min_silence_ms: d.min_silence_ms,
-            min_speech_ms: d.min_speech_ms,
-            pre_roll_ms: d.pre_roll_ms,
-            post_pad_ms: d.post_pad_ms,
-            max_utterance_ms: d.max_utterance_ms,
-            manual_max_silence_ms: d.manual_max_silence_ms,
-            min_utterance_ms: d.min_utterance_ms_for_asr,
+            segmenter: SegmenterConfig::default(),
         }
     }
 }
 
-impl VadConfig {
-    /// The segmenter settings.
-    pub fn segmenter(&self) -> crate::pipeline::segmenter::SegmenterConfig {
-        crate::pipeline::segmenter::SegmenterConfig {
-            threshold: self.threshold,
-            threshold_low: self.threshold_low,
-            min_silence_ms: self.min_silence_ms,
-            min_speech_ms: self.min_speech_ms,
-            pre_roll_ms: self.pre_roll_ms,
-            post_pad_ms: self.post_pad_ms,
-            max_utterance_ms: self.max_utterance_ms,
-            manual_max_silence_ms: self.manual_max_silence_ms,
-            min_utterance_ms_for_asr: self.min_utterance_ms,
-            ..Default::default()
+/// An IP address written as a string, refused with a hint instead of the parser's terse message.
+fn ip_address<'de, D>(deserializer: D) -> Result<IpAddr, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse()
+        .map_err(|_| serde::de::Error::custom("not an IP address (e.g. 0.0.0.0 or 127.0.0.1)"))
+}
+
+/// Deserialises a `#[serde(flatten)]` field and keeps the inner key in its errors: serde reads a
+/// flattened struct from a buffered copy, which the loader's key-path tracking cannot see into,
+/// so without this a bad `vad.threshold` would be reported as just `vad`. The inner key leads
+/// the message as `` `key`: `` and [`join_flattened_key`] moves it back onto the path.
+fn keyed_flatten<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let segments = e.path().iter().count();
+        let key = e.path().to_string();
+        let message = e.into_inner().to_string();
+        match segments {
+            0 => serde::de::Error::custom(message.trim_end()),
+            _ => serde::de::Error::custom(format_args!("`{key}`: {}", message.trim_end())),
         }
+    })
+}
+
+/// The full key and the reason of an error at `key`: a key that [`keyed_flatten`] put at the
+/// front of `reason` is appended to `key` (no serde or config message starts with a backtick).
+fn join_flattened_key(key: String, reason: &str) -> (String, String) {
+    match reason.strip_prefix('`').and_then(|r| r.split_once("`: ")) {
+        Some((inner, rest)) => (format!("{key}.{inner}"), rest.to_string()),
+        None => (key, reason.to_string()),
     }
 }
 
@@ -944,10 +952,9 @@ impl Config {
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
             .map_err(|e| {
                 let key = e.path().to_string();
-                ConfigError::Invalid {
-                    key,
-                    reason: e.into_inner().to_string(),
-                }
+                // The bare message: toml's `Display` repeats the key path the error already names.
+                let (key, reason) = join_flattened_key(key, e.into_inner().message());
+                ConfigError::Invalid { key, reason }
             })?;
         if let Ok(secrets) = std::env::var("XIAOZHI_AUTH_SECRETS") {
             config.server.auth.secrets = secrets
@@ -991,9 +998,6 @@ impl Config {
             })
         };
         let s = &self.server;
-        if s.ip.parse::<std::net::IpAddr>().is_err() {
-            return bad("server.ip", "not an IP address (e.g. 0.0.0.0 or 127.0.0.1)");
-        }
         if s.port != 0 && s.port == s.http_port {
             return bad("server.http_port", "must differ from server.port");
         }
@@ -1005,9 +1009,6 @@ impl Config {
         }
         if s.max_frame_bytes < 1024 {
             return bad("server.max_frame_bytes", "must be at least 1024");
-        }
-        if let Err(e) = crate::front_door::peer::TrustedProxies::parse(&s.trusted_proxies) {
-            return bad("server.trusted_proxies", &e);
         }
         if s.proxy_protocol != ProxyProtocol::Off && s.trusted_proxies.is_empty() {
             return bad(
@@ -1078,7 +1079,7 @@ impl Config {
         if !["wav", "pcm"].contains(&self.tts.openai.response_format.as_str()) {
             return bad("tts.openai.response_format", "must be \"wav\" or \"pcm\"");
         }
-        if let Err(e) = self.vad.segmenter().validate() {
+        if let Err(e) = self.vad.segmenter.validate() {
             return bad("vad", e.0);
         }
         let inf = &self.inference;
@@ -1118,9 +1119,6 @@ impl Config {
         }
         if t.max_result_bytes < 16 {
             return bad("tools.max_result_bytes", "must be at least 16");
-        }
-        if let Err(e) = crate::tools::server::ServerTools::from_names(&t.server_tools) {
-            return bad("tools.server_tools", &e);
         }
         let v = &self.vision;
         if !(1024..=64 << 20).contains(&v.max_body_bytes) {
@@ -1196,7 +1194,7 @@ mod tests {
         let c = load(&[]).unwrap();
         assert_eq!(c.server.port, 8000);
         assert_eq!(c.server.http_port, 8003);
-        assert_eq!(c.server.ip, "0.0.0.0");
+        assert_eq!(c.server.ip, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         assert!(!c.server.auth.enabled);
     }
 
@@ -1248,7 +1246,10 @@ mod tests {
         // Auth needs a secret; the profile leaves it to the environment.
         let c = Config::load(Some(&path), &["server.auth.secrets=[\"k\"]".into()]).unwrap();
         assert_eq!(c.server.proxy_protocol, ProxyProtocol::V2);
-        assert_eq!(c.server.trusted_proxies, vec!["10.0.0.0/24".to_string()]);
+        assert_eq!(
+            c.server.trusted_proxies,
+            TrustedProxies::parse(&["10.0.0.0/24".into()]).unwrap()
+        );
         assert_eq!(c.server.drain.delay_ms, 2000);
         assert_eq!(c.server.forwarded_header, ForwardedHeader::XForwardedFor);
         assert_eq!(c.server.http.proxy_protocol, ProxyProtocol::Off);
@@ -1266,6 +1267,79 @@ mod tests {
             ),
             ("server.http.proxy_protocol=\"v2\"", "http.proxy_protocol"),
             ("server.http.rate_limit.burst=0", "server.http.rate_limit"),
+        ] {
+            let err = load(&[set]).unwrap_err().to_string();
+            assert!(err.contains(named), "{set}: {err}");
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_load_parsed_and_a_set_override_replaces_them() {
+        let c = load(&["server.trusted_proxies=[\"10.0.0.0/8\", \"::1\"]"]).unwrap();
+        let t = &c.server.trusted_proxies;
+        assert!(t.contains("10.1.2.3".parse().unwrap()));
+        assert!(t.contains("::1".parse().unwrap()));
+        assert!(!t.contains("11.0.0.1".parse().unwrap()));
+        let err = load(&["server.trusted_proxies=[\"10.0.0.0/40\"]"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "config key `server.trusted_proxies`: \"10.0.0.0/40\": prefix must be 0..=32"
+        );
+    }
+
+    #[test]
+    fn server_tools_load_as_names_and_an_unknown_one_is_refused_with_its_key() {
+        let c = load(&["tools.server_tools=[\"get_time\"]"]).unwrap();
+        assert_eq!(c.tools.server_tools, [ServerToolName::GetTime]);
+        let err = load(&["tools.server_tools=[\"get_time\", \"rm_rf\"]"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tools.server_tools"), "{err}");
+        assert!(err.contains("unknown server tool \"rm_rf\""), "{err}");
+    }
+
+    #[test]
+    fn server_ip_loads_as_an_address_and_a_bad_one_is_refused_with_its_key() {
+        let c = load(&["server.ip=\"::1\""]).unwrap();
+        assert_eq!(c.server.ip, IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+        let err = load(&["server.ip=\"localhost\""]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "config key `server.ip`: not an IP address (e.g. 0.0.0.0 or 127.0.0.1)"
+        );
+    }
+
+    #[test]
+    fn vad_keys_load_into_the_segmenter_and_bad_ones_name_their_key() {
+        let c = load(&[
+            "vad.model=\"other.onnx\"",
+            "vad.threshold=0.6",
+            "vad.min_utterance_ms=500",
+        ])
+        .unwrap();
+        assert_eq!(c.vad.model, "other.onnx");
+        assert_eq!(
+            c.vad.segmenter,
+            SegmenterConfig {
+                threshold: 0.6,
+                min_utterance_ms_for_asr: 500,
+                ..SegmenterConfig::default()
+            }
+        );
+        for (set, named) in [
+            ("vad.threshold=\"high\"", "`vad.threshold`: invalid type"),
+            ("vad.pre_roll_ms=-1", "`vad.pre_roll_ms`: invalid value"),
+            ("vad.window=3", "`vad`: unknown field `window`"),
+            (
+                "vad.min_utterance_ms_for_asr=3",
+                "unknown field `min_utterance_ms_for_asr`",
+            ),
+            (
+                "vad.threshold_low=0.9",
+                "threshold_low must not exceed threshold",
+            ),
         ] {
             let err = load(&[set]).unwrap_err().to_string();
             assert!(err.contains(named), "{set}: {err}");

@@ -530,11 +530,9 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
         })
     };
     let signer = vision_signer.clone().filter(|_| config.server.auth.enabled);
-    // Names were checked when the config was loaded.
-    let server_tools = Rc::new(
-        crate::tools::server::ServerTools::from_names(&config.tools.server_tools)
-            .unwrap_or_default(),
-    );
+    let server_tools = Rc::new(crate::tools::server::ServerTools::new(
+        &config.tools.server_tools,
+    ));
     let shards = ctx.mesh.len().max(1);
     let s = &config.server;
     let connection_limit = match s.max_connections {
@@ -548,8 +546,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             s.rate_limit.max_addresses,
         )
     });
-    // Validated at load; an error here cannot happen, and trusting nobody is the safe fallback.
-    let trusted = TrustedProxies::parse(&s.trusted_proxies).unwrap_or_default();
+    let trusted = s.trusted_proxies.clone();
     let providers = match crate::connection::settings::providers(
         &config,
         LocalQueues {
@@ -630,11 +627,9 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             .extend(glommio::spawn_local_into(route_tts_results(shard.clone(), r.tts), tq).ok());
     }
 
-    let ip = shard.config.server.ip.clone();
+    let ip = shard.config.server.ip;
     let bind = |port: u16| -> Result<glommio::net::TcpListener, String> {
-        let addr: SocketAddr = format!("{ip}:{port}")
-            .parse()
-            .map_err(|e| format!("bad listen address {ip}:{port}: {e}"))?;
+        let addr = SocketAddr::new(ip, port);
         glommio::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
     };
     let (ws_listener, http_listener) = match (

@@ -149,10 +149,10 @@ impl ConnectionSettings {
             },
             answer_ping: c.session.answer_ping,
             vad_events: c.session.vad_events,
-            segmenter: c.vad.segmenter(),
+            segmenter: c.vad.segmenter.clone(),
             limits: AudioInLimits {
                 max_wait: Duration::from_millis(inference.max_wait_ms),
-                max_backlog_chunks: (c.vad.max_utterance_ms / 32) as usize,
+                max_backlog_chunks: (c.vad.segmenter.max_utterance_ms / 32) as usize,
                 max_chunks_per_job: inference.max_chunks_per_job,
             },
             dialogue: DialogueSettings {

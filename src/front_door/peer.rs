@@ -6,7 +6,10 @@
 //! `X-Forwarded-For` entry that is not itself a trusted proxy (entries to its left were written
 //! by the client and can be forged).
 
+use std::fmt;
 use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
 
 use crate::config::ForwardedHeader;
 
@@ -18,7 +21,8 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    /// Parses `10.0.0.0/8`, `::1/128` or a bare address (a single host).
+    /// Parses `10.0.0.0/8`, `::1/128` or a bare address (a single host). An IPv4-mapped IPv6
+    /// block (`::ffff:10.0.0.0/104`) becomes the IPv4 block it maps.
     pub fn parse(s: &str) -> Result<Cidr, String> {
         let s = s.trim();
         let (addr, prefix) = match s.split_once('/') {
@@ -37,8 +41,17 @@ impl Cidr {
                 .ok_or_else(|| format!("{s:?}: prefix must be 0..={max}"))?,
             None => max,
         };
+        let mapped = canonical(net);
+        // Matching compares canonical (IPv4) addresses, so a mapped block is kept as IPv4 with
+        // its prefix counted in IPv4 bits; left at 128 it would overflow the IPv4 mask.
+        let prefix = match (net, mapped) {
+            (IpAddr::V6(_), IpAddr::V4(_)) => prefix
+                .checked_sub(96)
+                .ok_or_else(|| format!("{s:?}: an IPv4-mapped prefix must be 96..=128"))?,
+            _ => prefix,
+        };
         Ok(Cidr {
-            net: canonical(net),
+            net: mapped,
             prefix,
         })
     }
@@ -63,6 +76,19 @@ impl Cidr {
     }
 }
 
+/// Written back the way an operator writes it: a bare address for a single host, else
+/// `address/prefix`.
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = if self.net.is_ipv4() { 32 } else { 128 };
+        if self.prefix == host {
+            write!(f, "{}", self.net)
+        } else {
+            write!(f, "{}/{}", self.net, self.prefix)
+        }
+    }
+}
+
 /// IPv4-mapped IPv6 addresses as IPv4, so `::ffff:10.0.0.1` matches `10.0.0.0/8`.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -71,8 +97,11 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The balancers allowed to speak for a client.
-#[derive(Debug, Clone, Default)]
+/// The balancers allowed to speak for a client. Config `server.trusted_proxies` deserialises
+/// straight into it (a list of CIDRs or addresses; the first bad entry is the error), so a
+/// value of this type is always valid.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
 pub struct TrustedProxies(Vec<Cidr>);
 
 impl TrustedProxies {
@@ -83,6 +112,11 @@ impl TrustedProxies {
             .map(|e| Cidr::parse(e))
             .collect::<Result<Vec<_>, _>>()
             .map(TrustedProxies)
+    }
+
+    /// True when no balancer is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// True when `ip` is a trusted balancer.
@@ -136,6 +170,20 @@ impl TrustedProxies {
     }
 }
 
+impl TryFrom<Vec<String>> for TrustedProxies {
+    type Error = String;
+
+    fn try_from(entries: Vec<String>) -> Result<Self, String> {
+        TrustedProxies::parse(&entries)
+    }
+}
+
+impl From<TrustedProxies> for Vec<String> {
+    fn from(trusted: TrustedProxies) -> Vec<String> {
+        trusted.0.iter().map(Cidr::to_string).collect()
+    }
+}
+
 /// An address from a header entry: `1.2.3.4`, `1.2.3.4:5`, `[::1]:5` or `::1`.
 fn parse_ip(s: &str) -> Option<IpAddr> {
     let s = s.trim();
@@ -175,6 +223,26 @@ mod tests {
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(Cidr::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn mapped_ipv6_blocks_match_as_their_ipv4_block() {
+        let host = Cidr::parse("::ffff:10.0.0.1").unwrap();
+        assert!(host.contains(ip("10.0.0.1")));
+        assert!(!host.contains(ip("10.0.0.2")));
+        assert!(!host.contains(ip("8.8.8.8")));
+        let block = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert!(block.contains(ip("10.9.9.9")));
+        assert!(!block.contains(ip("11.0.0.1")));
+        assert!(Cidr::parse("::ffff:10.0.0.0/64").is_err());
+    }
+
+    #[test]
+    fn entries_are_written_back_as_an_operator_writes_them() {
+        let written: Vec<String> = trusted().into();
+        assert_eq!(written, ["127.0.0.1", "10.0.0.0/8", "fd00::/8"]);
+        assert_eq!(TrustedProxies::try_from(written), Ok(trusted()));
+        assert!(TrustedProxies::try_from(vec!["10.0.0.0/40".to_string()]).is_err());
     }
 
     #[test]

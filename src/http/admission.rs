@@ -77,12 +77,11 @@ impl Drop for HttpConnectionSlot {
 }
 
 impl HttpAdmission {
-    /// From the server settings (validated at load: a bad trusted entry cannot reach here, and
-    /// trusting nobody is the safe fallback).
+    /// From the server settings.
     pub fn new(s: &ServerConfig) -> Self {
         let rl = &s.http.rate_limit;
         HttpAdmission {
-            trusted: TrustedProxies::parse(&s.trusted_proxies).unwrap_or_default(),
+            trusted: s.trusted_proxies.clone(),
             forwarded_header: s.forwarded_header,
             proxy: s.http.proxy_protocol.accept(),
             limiter: RefCell::new((rl.per_address_per_s > 0.0).then(|| {
@@ -198,7 +197,7 @@ mod tests {
 
     fn admission(header: ForwardedHeader) -> Rc<HttpAdmission> {
         let s = ServerConfig {
-            trusted_proxies: vec!["10.0.0.9".into()],
+            trusted_proxies: TrustedProxies::parse(&["10.0.0.9".into()]).unwrap(),
             forwarded_header: header,
             http: HttpPortConfig {
                 proxy_protocol: ProxyProtocol::V2,

@@ -31,6 +31,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// Sample rate of the PCM the segmenter takes and returns.
 pub const SAMPLE_RATE_HZ: u32 = 16_000;
 /// Samples in one VAD chunk (Silero's frame at 16 kHz).
@@ -52,7 +54,11 @@ fn samples_to_ms(samples: u64) -> u64 {
 /// Tuning of the segmenter. `Default` is the reference server's behaviour where it has one.
 ///
 /// Decisions are made once per chunk, so every duration is rounded up to a whole chunk (32 ms).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// It deserialises from the config's `[vad]` keys (a missing key keeps its default); the vote
+/// window is not a config key, so `window` and `min_voiced_in_window` always keep theirs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
 pub struct SegmenterConfig {
     /// A chunk with probability `>= threshold` is voiced. Reference config: 0.5.
     pub threshold: f32,
@@ -60,8 +66,10 @@ pub struct SegmenterConfig {
     /// repeats the previous chunk's decision. Reference config: 0.3 (code default 0.2).
     pub threshold_low: f32,
     /// Number of recent chunk decisions that vote on "have voice". Reference: 5.
+    #[serde(skip)]
     pub window: usize,
     /// Voiced chunks needed in the window for "have voice". Reference: 3.
+    #[serde(skip)]
     pub min_voiced_in_window: usize,
     /// Audio silence, counted from the end of the last voiced chunk, that ends an utterance
     /// (and "have voice" must be false as well). Default 400 ms. The reference config says 200,
@@ -92,6 +100,8 @@ pub struct SegmenterConfig {
     /// Utterances with less audio than this (pre-roll and padding included) are not sent to ASR.
     /// Reference: more than 15 frames of 60 ms, i.e. 900 ms. This only drops speech at the very
     /// start of a listen, where the pre-roll is short; elsewhere `min_speech_ms` decides.
+    /// Config key `vad.min_utterance_ms`.
+    #[serde(rename = "min_utterance_ms")]
     pub min_utterance_ms_for_asr: u32,
 }
 

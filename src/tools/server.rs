@@ -1,11 +1,16 @@
 //! Server-side tools: abilities of the server itself offered to the LLM beside the device's.
 //!
 //! A tool implements [`ServerTool`] (a name, a description, a JSON schema and a synchronous
-//! `call`) and is registered by name in [`ServerTools::from_names`]; the config key
-//! `tools.server_tools` picks which are offered. Session code never changes for a new tool.
+//! `call`) and is registered by name in [`ServerToolName`]; the config key
+//! `tools.server_tools` deserialises into those names, so a loaded config can only name tools
+//! that exist and [`ServerTools::new`] cannot fail. Session code never changes for a new tool.
 //! Calls run on the shard, so a tool must be quick and must not block; one that needs I/O
 //! should answer from state it keeps fresh elsewhere.
 
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// What a server tool may know about the call.
@@ -52,24 +57,88 @@ impl std::fmt::Debug for ServerTools {
     }
 }
 
-impl ServerTools {
-    /// The built-in tools named in `names` (config `tools.server_tools`); an unknown name is an
-    /// error naming it.
-    pub fn from_names(names: &[String]) -> Result<ServerTools, String> {
-        let mut set = ServerTools::default();
-        for name in names {
-            let tool: Box<dyn ServerTool> = match name.as_str() {
-                "get_time" => Box::new(TimeTool),
-                "handle_exit_intent" => Box::new(ExitTool),
-                other => {
-                    return Err(format!(
-                        "unknown server tool {other:?} (known: get_time, handle_exit_intent)"
-                    ))
-                }
-            };
-            set = set.with(tool);
+/// The name of a built-in server tool, as config `tools.server_tools` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "&'static str")]
+pub enum ServerToolName {
+    /// [`TimeTool`].
+    GetTime,
+    /// [`ExitTool`].
+    HandleExitIntent,
+}
+
+impl ServerToolName {
+    /// Every built-in tool, in the order the error message lists them.
+    pub const ALL: [ServerToolName; 2] =
+        [ServerToolName::GetTime, ServerToolName::HandleExitIntent];
+
+    /// The name offered to the LLM and written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerToolName::GetTime => "get_time",
+            ServerToolName::HandleExitIntent => "handle_exit_intent",
         }
-        Ok(set)
+    }
+
+    /// A fresh instance of the tool.
+    pub fn tool(self) -> Box<dyn ServerTool> {
+        match self {
+            ServerToolName::GetTime => Box::new(TimeTool),
+            ServerToolName::HandleExitIntent => Box::new(ExitTool),
+        }
+    }
+}
+
+impl FromStr for ServerToolName {
+    type Err = String;
+
+    /// An unknown name is an error naming it and the known ones.
+    fn from_str(name: &str) -> Result<Self, String> {
+        ServerToolName::ALL
+            .into_iter()
+            .find(|known| known.as_str() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = ServerToolName::ALL.iter().map(|n| n.as_str()).collect();
+                format!("unknown server tool {name:?} (known: {})", known.join(", "))
+            })
+    }
+}
+
+impl TryFrom<String> for ServerToolName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        name.parse()
+    }
+}
+
+impl From<ServerToolName> for &'static str {
+    fn from(name: ServerToolName) -> &'static str {
+        name.as_str()
+    }
+}
+
+impl fmt::Display for ServerToolName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ServerTools {
+    /// The built-in tools `names` (config `tools.server_tools`), in that order.
+    pub fn new(names: &[ServerToolName]) -> ServerTools {
+        names
+            .iter()
+            .fold(ServerTools::default(), |set, name| set.with(name.tool()))
+    }
+
+    /// The built-in tools named in `names`; an unknown name is an error naming it.
+    pub fn from_names(names: &[String]) -> Result<ServerTools, String> {
+        let names = names
+            .iter()
+            .map(|n| n.parse())
+            .collect::<Result<Vec<ServerToolName>, String>>()?;
+        Ok(ServerTools::new(&names))
     }
 
     /// Adds `tool`.
@@ -231,5 +300,13 @@ mod tests {
         assert!(ServerTools::from_names(&["rm_rf".into()])
             .unwrap_err()
             .contains("rm_rf"));
+    }
+
+    #[test]
+    fn every_name_builds_the_tool_it_names() {
+        for name in ServerToolName::ALL {
+            assert_eq!(name.tool().name(), name.as_str());
+            assert_eq!(name.as_str().parse(), Ok(name));
+        }
     }
 }
