@@ -5,33 +5,40 @@
 //! an inference core, or a remote call on the shard) and feeds results back tagged with the
 //! turn id, so a result of an aborted turn is recognised and dropped.
 //!
-//! Tools: an LLM round that ends with tool calls asks for them ([`Output::calls`]); when every
-//! result is in (see [`Dialogue::on_tool_result`]) the model is asked again with the results,
-//! at most `max_tool_rounds` times per turn (the last request goes without tools). Text spoken
-//! before a call stays spoken. Exit phrases and the offline responder's device commands are
-//! decided here too (see `crate::tools::intents`).
+//! A turn goes through phases (`turn.rs`): recognizing → answering (text still coming, complete
+//! sentences already synthesised) → speaking (text complete, the rest synthesised and played)
+//! → finishing (`tts stop` due); each phase holds only the state it needs.
 //!
-//! Pacing is by audio time against a per-session clock: `play_end` is when the device will
-//! have played everything sent so far (each 60 ms frame pushes it forward by 60 ms from
-//! `max(play_end, now)`); the next frame is due when the device holds less than
-//! `prebuffer_frames` of audio. So the device never holds more than the pre-buffer (well under
-//! its 40-frame queue), a stall (waiting for synthesis) is followed by a fresh pre-buffer, and
-//! no per-frame sleep accumulates drift. `tts stop` goes out once `play_end` (plus a guard) has
-//! passed.
+//! Tools (`tools.rs`): an LLM round that ends with tool calls asks for them
+//! ([`Output::calls`]); when every result is in (see [`Dialogue::on_tool_result`]) the model is
+//! asked again with the results, at most `max_tool_rounds` times per turn (the last request
+//! goes without tools). Text spoken before a call stays spoken. Exit phrases and the offline
+//! responder's device commands are decided here too (see `crate::tools::intents`).
+//!
+//! Play-out — the pre-buffer, real-time pacing by audio time, Opus encoding and when `tts stop`
+//! is due — is [`crate::pipeline::audio_out::Playout`]'s; the dialogue feeds it synthesised
+//! sentences and turns what it plays into messages.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::audio::encode::DownlinkEncoder;
 use crate::audio::resample::resample;
 use crate::metrics::Stage;
-use crate::pipeline::sentences::{emotion_of, SentenceSplitter};
+use crate::pipeline::audio_out::{Played, Playout, PlayoutSettings};
+use crate::pipeline::sentences::emotion_of;
 use crate::protocol::ServerMessage;
 use crate::providers::llm::offline::OfflineResponder;
 use crate::providers::llm::openai::ChatMessage;
 use crate::providers::llm::ToolCall;
-use crate::tools::intents::{self, DeviceCommand, Intents, VolumeTools};
+use crate::tools::intents::{self, Intents};
+
+#[cfg(test)]
+mod tests;
+mod tools;
+mod turn;
+
+use turn::{Phase, Synthesis, Turn};
 
 /// What the dialogue needs from config.
 #[derive(Debug, Clone)]
@@ -126,15 +133,6 @@ pub struct ToolInvocation {
     pub arguments: String,
 }
 
-/// A step of an offline device command waiting for a tool result.
-#[derive(Debug, Clone, Copy)]
-enum OfflineStep {
-    /// Reading the status to change the volume by this much.
-    ReadVolume { change: i32, zh: bool },
-    /// Setting the volume to this value.
-    SetVolume { volume: u8, zh: bool },
-}
-
 /// One message for the device, in send order.
 #[derive(Debug, PartialEq)]
 pub enum OutItem {
@@ -149,82 +147,6 @@ impl Output {
         self.items.push(OutItem::Text(msg.to_json(session_id)));
     }
 }
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage2 {
-    Recognizing,
-    Answering,
-}
-
-enum Queued {
-    Sentence(String),
-    Pcm { pcm: Vec<i16>, pos: usize },
-}
-
-struct Turn {
-    id: u32,
-    stage: Stage2,
-    /// Wall-clock time the utterance was complete (end of speech decided).
-    eos: Instant,
-    user_text: String,
-    reply: String,
-    tts_started: bool,
-    emotion_sent: bool,
-    first_audio_sent: bool,
-    splitter: SentenceSplitter,
-    llm_done: bool,
-    segments: VecDeque<String>,
-    tts_in_flight: Option<(u32, Instant)>,
-    in_flight_text: Option<String>,
-    next_seq: u32,
-    queue: VecDeque<Queued>,
-    asr_deadline: Option<Instant>,
-    first_segment_requested: bool,
-    /// The conversation sent to the LLM in this turn (grows with tool rounds).
-    messages: Vec<ChatMessage>,
-    /// LLM rounds that called tools.
-    tool_rounds: u32,
-    /// Calls of the current round and their results, in call order.
-    awaiting: Vec<(String, Option<Result<String, String>>)>,
-    /// An offline device command in progress.
-    offline_step: Option<OfflineStep>,
-    /// Close the session after this turn's `tts stop` (exit intent).
-    close_after: bool,
-    /// A tool result to speak as the answer (`{"action":"RESPONSE","response":…}`).
-    direct_reply: Option<String>,
-}
-
-impl Turn {
-    /// A turn whose utterance ended at `eos`, waiting for its transcript.
-    fn new(id: u32, eos: Instant, asr_deadline: Option<Instant>) -> Turn {
-        Turn {
-            id,
-            stage: Stage2::Recognizing,
-            eos,
-            user_text: String::new(),
-            reply: String::new(),
-            tts_started: false,
-            emotion_sent: false,
-            first_audio_sent: false,
-            splitter: SentenceSplitter::new(),
-            llm_done: false,
-            segments: VecDeque::new(),
-            tts_in_flight: None,
-            in_flight_text: None,
-            next_seq: 0,
-            queue: VecDeque::new(),
-            asr_deadline,
-            first_segment_requested: false,
-            messages: Vec::new(),
-            tool_rounds: 0,
-            awaiting: Vec::new(),
-            offline_step: None,
-            close_after: false,
-            direct_reply: None,
-        }
-    }
-}
-
 /// Counters of the dialogue.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DialogueCounters {
@@ -253,9 +175,8 @@ pub struct Dialogue {
     history: VecDeque<ChatMessage>,
     next_turn: u32,
     turn: Option<Turn>,
-    encoder: Option<DownlinkEncoder>,
-    play_end: Option<Instant>,
-    stop_at: Option<Instant>,
+    /// The downlink: queued audio, encoder and play-out clock (kept across turns).
+    playout: Playout,
     offline: OfflineResponder,
     /// The `tools` array offered to the LLM, if any.
     tools: Option<Rc<serde_json::Value>>,
@@ -267,25 +188,22 @@ pub struct Dialogue {
     pub counters: DialogueCounters,
 }
 
-/// Samples per 60 ms frame at `rate`.
-fn frame_samples(rate: u32) -> usize {
-    (rate as usize * 60) / 1000
-}
-
-const FRAME: Duration = Duration::from_millis(60);
-
 impl Dialogue {
     /// A dialogue for one session.
     pub fn new(settings: DialogueSettings, session_id: String) -> Dialogue {
+        let playout = Playout::new(PlayoutSettings {
+            rate: settings.out_rate,
+            complexity: settings.complexity,
+            prebuffer_frames: settings.prebuffer_frames,
+            stop_guard: settings.stop_guard,
+        });
         Dialogue {
             settings,
             session_id,
             history: VecDeque::new(),
             next_turn: 1,
             turn: None,
-            encoder: None,
-            play_end: None,
-            stop_at: None,
+            playout,
             offline: OfflineResponder,
             tools: None,
             volume_tools: intents::VolumeTools::default(),
@@ -297,7 +215,7 @@ impl Dialogue {
 
     /// True between `tts start` and `tts stop`.
     pub fn speaking(&self) -> bool {
-        self.turn.as_ref().is_some_and(|t| t.tts_started)
+        self.turn.as_ref().is_some_and(Turn::speaking)
     }
 
     /// Sets the tools offered to the LLM and the ones the offline responder's volume commands
@@ -321,8 +239,7 @@ impl Dialogue {
         let id = self.begin_turn(now, None, out);
         out.text(&self.session_id, ServerMessage::TtsStart);
         if let Some(t) = self.turn.as_mut() {
-            t.tts_started = true;
-            t.stage = Stage2::Answering;
+            t.start_answer();
         }
         self.on_llm_text(id, text, now, out);
         self.on_llm_done(id, Ok(Vec::new()), now, out);
@@ -347,6 +264,7 @@ impl Dialogue {
         let id = self.next_turn;
         self.next_turn = self.next_turn.wrapping_add(1).max(1);
         self.turn = Some(Turn::new(id, now, asr_deadline));
+        self.playout.begin_reply(now);
         id
     }
 
@@ -357,20 +275,19 @@ impl Dialogue {
     }
 
     /// Abort: stop the answer now (`tts stop` if speaking), cancel the LLM, drop queued audio.
-    pub fn abort(&mut self, now: Instant, out: &mut Output) {
+    pub fn abort(&mut self, _now: Instant, out: &mut Output) {
         let Some(turn) = self.turn.take() else {
             return;
         };
         self.counters.turns_aborted += 1;
-        if turn.stage == Stage2::Answering && !turn.llm_done {
+        if matches!(turn.phase, Phase::Answering { .. }) {
             out.requests.push(Request::CancelLlm);
         }
-        if turn.tts_started {
+        if turn.speaking() {
             out.text(&self.session_id, ServerMessage::TtsStop);
         }
         self.remember(&turn);
-        self.stop_at = None;
-        let _ = now;
+        self.playout.clear();
     }
 
     /// The recognition of turn `turn` finished.
@@ -386,11 +303,10 @@ impl Dialogue {
         let Some(t) = self
             .turn
             .as_mut()
-            .filter(|t| t.id == turn && t.stage == Stage2::Recognizing)
+            .filter(|t| t.id == turn && matches!(t.phase, Phase::Recognizing { .. }))
         else {
             return;
         };
-        t.asr_deadline = None;
         out.samples.push((
             Stage::EosToTranscript,
             micros(now.saturating_duration_since(t.eos)),
@@ -419,8 +335,7 @@ impl Dialogue {
         }
         out.text(&sid, ServerMessage::Stt { text: &text });
         out.text(&sid, ServerMessage::TtsStart);
-        t.tts_started = true;
-        t.stage = Stage2::Answering;
+        t.start_answer();
         t.user_text = text.clone();
         let zh = intents::is_chinese(&text);
         if self.settings.intents.is_exit(&text) {
@@ -443,7 +358,9 @@ impl Dialogue {
             messages.push(ChatMessage::system(&self.settings.system_prompt));
             messages.extend(self.history.iter().cloned());
             messages.push(ChatMessage::user(&text));
-            t.messages = messages.clone();
+            if let Some(answer) = t.answer_mut() {
+                answer.messages = messages.clone();
+            }
             let tools = self
                 .tools
                 .clone()
@@ -456,165 +373,18 @@ impl Dialogue {
         }
     }
 
-    /// The offline responder carries out a device command with the device's tools.
-    fn offline_command(
-        &mut self,
-        turn: u32,
-        cmd: DeviceCommand,
-        zh: bool,
-        now: Instant,
-        out: &mut Output,
-    ) {
-        let VolumeTools { set, status } = &self.volume_tools;
-        let (step, tool, arguments) = match (cmd, set, status) {
-            (DeviceCommand::SetVolume(volume), Some(set), _) => (
-                OfflineStep::SetVolume { volume, zh },
-                set.clone(),
-                serde_json::json!({ "volume": volume }),
-            ),
-            (DeviceCommand::ChangeVolume(change), Some(_), Some(status)) => (
-                OfflineStep::ReadVolume { change, zh },
-                status.clone(),
-                serde_json::json!({}),
-            ),
-            _ => {
-                self.on_llm_text(turn, intents::no_volume_tool(zh), now, out);
-                self.on_llm_done(turn, Ok(Vec::new()), now, out);
-                return;
-            }
-        };
-        self.offline_call(turn, step, &tool, arguments, out);
-    }
-
-    fn offline_call(
-        &mut self,
-        turn: u32,
-        step: OfflineStep,
-        tool: &str,
-        arguments: serde_json::Value,
-        out: &mut Output,
-    ) {
-        let call_id = format!("offline_{}", self.next_call);
-        self.next_call += 1;
-        let Some(t) = self.turn.as_mut().filter(|t| t.id == turn) else {
-            return;
-        };
-        t.offline_step = Some(step);
-        t.awaiting = vec![(call_id.clone(), None)];
-        self.counters.tool_calls += 1;
-        out.calls.push(ToolInvocation {
-            turn,
-            call_id,
-            name: tool.to_string(),
-            arguments: arguments.to_string(),
-        });
-    }
-
-    /// The result of tool call `call_id` of turn `turn` (a late or unknown one is ignored).
-    pub fn on_tool_result(
-        &mut self,
-        turn: u32,
-        call_id: &str,
-        result: Result<String, String>,
-        now: Instant,
-        out: &mut Output,
-    ) {
-        let max = self.settings.max_tool_result_bytes;
-        let sid = self.session_id.clone();
-        let Some(t) = answering(&mut self.turn, turn) else {
-            return;
-        };
-        let Some(slot) = t
-            .awaiting
-            .iter_mut()
-            .find(|(id, r)| id == call_id && r.is_none())
-        else {
-            return;
-        };
-        let result = result.map(|mut text| {
-            if let Some(reply) = direct_response(&text) {
-                t.direct_reply = Some(reply);
-            }
-            crate::tools::truncate_utf8(&mut text, max);
-            text
-        });
-        if let Err(e) = &result {
-            tracing::info!(session = %sid, call = call_id, error = %e, "tool call failed");
-        }
-        slot.1 = Some(result);
-        if t.awaiting.iter().any(|(_, r)| r.is_none()) {
-            return;
-        }
-        let results = std::mem::take(&mut t.awaiting);
-        if let Some(step) = t.offline_step.take() {
-            let result = results.into_iter().next().and_then(|(_, r)| r);
-            return self.offline_result(turn, step, result, now, out);
-        }
-        if let Some(reply) = t.direct_reply.take() {
-            // The tool answered for the model (the reference's vision tool does): say it.
-            self.on_llm_text(turn, &reply, now, out);
-            return self.on_llm_done(turn, Ok(Vec::new()), now, out);
-        }
-        for (id, r) in results {
-            let content = match r {
-                Some(Ok(text)) => text,
-                Some(Err(e)) => format!("error: {e}"),
-                None => continue,
-            };
-            t.messages.push(ChatMessage::tool_result(id, content));
-        }
-        let tools = if t.tool_rounds < self.settings.max_tool_rounds {
-            self.tools.clone()
-        } else {
-            None
-        };
-        out.requests.push(Request::Llm {
-            turn,
-            messages: t.messages.clone(),
-            tools,
-        });
-    }
-
-    fn offline_result(
-        &mut self,
-        turn: u32,
-        step: OfflineStep,
-        result: Option<Result<String, String>>,
-        now: Instant,
-        out: &mut Output,
-    ) {
-        let reply = match (step, result) {
-            (OfflineStep::ReadVolume { change, zh }, Some(Ok(status))) => {
-                match intents::volume_in_status(&status) {
-                    Some(v) => {
-                        let volume = (i32::from(v) + change).clamp(0, 100) as u8;
-                        let step = OfflineStep::SetVolume { volume, zh };
-                        let arguments = serde_json::json!({ "volume": volume });
-                        // Checked before the status was read.
-                        let set = self.volume_tools.set.clone().unwrap_or_default();
-                        return self.offline_call(turn, step, &set, arguments, out);
-                    }
-                    None => intents::command_failed(zh).to_string(),
-                }
-            }
-            (OfflineStep::SetVolume { volume, zh }, Some(Ok(_))) => intents::volume_set(volume, zh),
-            (OfflineStep::ReadVolume { zh, .. } | OfflineStep::SetVolume { zh, .. }, _) => {
-                intents::command_failed(zh).to_string()
-            }
-        };
-        self.on_llm_text(turn, &reply, now, out);
-        self.on_llm_done(turn, Ok(Vec::new()), now, out);
-    }
-
     /// More answer text from the LLM.
     pub fn on_llm_text(&mut self, turn: u32, delta: &str, now: Instant, out: &mut Output) {
         let sid = self.session_id.clone();
         let emotions = self.settings.emotions;
-        let Some(t) = answering(&mut self.turn, turn) else {
+        let Some(t) = self.turn.as_mut().filter(|t| t.id == turn) else {
             return;
         };
-        if !t.emotion_sent && !delta.trim().is_empty() {
-            t.emotion_sent = true;
+        let Phase::Answering { answer, speech } = &mut t.phase else {
+            return;
+        };
+        if !answer.emotion_sent && !delta.trim().is_empty() {
+            answer.emotion_sent = true;
             out.samples.push((
                 Stage::EosToFirstToken,
                 micros(now.saturating_duration_since(t.eos)),
@@ -632,8 +402,8 @@ impl Dialogue {
         }
         t.reply.push_str(delta);
         let mut segs = Vec::new();
-        t.splitter.push(delta, &mut segs);
-        t.segments.extend(segs);
+        answer.splitter.push(delta, &mut segs);
+        speech.segments.extend(segs);
         self.request_tts(now, out);
     }
 
@@ -646,48 +416,24 @@ impl Dialogue {
         out: &mut Output,
     ) {
         let sid = self.session_id.clone();
-        let Some(t) = answering(&mut self.turn, turn) else {
+        let Some(t) = self.turn.as_mut().filter(|t| t.id == turn) else {
             return;
         };
-        if t.llm_done || !t.awaiting.is_empty() {
+        let Phase::Answering { answer, speech } = &mut t.phase else {
+            return;
+        };
+        if !answer.awaiting.is_empty() {
             return;
         }
         let mut segs = Vec::new();
-        t.splitter.finish(&mut segs);
-        t.segments.extend(segs);
+        answer.splitter.finish(&mut segs);
+        speech.segments.extend(segs);
         let result = match result {
-            Ok(mut calls) if !calls.is_empty() && t.tool_rounds < self.settings.max_tool_rounds => {
+            Ok(calls)
+                if !calls.is_empty() && answer.tool_rounds < self.settings.max_tool_rounds =>
+            {
                 // Speak what came before the calls, run them, then ask the model again.
-                t.tool_rounds += 1;
-                // Results are matched by call id: give a missing or repeated one a unique id.
-                for i in 0..calls.len() {
-                    if calls[i].id.is_empty() || calls[..i].iter().any(|c| c.id == calls[i].id) {
-                        calls[i].id = format!("call_{turn}_{}_{i}", t.tool_rounds);
-                    }
-                }
-                t.messages.push(ChatMessage::assistant_tool_calls(&calls));
-                let max = self.settings.max_calls_per_round;
-                let mut refused = Vec::new();
-                for (i, call) in calls.into_iter().enumerate() {
-                    t.awaiting.push((call.id.clone(), None));
-                    if i < max {
-                        self.counters.tool_calls += 1;
-                        out.calls.push(ToolInvocation {
-                            turn,
-                            call_id: call.id,
-                            name: call.name,
-                            arguments: call.arguments,
-                        });
-                    } else {
-                        refused.push(call.id);
-                    }
-                }
-                self.request_tts(now, out);
-                for id in refused {
-                    let e = format!("only {max} tool calls are carried out per round");
-                    self.on_tool_result(turn, &id, Err(e), now, out);
-                }
-                return;
+                return self.start_tool_round(turn, calls, now, out);
             }
             Ok(calls) => {
                 if !calls.is_empty() {
@@ -697,16 +443,15 @@ impl Dialogue {
             }
             Err(e) => Err(e),
         };
-        t.llm_done = true;
         if let Err(e) = result {
             tracing::info!(session = %sid, error = %e, "LLM failed");
             self.counters.llm_failures += 1;
             if t.reply.trim().is_empty() {
                 let sorry = "Sorry, I'm having trouble answering right now.";
-                t.segments.push_back(sorry.to_string());
+                speech.segments.push_back(sorry.to_string());
                 t.reply.push_str(sorry);
-                if !t.emotion_sent {
-                    t.emotion_sent = true;
+                if !answer.emotion_sent {
+                    answer.emotion_sent = true;
                     if self.settings.emotions {
                         out.text(
                             &sid,
@@ -719,6 +464,7 @@ impl Dialogue {
                 }
             }
         }
+        t.end_answer();
         self.request_tts(now, out);
         self.maybe_finish(now);
     }
@@ -734,17 +480,17 @@ impl Dialogue {
     ) {
         let out_rate = self.settings.out_rate;
         let sid = self.session_id.clone();
-        let Some(t) = self.turn.as_mut().filter(|t| t.id == turn) else {
+        let Some(speech) = self
+            .turn
+            .as_mut()
+            .filter(|t| t.id == turn)
+            .and_then(Turn::speech_mut)
+        else {
             return;
         };
-        let Some((expected, _)) = t.tts_in_flight else {
+        let Some(synthesis) = speech.in_flight.take_if(|s| s.seq == seq) else {
             return;
         };
-        if expected != seq {
-            return;
-        }
-        let text = t.in_flight_text.take();
-        t.tts_in_flight = None;
         match result {
             Ok((pcm, rate)) if !pcm.is_empty() => {
                 let pcm = if rate == out_rate {
@@ -752,9 +498,7 @@ impl Dialogue {
                 } else {
                     resample(&pcm, rate, out_rate)
                 };
-                t.queue
-                    .push_back(Queued::Sentence(text.unwrap_or_default()));
-                t.queue.push_back(Queued::Pcm { pcm, pos: 0 });
+                self.playout.push_sentence(synthesis.text, pcm);
             }
             Ok(_) => {}
             Err(e) => {
@@ -767,23 +511,29 @@ impl Dialogue {
         self.maybe_finish(now);
     }
 
+    /// Sends the next sentence to synthesis, if none is in flight (one at a time keeps the
+    /// audio in order and lets an abort waste at most one synthesis).
     fn request_tts(&mut self, now: Instant, out: &mut Output) {
         let timeout = self.settings.tts_timeout;
         let Some(t) = self.turn.as_mut() else { return };
-        if t.tts_in_flight.is_some() {
+        let id = t.id;
+        let Some(speech) = t.speech_mut() else { return };
+        if speech.in_flight.is_some() {
             return;
         }
-        while let Some(text) = t.segments.pop_front() {
+        while let Some(text) = speech.segments.pop_front() {
             if text.trim().is_empty() {
                 continue;
             }
-            let seq = t.next_seq;
-            t.next_seq += 1;
-            t.tts_in_flight = Some((seq, now + timeout));
-            t.in_flight_text = Some(text.clone());
-            t.first_segment_requested = true;
+            let seq = speech.next_seq;
+            speech.next_seq += 1;
+            speech.in_flight = Some(Synthesis {
+                seq,
+                deadline: now + timeout,
+                text: text.clone(),
+            });
             out.requests.push(Request::Tts {
-                turn: t.id,
+                turn: id,
                 seq,
                 text,
             });
@@ -793,137 +543,65 @@ impl Dialogue {
 
     /// Sends every frame that is due at `now`.
     pub fn pump(&mut self, now: Instant, out: &mut Output) {
-        let prebuffer = FRAME * self.settings.prebuffer_frames;
-        let fs = frame_samples(self.settings.out_rate);
-        let sid = self.session_id.clone();
-        loop {
-            let Some(t) = self.turn.as_mut() else { return };
-            let Some(front) = t.queue.front_mut() else {
-                return;
-            };
-            match front {
-                Queued::Sentence(text) => {
-                    let text = std::mem::take(text);
-                    t.queue.pop_front();
-                    if !text.is_empty() {
-                        out.text(&sid, ServerMessage::TtsSentenceStart { text: &text });
-                    }
-                }
-                Queued::Pcm { pcm, pos } => {
-                    // Due when the device holds less than the pre-buffer.
-                    let due = self
-                        .play_end
-                        .map(|end| end.checked_sub(prebuffer).unwrap_or(end));
-                    if let Some(due) = due {
-                        if due > now {
-                            return;
-                        }
-                        if now.saturating_duration_since(due) < FRAME
-                            && self.play_end.is_some_and(|e| e > now)
-                        {
-                            out.samples.push((
-                                Stage::FramePacingJitter,
-                                micros(now.saturating_duration_since(due)),
-                            ));
-                        }
-                    }
-                    let end = (*pos + fs).min(pcm.len());
-                    let mut frame = pcm[*pos..end].to_vec();
-                    frame.resize(fs, 0);
-                    *pos = end;
-                    let done = *pos >= pcm.len();
-                    if done {
-                        t.queue.pop_front();
-                    }
-                    let encoder = match self.encoder.as_mut() {
-                        Some(e) => e,
-                        None => match DownlinkEncoder::new(
-                            self.settings.out_rate,
-                            self.settings.complexity,
-                        ) {
-                            Ok(e) => self.encoder.insert(e),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "downlink encoder unavailable");
-                                return;
-                            }
-                        },
-                    };
-                    match encoder.encode(&frame) {
-                        Ok(packet) => {
-                            if !t.first_audio_sent {
-                                t.first_audio_sent = true;
-                                out.samples.push((
-                                    Stage::EosToFirstAudio,
-                                    micros(now.saturating_duration_since(t.eos)),
-                                ));
-                            }
-                            out.items.push(OutItem::Audio(packet));
-                            self.counters.frames_sent += 1;
-                            let start = self.play_end.map_or(now, |e| e.max(now));
-                            self.play_end = Some(start + FRAME);
-                        }
-                        Err(e) => tracing::warn!(error = %e, "opus encode failed; frame skipped"),
-                    }
+        if self.turn.is_none() {
+            return;
+        }
+        let mut played = Vec::new();
+        self.playout.pump(now, &mut played, &mut out.samples);
+        for item in played {
+            match item {
+                Played::Sentence(text) => out.text(
+                    &self.session_id,
+                    ServerMessage::TtsSentenceStart { text: &text },
+                ),
+                Played::Frame(packet) => {
+                    out.items.push(OutItem::Audio(packet));
+                    self.counters.frames_sent += 1;
                 }
             }
         }
     }
 
-    fn maybe_finish(&mut self, _now: Instant) {
-        let Some(t) = self.turn.as_ref() else { return };
-        let complete = t.stage == Stage2::Answering
-            && t.llm_done
-            && t.segments.is_empty()
-            && t.tts_in_flight.is_none()
-            && t.queue.is_empty();
-        if complete && self.stop_at.is_none() {
-            let end = self.play_end.unwrap_or(_now).max(_now);
-            self.stop_at = Some(end + self.settings.stop_guard);
+    /// Once the text is complete, every sentence synthesised and every frame sent, `tts stop`
+    /// is due when the device has played it all (plus the guard).
+    fn maybe_finish(&mut self, now: Instant) {
+        let Some(t) = self.turn.as_mut() else { return };
+        let complete = matches!(&t.phase, Phase::Speaking { speech } if speech.drained())
+            && self.playout.is_idle();
+        if complete {
+            t.phase = Phase::Finishing {
+                stop_at: self.playout.stop_time(now),
+            };
         }
     }
 
     /// The next instant at which [`Dialogue::on_timer`] has work.
     pub fn next_deadline(&self) -> Option<Instant> {
         let t = self.turn.as_ref()?;
-        let mut d: Option<Instant> = None;
-        let mut consider = |x: Instant| d = Some(d.map_or(x, |y: Instant| y.min(x)));
-        if let Some(a) = t.asr_deadline {
-            consider(a);
+        let phase_deadline = match &t.phase {
+            Phase::Recognizing { asr_deadline } => *asr_deadline,
+            Phase::Answering { speech, .. } | Phase::Speaking { speech } => {
+                speech.in_flight.as_ref().map(|s| s.deadline)
+            }
+            Phase::Finishing { stop_at } => Some(*stop_at),
+        };
+        match (phase_deadline, self.playout.next_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        if let Some((_, deadline)) = t.tts_in_flight {
-            consider(deadline);
-        }
-        if matches!(
-            t.queue.front(),
-            Some(Queued::Pcm { .. }) | Some(Queued::Sentence(_))
-        ) {
-            let prebuffer = FRAME * self.settings.prebuffer_frames;
-            let due = self
-                .play_end
-                .map(|end| end.checked_sub(prebuffer).unwrap_or(end))
-                .unwrap_or_else(Instant::now);
-            consider(due);
-        }
-        if let Some(s) = self.stop_at {
-            consider(s);
-        }
-        d
     }
 
     /// Timers: recognition/synthesis timeouts, due frames, the final `tts stop`.
     pub fn on_timer(&mut self, now: Instant, out: &mut Output) {
-        let (asr_late, tts_late) = match self.turn.as_ref() {
-            Some(t) => (
-                t.asr_deadline.is_some_and(|d| now >= d),
-                t.tts_in_flight
-                    .is_some_and(|(_, d)| now >= d)
-                    .then(|| t.tts_in_flight.map(|(s, _)| (t.id, s)))
-                    .flatten(),
-            ),
-            None => return,
-        };
+        let Some(t) = self.turn.as_ref() else { return };
+        let asr_late = matches!(t.phase, Phase::Recognizing { asr_deadline: Some(d) } if now >= d);
+        let tts_late = t
+            .speech()
+            .and_then(|s| s.in_flight.as_ref())
+            .filter(|s| now >= s.deadline)
+            .map(|s| (t.id, s.seq));
+        let id = t.id;
         if asr_late {
-            let id = self.turn.as_ref().map_or(0, |t| t.id);
             self.on_asr(id, Err("recognition timed out".into()), now, out);
             return;
         }
@@ -932,8 +610,11 @@ impl Dialogue {
         }
         self.pump(now, out);
         self.maybe_finish(now);
-        if self.stop_at.is_some_and(|s| now >= s) {
-            self.stop_at = None;
+        let stop_due = self
+            .turn
+            .as_ref()
+            .is_some_and(|t| matches!(t.phase, Phase::Finishing { stop_at } if now >= stop_at));
+        if stop_due {
             if let Some(t) = self.turn.take() {
                 out.text(&self.session_id, ServerMessage::TtsStop);
                 out.samples.push((
@@ -978,23 +659,6 @@ impl Dialogue {
     pub fn current_turn(&self) -> Option<u32> {
         self.turn.as_ref().map(|t| t.id)
     }
-}
-
-/// The text of a tool result that asks to be spoken as it is, as the reference's tools do
-/// (`{"action":"RESPONSE","response":"…"}`).
-fn direct_response(text: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
-    if v.get("action")?.as_str()? != "RESPONSE" {
-        return None;
-    }
-    let reply = v.get("response")?.as_str()?.trim();
-    (!reply.is_empty()).then(|| reply.to_string())
-}
-
-/// Turn `id` while it is being answered.
-fn answering(turn: &mut Option<Turn>, id: u32) -> Option<&mut Turn> {
-    turn.as_mut()
-        .filter(|t| t.id == id && t.stage == Stage2::Answering)
 }
 
 fn micros(d: Duration) -> u64 {
