@@ -48,8 +48,8 @@ pub(super) enum Phase {
     },
     /// The answer's text is still coming; complete sentences are synthesised meanwhile.
     Answering {
-        /// LLM and tool-round state.
-        answer: Answer,
+        /// LLM and tool-round state (boxed: the other phases are a fraction of its size).
+        answer: Box<Answer>,
         /// Synthesis of the sentences so far.
         speech: Speech,
     },
@@ -126,7 +126,7 @@ impl Turn {
     /// Starts answering (after `tts start`).
     pub(super) fn start_answer(&mut self) {
         self.phase = Phase::Answering {
-            answer: Answer::default(),
+            answer: Box::default(),
             speech: Speech::default(),
         };
     }
