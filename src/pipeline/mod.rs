@@ -2,5 +2,6 @@
 //! segmentation first; recognition, reply and synthesis stages sit beside it).
 
 pub mod audio_in;
+pub mod audio_out;
 pub mod segmenter;
 pub mod sentences;
