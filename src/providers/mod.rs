@@ -6,6 +6,7 @@ pub mod asr;
 pub mod error;
 pub mod http_client;
 pub mod llm;
+pub mod reply;
 pub mod tts;
 pub mod vad;
 pub mod vision;
