@@ -18,6 +18,10 @@
 //! its 40-frame queue), a stall (waiting for synthesis) is followed by a fresh pre-buffer, and
 //! no per-frame sleep accumulates drift. `tts stop` goes out once `play_end` (plus a guard) has
 //! passed.
+//!
+//! Past 600 lines because one turn's states (recognition, LLM rounds, tools, synthesis,
+//! pacing) change together on abort and timeout; splitting them would spread that one state
+//! machine over files.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
