@@ -11,9 +11,9 @@ use std::time::Duration;
 use shards::{Routed, WorkerPool, WorkerPoolConfig};
 
 use crate::config::{AsrProvider, Config, TtsProvider};
-use crate::providers::asr::{AsrJob, AsrResult, WhisperSettings, WhisperWorker};
-use crate::providers::tts::{TtsJob, TtsResult, TtsWorker};
-use crate::providers::vad::{VadJob, VadResult, VadWorker};
+use crate::providers::asr::{AsrJob, AsrReply, WhisperSettings, WhisperWorker};
+use crate::providers::tts::{TtsJob, TtsReply, TtsWorker};
+use crate::providers::vad::{VadJob, VadReply, VadWorker};
 
 /// Job queues into the inference workers (cheap to clone, `Send`).
 #[derive(Clone)]
@@ -30,11 +30,11 @@ pub struct InferenceQueues {
 #[derive(Clone)]
 pub struct ShardReplies {
     /// VAD results.
-    pub vad: flume::Receiver<Routed<VadResult>>,
+    pub vad: flume::Receiver<Routed<VadReply>>,
     /// ASR results.
-    pub asr: flume::Receiver<Routed<AsrResult>>,
+    pub asr: flume::Receiver<Routed<AsrReply>>,
     /// TTS results.
-    pub tts: flume::Receiver<Routed<TtsResult>>,
+    pub tts: flume::Receiver<Routed<TtsReply>>,
 }
 
 /// What `start` returns: the queues and every shard's receivers (index = shard id).

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use shards::Control;
 use xiaozhi_tpc::config::Config;
 use xiaozhi_tpc::metrics::intervals::close_interval;
-use xiaozhi_tpc::metrics::service::{log_dump, write_dump};
+use xiaozhi_tpc::shard::histograms::{log_dump, write_dump};
 use xiaozhi_tpc::shard::{run_shard, ServerEnv, ShardFinal, ShardRequest};
 use xiaozhi_tpc::{clock, protocol};
 

@@ -10,6 +10,8 @@
 //! [`BatchWorker::process`] in one call. Keeping two items of one key out of one batch is the
 //! application's job (it submits a key's next chunk only after the previous result).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A job or a result tagged with the shard that must receive the result.
@@ -62,12 +64,22 @@ pub enum SubmitError {
 /// Handle for submitting jobs; `Clone + Send`, one per shard.
 pub struct WorkerPool<J> {
     queues: Vec<flume::Sender<Routed<J>>>,
+    shed: Arc<PoolShed>,
+}
+
+/// What a pool turned away, counted where it happens (off the hot path: only a refusal or a
+/// dropped result touches these, so the atomics cost nothing while the pool keeps up).
+#[derive(Debug, Default)]
+struct PoolShed {
+    refused: AtomicU64,
+    dropped_replies: AtomicU64,
 }
 
 impl<J> Clone for WorkerPool<J> {
     fn clone(&self) -> Self {
         WorkerPool {
             queues: self.queues.clone(),
+            shed: self.shed.clone(),
         }
     }
 }
@@ -86,6 +98,7 @@ impl<J: Send + 'static> WorkerPool<J> {
         E: std::fmt::Display,
     {
         let mut queues = Vec::new();
+        let shed = Arc::new(PoolShed::default());
         let (ready_tx, ready_rx) = flume::bounded::<Result<(), String>>(config.cores.len());
         for (index, &core) in config.cores.iter().enumerate() {
             let (tx, rx) = flume::bounded::<Routed<J>>(config.queue_capacity.max(1));
@@ -94,6 +107,7 @@ impl<J: Send + 'static> WorkerPool<J> {
             let replies = replies.clone();
             let cfg = config.clone();
             let ready = ready_tx.clone();
+            let worker_shed = shed.clone();
             std::thread::Builder::new()
                 .name(format!("{}{}", config.name, index))
                 .spawn(move || {
@@ -111,7 +125,7 @@ impl<J: Send + 'static> WorkerPool<J> {
                         }
                     };
                     drop(ready);
-                    run_worker(worker, rx, replies, &cfg);
+                    run_worker(worker, rx, replies, &cfg, &worker_shed);
                 })?;
         }
         drop(ready_tx);
@@ -126,7 +140,7 @@ impl<J: Send + 'static> WorkerPool<J> {
                 }
             }
         }
-        Ok(WorkerPool { queues })
+        Ok(WorkerPool { queues, shed })
     }
 
     /// Number of workers.
@@ -146,7 +160,10 @@ impl<J: Send + 'static> WorkerPool<J> {
         };
         q.try_send(Routed { shard, item: job })
             .map_err(|e| match e {
-                flume::TrySendError::Full(r) => (SubmitError::Full, r.item),
+                flume::TrySendError::Full(r) => {
+                    self.shed.refused.fetch_add(1, Ordering::Relaxed);
+                    (SubmitError::Full, r.item)
+                }
                 flume::TrySendError::Disconnected(r) => (SubmitError::Stopped, r.item),
             })
     }
@@ -163,6 +180,23 @@ impl<J: Send + 'static> WorkerPool<J> {
     pub fn queue_depths(&self) -> Vec<usize> {
         self.queues.iter().map(|q| q.len()).collect()
     }
+
+    /// Jobs waiting in all the workers' queues together.
+    pub fn depth(&self) -> usize {
+        self.queues.iter().map(|q| q.len()).sum()
+    }
+
+    /// Jobs refused because their worker's queue was full, since the pool started (every
+    /// handle of the pool sees the same number).
+    pub fn refused(&self) -> u64 {
+        self.shed.refused.load(Ordering::Relaxed)
+    }
+
+    /// Results dropped because their shard's reply channel stayed full (or was closed) for
+    /// the pool's `reply_timeout`, since the pool started.
+    pub fn dropped_replies(&self) -> u64 {
+        self.shed.dropped_replies.load(Ordering::Relaxed)
+    }
 }
 
 fn run_worker<W: BatchWorker>(
@@ -170,6 +204,7 @@ fn run_worker<W: BatchWorker>(
     rx: flume::Receiver<Routed<W::Job>>,
     replies: Vec<flume::Sender<Routed<W::Output>>>,
     cfg: &WorkerPoolConfig,
+    shed: &PoolShed,
 ) {
     let mut batch = Vec::with_capacity(cfg.max_batch.max(1));
     let mut out = Vec::with_capacity(cfg.max_batch.max(1));
@@ -196,6 +231,7 @@ fn run_worker<W: BatchWorker>(
         for r in out.drain(..) {
             if let Some(tx) = replies.get(r.shard) {
                 if tx.send_timeout(r, cfg.reply_timeout).is_err() {
+                    shed.dropped_replies.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!("shard reply channel full or closed; result dropped");
                 }
             }
@@ -295,5 +331,9 @@ mod tests {
             .collect();
         assert!(results.contains(&Err(SubmitError::Full)));
         assert!(pool.queue_depths()[0] <= 2);
+        assert!(pool.depth() <= 2);
+        let refused = results.iter().filter(|r| r.is_err()).count() as u64;
+        assert_eq!(pool.refused(), refused, "every refusal is counted");
+        assert_eq!(pool.clone().refused(), refused, "clones share the count");
     }
 }

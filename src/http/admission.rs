@@ -21,35 +21,31 @@ use crate::front_door::peer::TrustedProxies;
 use crate::front_door::proxy::Accept;
 use crate::front_door::rate_limit::AddressRateLimiter;
 
-/// The HTTP port's counters on one shard (plain numbers; snapshot by value).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct HttpCounters {
-    /// HTTP connections open now (gauge).
-    pub connections: u64,
-    /// Most HTTP connections this shard holds (gauge).
-    pub connection_limit: u64,
-    /// Connections answered 503 because the shard held its maximum.
-    pub refused_full: u64,
-    /// Requests answered 429 by the per-address rate.
-    pub refused_rate_limited: u64,
-    /// Connections from trusted balancers without a valid PROXY header (400).
-    pub proxy_header_errors: u64,
-    /// Addresses in the request-rate table (gauge).
-    pub rate_limit_addresses: u64,
-    /// Request-rate buckets forgotten because the table was full.
-    pub rate_limit_evictions: u64,
-}
-
-impl HttpCounters {
-    /// Adds `o` into `self` (for a merged view across shards).
-    pub fn merge(&mut self, o: &HttpCounters) {
-        self.connections += o.connections;
-        self.connection_limit += o.connection_limit;
-        self.refused_full += o.refused_full;
-        self.refused_rate_limited += o.refused_rate_limited;
-        self.proxy_header_errors += o.proxy_header_errors;
-        self.rate_limit_addresses += o.rate_limit_addresses;
-        self.rate_limit_evictions += o.rate_limit_evictions;
+crate::metrics::counters::counters! {
+    /// The HTTP port's counters on one shard (plain numbers; snapshot by value).
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct HttpCounters {
+        /// HTTP connections open now (gauge).
+        connections: PerShard Gauge "xiaozhi_http_connections"
+            "Open connections on a shard's HTTP port.",
+        /// Most HTTP connections this shard holds (gauge).
+        connection_limit: PerShard Gauge "xiaozhi_http_connection_limit"
+            "Most HTTP connections a shard holds (server.http.max_connections_per_shard).",
+        /// Addresses in the request-rate table (gauge).
+        rate_limit_addresses: PerShard Gauge "xiaozhi_http_rate_limit_addresses"
+            "Client addresses in a shard's HTTP request-rate table (bounded by http.rate_limit.max_addresses).",
+        /// Connections answered 503 because the shard held its maximum.
+        refused_full: Sum Counter "xiaozhi_http_refused_full_total"
+            "HTTP connections refused because a shard held server.http.max_connections_per_shard (HTTP 503).",
+        /// Requests answered 429 by the per-address rate.
+        refused_rate_limited: Sum Counter "xiaozhi_http_refused_rate_limited_total"
+            "HTTP requests refused by the per-address request rate (HTTP 429).",
+        /// Connections from trusted balancers without a valid PROXY header (400).
+        proxy_header_errors: Sum Counter "xiaozhi_http_proxy_header_errors_total"
+            "HTTP-port connections from trusted balancers without a valid PROXY header (HTTP 400).",
+        /// Request-rate buckets forgotten because the table was full.
+        rate_limit_evictions: Sum Counter "xiaozhi_http_rate_limit_evictions_total"
+            "HTTP request-rate buckets forgotten because a shard's table was full.",
     }
 }
 

@@ -56,23 +56,32 @@ pub enum VisionOutcome {
     Busy,
 }
 
-/// Requests to the vision endpoint by outcome.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct VisionCounters {
-    /// Answered by the model.
-    pub ok: u64,
-    /// Refused with 401.
-    pub unauthorized: u64,
-    /// Refused with 400.
-    pub bad_request: u64,
-    /// Refused with 413.
-    pub too_large: u64,
-    /// The model failed or timed out.
-    pub upstream_error: u64,
-    /// Refused with 503 (no model configured).
-    pub not_configured: u64,
-    /// Refused with 503 (too many in flight on the shard).
-    pub busy: u64,
+crate::metrics::counters::counters! {
+    /// Requests to the vision endpoint by outcome.
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    pub struct VisionCounters {
+        /// Answered by the model.
+        ok: Sum Counter "xiaozhi_vision_requests_total" {result = "ok"}
+            "Requests to /mcp/vision/explain by result.",
+        /// Refused with 401.
+        unauthorized: Sum Counter "xiaozhi_vision_requests_total" {result = "unauthorized"}
+            "Requests to /mcp/vision/explain by result.",
+        /// Refused with 400.
+        bad_request: Sum Counter "xiaozhi_vision_requests_total" {result = "bad_request"}
+            "Requests to /mcp/vision/explain by result.",
+        /// Refused with 413.
+        too_large: Sum Counter "xiaozhi_vision_requests_total" {result = "too_large"}
+            "Requests to /mcp/vision/explain by result.",
+        /// The model failed or timed out.
+        upstream_error: Sum Counter "xiaozhi_vision_requests_total" {result = "upstream_error"}
+            "Requests to /mcp/vision/explain by result.",
+        /// Refused with 503 (no model configured).
+        not_configured: Sum Counter "xiaozhi_vision_requests_total" {result = "not_configured"}
+            "Requests to /mcp/vision/explain by result.",
+        /// Refused with 503 (too many in flight on the shard).
+        busy: Sum Counter "xiaozhi_vision_requests_total" {result = "busy"}
+            "Requests to /mcp/vision/explain by result.",
+    }
 }
 
 impl VisionCounters {
@@ -88,30 +97,6 @@ impl VisionCounters {
             VisionOutcome::Busy => &mut self.busy,
         };
         *n += 1;
-    }
-
-    /// Adds `other` into `self`.
-    pub fn add(&mut self, o: &VisionCounters) {
-        self.ok += o.ok;
-        self.unauthorized += o.unauthorized;
-        self.bad_request += o.bad_request;
-        self.too_large += o.too_large;
-        self.upstream_error += o.upstream_error;
-        self.not_configured += o.not_configured;
-        self.busy += o.busy;
-    }
-
-    /// `(result label, count)` for each outcome.
-    pub fn by_result(&self) -> [(&'static str, u64); 7] {
-        [
-            ("ok", self.ok),
-            ("unauthorized", self.unauthorized),
-            ("bad_request", self.bad_request),
-            ("too_large", self.too_large),
-            ("upstream_error", self.upstream_error),
-            ("not_configured", self.not_configured),
-            ("busy", self.busy),
-        ]
     }
 }
 
@@ -447,8 +432,11 @@ mod tests {
         c.count(VisionOutcome::TooLarge);
         c.count(VisionOutcome::TooLarge);
         let mut total = VisionCounters::default();
-        total.add(&c);
-        assert_eq!(total.by_result()[0], ("ok", 1));
-        assert_eq!(total.by_result()[3], ("too_large", 2));
+        total.merge(&c);
+        let mut samples = Vec::new();
+        crate::metrics::counters::Counters::samples(&total, &mut samples);
+        let by_result: Vec<_> = samples.iter().map(|s| (s.label, s.value)).collect();
+        assert_eq!(by_result[0], (Some(("result", "ok")), 1));
+        assert_eq!(by_result[3], (Some(("result", "too_large")), 2));
     }
 }

@@ -10,6 +10,10 @@
 //! ready, which for HTTP/1 means the previous response body was read to its end. So callers
 //! must read bodies to the end (SSE: drain after `[DONE]`) to get reuse; a dropped body closes
 //! its connection, which is also how a request is cancelled.
+//!
+//! Past 600 lines because the pool, TLS set-up, request building and the SSE reader share one
+//! connection type whose invariants (when a connection may be reused) are easier to keep in
+//! one file than across several.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -7,6 +7,7 @@ pub mod asr;
 pub mod error;
 pub mod http_client;
 pub mod llm;
+pub mod reply;
 pub mod select;
 pub mod tts;
 pub mod vad;

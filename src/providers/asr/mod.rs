@@ -2,7 +2,7 @@
 //!
 //! Local recognition runs Whisper (CTranslate2) on an inference core: [`WhisperWorker`] is the
 //! `shards::BatchWorker` that takes [`AsrJob`]s from the shards and answers with
-//! [`AsrResult`]s. Its input features are computed in `mel`. [`wav`] builds the request
+//! [`AsrReply`]s. Its input features are computed in `mel`. [`wav`] builds the request
 //! body for a remote transcription service instead (a WAV in a multipart form), and [`openai`]
 //! sends it to an OpenAI-compatible `/audio/transcriptions` endpoint.
 
@@ -12,4 +12,6 @@ pub mod wav;
 pub mod whisper;
 
 pub use wav::{multipart_form, wav_bytes};
-pub use whisper::{AsrError, AsrJob, AsrResult, Transcript, WhisperSettings, WhisperWorker};
+pub use whisper::{
+    AsrError, AsrJob, AsrOutput, AsrReply, Transcript, WhisperSettings, WhisperWorker,
+};

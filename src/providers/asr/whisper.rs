@@ -22,11 +22,13 @@
 //! a literal `<|notimestamps|>` (`shared/notes/crates-on-this-machine.md` §6).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ct2rs::sys::{ComputeType, Config, Device, StorageView, Whisper, WhisperOptions};
 use ct2rs::tokenizers::hf;
 use shards::{BatchWorker, Routed};
+
+use crate::providers::reply::{Reply, Timings};
 
 use super::mel::{LogMel, SAMPLE_RATE, WINDOW_FRAMES, WINDOW_SAMPLES};
 
@@ -51,29 +53,20 @@ pub struct AsrJob {
     pub submitted: Instant,
 }
 
-/// The outcome of one [`AsrJob`].
-#[derive(Debug)]
-pub struct AsrResult {
-    /// The job's `session`.
-    pub session: u64,
-    /// The job's `turn`.
-    pub turn: u32,
-    /// The transcript, trimmed, without special tokens; empty for empty audio or on error.
+/// A transcript as a worker sends it back inside an [`AsrReply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AsrOutput {
+    /// The transcript, trimmed, without special tokens; empty for empty audio.
     pub text: String,
     /// Language code (`"en"`, `"zh"`, …): the configured one, or the detected one when the
-    /// settings leave it to the model; `None` on error.
+    /// settings leave it to the model.
     pub language: Option<String>,
     /// Length of the job's audio in milliseconds (before any cut to 30 s).
     pub audio_ms: u64,
-    /// Time from `submitted` to this job starting (includes earlier jobs of its batch).
-    pub queue_wait: Duration,
-    /// Wall time of features, language detection and decoding.
-    pub compute: Duration,
-    /// When the transcript was ready.
-    pub done: Instant,
-    /// Set when transcription failed.
-    pub error: Option<String>,
 }
+
+/// A Whisper worker's answer to one [`AsrJob`] (`seq` is 0: one job per turn).
+pub type AsrReply = Reply<AsrOutput>;
 
 /// How to load and run a Whisper model.
 #[derive(Debug, Clone)]
@@ -412,33 +405,34 @@ impl WhisperWorker {
 
 impl BatchWorker for WhisperWorker {
     type Job = AsrJob;
-    type Output = AsrResult;
+    type Output = AsrReply;
 
-    fn process(&mut self, jobs: &mut Vec<Routed<AsrJob>>, out: &mut Vec<Routed<AsrResult>>) {
+    fn process(&mut self, jobs: &mut Vec<Routed<AsrJob>>, out: &mut Vec<Routed<AsrReply>>) {
         for job in jobs.drain(..) {
             let started = Instant::now();
             let outcome = self.transcribe(&job.item.pcm);
             let done = Instant::now();
             let j = job.item;
-            let (text, language, error) = match outcome {
-                Ok(t) => (t.text, Some(t.language).filter(|l| !l.is_empty()), None),
+            let audio_ms = j.pcm.len() as u64 * 1000 / SAMPLE_RATE as u64;
+            let result = match outcome {
+                Ok(t) => Ok(AsrOutput {
+                    text: t.text,
+                    language: Some(t.language).filter(|l| !l.is_empty()),
+                    audio_ms,
+                }),
                 Err(e) => {
                     tracing::warn!(session = j.session, turn = j.turn, error = %e, "ASR failed");
-                    (String::new(), None, Some(e.to_string()))
+                    Err(e.to_string())
                 }
             };
             out.push(Routed {
                 shard: job.shard,
-                item: AsrResult {
+                item: Reply {
                     session: j.session,
                     turn: j.turn,
-                    text,
-                    language,
-                    audio_ms: j.pcm.len() as u64 * 1000 / SAMPLE_RATE as u64,
-                    queue_wait: started.saturating_duration_since(j.submitted),
-                    compute: done - started,
-                    done,
-                    error,
+                    seq: 0,
+                    timings: Timings::new(j.submitted, started, done),
+                    result,
                 },
             });
         }
@@ -520,6 +514,7 @@ fn strip_special_tokens(text: &str) -> String {
 mod tests {
     use super::*;
     use std::process::Command;
+    use std::time::Duration;
 
     const SENTENCE: &str = "Turn on the kitchen lights and set a timer for ten minutes.";
     const PINYIN: &str = "ni3 hao3, jin1 tian1 tian1 qi4 zen3 me yang4?";
@@ -760,17 +755,19 @@ mod tests {
             assert_eq!(r.shard, i % 2);
             assert_eq!(r.item.session, 7 + i as u64, "results keep job order");
             assert_eq!(r.item.turn, 3);
-            assert_eq!(r.item.error, None);
-            assert_eq!(r.item.language.as_deref(), Some("en"));
-            assert!(r.item.done >= t0 + r.item.queue_wait);
+            let output = r.item.result.as_ref().expect("no error");
+            assert_eq!(output.language.as_deref(), Some("en"));
+            assert!(r.item.timings.done >= t0 + r.item.timings.queue_wait);
         }
-        assert_kitchen_timer(&out[0].item.text);
-        assert_eq!(out[1].item.text, "");
-        assert_eq!(out[1].item.audio_ms, 0);
-        assert!(out[1].item.compute < Duration::from_millis(5));
-        assert_kitchen_timer(&out[2].item.text);
-        assert_eq!(out[2].item.audio_ms, 31_000);
-        assert!(out[2].item.queue_wait >= out[0].item.compute);
+        let text = |i: usize| out[i].item.result.as_ref().map_or("", |o| o.text.as_str());
+        let audio_ms = |i: usize| out[i].item.result.as_ref().map_or(0, |o| o.audio_ms);
+        assert_kitchen_timer(text(0));
+        assert_eq!(text(1), "");
+        assert_eq!(audio_ms(1), 0);
+        assert!(out[1].item.timings.compute < Duration::from_millis(5));
+        assert_kitchen_timer(text(2));
+        assert_eq!(audio_ms(2), 31_000);
+        assert!(out[2].item.timings.queue_wait >= out[0].item.timings.compute);
     }
 
     /// Lists `(name, Cpus_allowed_list)` of this process's threads named `name`.

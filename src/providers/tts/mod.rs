@@ -2,7 +2,7 @@
 //! speak, espeak-ng for the rest.
 //!
 //! A session sends each piece of reply text as a [`TtsJob`] to a [`TtsWorker`] (a
-//! `shards::BatchWorker` on a pinned inference core) and gets a [`TtsResult`] with mono PCM
+//! `shards::BatchWorker` on a pinned inference core) and gets a [`TtsReply`] with mono PCM
 //! at the engine's rate (22050 Hz); resampling to the downlink rate and Opus encoding are
 //! `crate::audio`'s job. `text` cleans and splits the text, `espeak` wraps libespeak-ng
 //! (phonemes for Piper, and direct synthesis), `piper` runs the model, `worker` ties them to
@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use crate::providers::vad::VadError;
 
 pub use piper::{PiperConfig, PiperStats, PiperVoice};
-pub use worker::{TtsEngine, TtsJob, TtsResult, TtsWorker};
+pub use worker::{TtsAudio, TtsEngine, TtsJob, TtsReply, TtsWorker};
 
 /// Why a voice could not be loaded or a text not synthesised.
 #[derive(Debug, thiserror::Error)]

@@ -1,17 +1,18 @@
 //! The TTS inference worker: turns [`TtsJob`]s (one sentence or so of reply text) into PCM.
 //!
 //! Jobs run one after another in arrival order, so a session's sentences come back in the
-//! order it submitted them. A failed job becomes a [`TtsResult`] with `error` set, never a
+//! order it submitted them. A failed job becomes a [`TtsReply`] with an `Err` result, never a
 //! panic, and text with nothing to pronounce (whitespace, emoji, Markdown symbols) becomes an
 //! empty result without error.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use shards::{BatchWorker, Routed};
 
 use super::piper::PiperVoice;
 use super::{espeak, text, TtsError};
+use crate::providers::reply::{Reply, Timings};
 
 /// Which synthesiser reads a job's text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,29 +44,17 @@ pub struct TtsJob {
     pub submitted: Instant,
 }
 
-/// The audio of one [`TtsJob`].
-#[derive(Debug, Clone)]
-pub struct TtsResult {
-    /// The job's `session`.
-    pub session: u64,
-    /// The job's `turn`.
-    pub turn: u32,
-    /// The job's `seq`.
-    pub seq: u32,
-    /// Mono 16-bit PCM; empty when there was nothing to say or on error.
+/// The audio of one [`TtsJob`], sent back inside a [`TtsReply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TtsAudio {
+    /// Mono 16-bit PCM; empty when there was nothing to say.
     pub pcm: Vec<i16>,
-    /// Sample rate of `pcm` (22050 Hz for both Piper medium voices and espeak-ng); 0 when the
-    /// engine is unavailable.
+    /// Sample rate of `pcm` (22050 Hz for both Piper medium voices and espeak-ng).
     pub sample_rate: u32,
-    /// Time from `submitted` to the worker starting the job.
-    pub queue_wait: Duration,
-    /// Wall time of the synthesis.
-    pub compute: Duration,
-    /// When the synthesis finished.
-    pub done: Instant,
-    /// Set when synthesis failed.
-    pub error: Option<String>,
 }
+
+/// A TTS worker's answer to one [`TtsJob`] (`seq` is the job's `seq`).
+pub type TtsReply = Reply<TtsAudio>;
 
 /// An inference-core worker synthesising speech with an optional Piper voice and espeak-ng.
 pub struct TtsWorker {
@@ -122,40 +111,32 @@ impl TtsWorker {
         }
     }
 
-    fn run(&mut self, job: TtsJob) -> TtsResult {
+    fn run(&mut self, job: TtsJob) -> TtsReply {
         let start = Instant::now();
         let outcome = self.synthesize(&job.text, &job.engine);
         let done = Instant::now();
-        let (pcm, sample_rate, error) = match outcome {
-            Ok((pcm, rate)) => (pcm, rate, None),
+        let result = match outcome {
+            Ok((pcm, sample_rate)) => Ok(TtsAudio { pcm, sample_rate }),
             Err(e) => {
                 tracing::warn!(session = job.session, turn = job.turn, seq = job.seq, error = %e, "TTS failed");
-                let rate = match job.engine {
-                    TtsEngine::Piper => self.piper.as_ref().map_or(0, PiperVoice::sample_rate),
-                    TtsEngine::Espeak { .. } => espeak::sample_rate().unwrap_or(0),
-                };
-                (Vec::new(), rate, Some(e.to_string()))
+                Err(e.to_string())
             }
         };
-        TtsResult {
+        Reply {
             session: job.session,
             turn: job.turn,
-            seq: job.seq,
-            pcm,
-            sample_rate,
-            queue_wait: start.saturating_duration_since(job.submitted),
-            compute: done - start,
-            done,
-            error,
+            seq: u64::from(job.seq),
+            timings: Timings::new(job.submitted, start, done),
+            result,
         }
     }
 }
 
 impl BatchWorker for TtsWorker {
     type Job = TtsJob;
-    type Output = TtsResult;
+    type Output = TtsReply;
 
-    fn process(&mut self, jobs: &mut Vec<Routed<TtsJob>>, out: &mut Vec<Routed<TtsResult>>) {
+    fn process(&mut self, jobs: &mut Vec<Routed<TtsJob>>, out: &mut Vec<Routed<TtsReply>>) {
         for job in jobs.drain(..) {
             let item = self.run(job.item);
             out.push(Routed {
@@ -190,7 +171,7 @@ mod tests {
         (sum / pcm.len().max(1) as f64).sqrt()
     }
 
-    fn run(worker: &mut TtsWorker, jobs: Vec<Routed<TtsJob>>) -> Vec<Routed<TtsResult>> {
+    fn run(worker: &mut TtsWorker, jobs: Vec<Routed<TtsJob>>) -> Vec<Routed<TtsReply>> {
         let mut jobs = jobs;
         let mut out = Vec::new();
         worker.process(&mut jobs, &mut out);
@@ -212,14 +193,14 @@ mod tests {
                 TtsEngine::Piper,
             )],
         );
-        let r = &out[0].item;
-        assert_eq!(r.error, None);
+        let reply = &out[0].item;
+        let r = reply.result.as_ref().expect("no error");
         assert_eq!(r.sample_rate, 22_050);
         let secs = r.pcm.len() as f64 / 22_050.0;
         let level = rms(&r.pcm);
         eprintln!(
             "piper: {secs:.2} s of audio in {:?}, rms {level:.0}",
-            r.compute
+            reply.timings.compute
         );
         assert!((1.0..=4.0).contains(&secs), "{secs} s");
         assert!(level > 500.0, "rms {level}");
@@ -238,13 +219,13 @@ mod tests {
                 },
             )],
         );
-        let r = &out[0].item;
-        assert_eq!(r.error, None);
+        let reply = &out[0].item;
+        let r = reply.result.as_ref().expect("no error");
         assert_eq!(r.sample_rate, 22_050);
         let secs = r.pcm.len() as f64 / 22_050.0;
         eprintln!(
             "espeak cmn: {secs:.2} s in {:?}, rms {:.0}",
-            r.compute,
+            reply.timings.compute,
             rms(&r.pcm)
         );
         assert!(secs > 0.2, "{secs} s");
@@ -265,8 +246,7 @@ mod tests {
                 continue;
             }
             let out = run(&mut worker, vec![job(0, "😀🎉 ** ##", engine.clone())]);
-            let r = &out[0].item;
-            assert_eq!(r.error, None, "{engine:?}");
+            let r = out[0].item.result.as_ref().expect("no error");
             assert!(r.pcm.is_empty(), "{engine:?}");
             assert_eq!(r.sample_rate, 22_050, "{engine:?}");
         }
@@ -295,20 +275,23 @@ mod tests {
                 ),
             ],
         );
-        let seqs: Vec<u32> = out.iter().map(|r| r.item.seq).collect();
+        let seqs: Vec<u64> = out.iter().map(|r| r.item.seq).collect();
         assert_eq!(seqs, [0, 1, 2]);
         let shards: Vec<usize> = out.iter().map(|r| r.shard).collect();
         assert_eq!(shards, [0, 1, 0]);
         assert_eq!(
-            out[0].item.error.as_deref(),
+            out[0].item.result.as_ref().err().map(String::as_str),
             Some("no Piper voice is loaded")
         );
         assert_eq!(
-            out[1].item.error.as_deref(),
+            out[1].item.result.as_ref().err().map(String::as_str),
             Some("espeak-ng has no voice \"no-such-voice\"")
         );
-        assert_eq!(out[2].item.error, None);
-        assert!(!out[2].item.pcm.is_empty());
+        assert!(out[2]
+            .item
+            .result
+            .as_ref()
+            .is_ok_and(|audio| !audio.pcm.is_empty()));
         assert!(out.iter().all(|r| r.item.session == 42 && r.item.turn == 3));
     }
 }

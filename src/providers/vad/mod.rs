@@ -3,5 +3,6 @@
 pub mod silero;
 
 pub use silero::{
-    init_runtime, runtime, SileroModel, VadError, VadJob, VadResult, VadStream, VadWorker,
+    init_runtime, runtime, SileroModel, VadError, VadFailure, VadJob, VadReply, VadResult,
+    VadScores, VadStream, VadWorker,
 };

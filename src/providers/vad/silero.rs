@@ -8,7 +8,7 @@
 //! optimisation level.
 //!
 //! The per-session recurrent state ([`VadStream`]) travels with each [`VadJob`] and comes back
-//! in the [`VadResult`], so [`VadWorker`] holds no session state: any worker can serve any
+//! in the [`VadReply`], so [`VadWorker`] holds no session state: any worker can serve any
 //! session, and a session keeps exactly one job in flight.
 //!
 //! ONNX Runtime allows one environment per process; [`init_runtime`] creates it once from the
@@ -22,6 +22,8 @@ use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{Tensor, TensorRef};
 use shards::{BatchWorker, Routed};
+
+use crate::providers::reply::{Reply, Timings};
 
 /// New samples per chunk (32 ms at 16 kHz).
 pub const CHUNK: usize = 512;
@@ -315,7 +317,31 @@ pub struct VadJob {
     pub submitted: Instant,
 }
 
-/// The outcome of one [`VadJob`].
+/// The scores of one [`VadJob`]: what a worker sends back inside a [`VadReply`].
+#[derive(Debug)]
+pub struct VadScores {
+    /// One speech probability per chunk processed, in order.
+    pub probs: Vec<f32>,
+    /// The stream state after the last chunk processed.
+    pub stream: VadStream,
+    /// Rows in the largest forward pass this job took part in.
+    pub batch_size: usize,
+}
+
+/// A failed forward pass: why, and the scores of the chunks processed before it (the session
+/// still needs the stream state to continue).
+#[derive(Debug)]
+pub struct VadFailure {
+    /// What went wrong.
+    pub error: String,
+    /// Chunks scored before the failure (fewer than the job's chunks).
+    pub partial: VadScores,
+}
+
+/// A VAD worker's answer to one [`VadJob`] (`seq` is the job's `seq`).
+pub type VadReply = Reply<VadScores, VadFailure>;
+
+/// The outcome of one [`VadJob`] as a session applies it (made from a [`VadReply`]).
 #[derive(Debug)]
 pub struct VadResult {
     /// Session the chunks belong to.
@@ -341,6 +367,28 @@ pub struct VadResult {
     pub done: Instant,
     /// Set when a forward pass failed; the job's remaining chunks were not processed.
     pub error: Option<String>,
+}
+
+impl From<VadReply> for VadResult {
+    fn from(reply: VadReply) -> Self {
+        let (scores, error) = match reply.result {
+            Ok(scores) => (scores, None),
+            Err(f) => (f.partial, Some(f.error)),
+        };
+        VadResult {
+            session: reply.session,
+            seq: reply.seq,
+            turn: reply.turn,
+            probs: scores.probs,
+            stream: scores.stream,
+            submitted: reply.timings.submitted,
+            queue_wait: reply.timings.queue_wait,
+            compute: reply.timings.compute,
+            batch_size: scores.batch_size,
+            done: reply.timings.done,
+            error,
+        }
+    }
 }
 
 /// Per-job bookkeeping while a batch is processed.
@@ -421,9 +469,9 @@ impl VadWorker {
 
 impl BatchWorker for VadWorker {
     type Job = VadJob;
-    type Output = VadResult;
+    type Output = VadReply;
 
-    fn process(&mut self, jobs: &mut Vec<Routed<VadJob>>, out: &mut Vec<Routed<VadResult>>) {
+    fn process(&mut self, jobs: &mut Vec<Routed<VadJob>>, out: &mut Vec<Routed<VadReply>>) {
         let started = Instant::now();
         self.progress.clear();
         let mut waves = 0;
@@ -457,18 +505,30 @@ impl BatchWorker for VadWorker {
             let j = job.item;
             out.push(Routed {
                 shard: job.shard,
-                item: VadResult {
+                item: Reply {
                     session: j.session,
-                    seq: j.seq,
                     turn: j.turn,
-                    probs: p.probs,
-                    stream: j.stream,
-                    submitted: j.submitted,
-                    queue_wait: started.saturating_duration_since(j.submitted),
-                    compute: p.compute,
-                    batch_size: p.batch_size,
-                    done: p.done,
-                    error: p.error,
+                    seq: j.seq,
+                    timings: Timings {
+                        submitted: j.submitted,
+                        queue_wait: started.saturating_duration_since(j.submitted),
+                        compute: p.compute,
+                        done: p.done,
+                    },
+                    result: {
+                        let scores = VadScores {
+                            probs: p.probs,
+                            stream: j.stream,
+                            batch_size: p.batch_size,
+                        };
+                        match p.error {
+                            None => Ok(scores),
+                            Some(error) => Err(VadFailure {
+                                error,
+                                partial: scores,
+                            }),
+                        }
+                    },
                 },
             });
         }
@@ -708,6 +768,13 @@ mod tests {
         worker.process(&mut jobs, &mut out);
         assert!(jobs.is_empty());
         assert_eq!(out.len(), plan.len());
+        let out: Vec<Routed<VadResult>> = out
+            .into_iter()
+            .map(|r| Routed {
+                shard: r.shard,
+                item: VadResult::from(r.item),
+            })
+            .collect();
         for (seq, (r, (probs, stream))) in out.iter().zip(&expected).enumerate() {
             assert_eq!(r.shard, seq % 2);
             assert_eq!(r.item.seq, seq as u64, "results keep arrival order");

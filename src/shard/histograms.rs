@@ -1,4 +1,5 @@
-//! The shard side of histogram export: shard 0's interval recorder, the `/histograms` answers
+//! The shard side of histogram export (moved here from `metrics/service.rs` so `metrics/`
+//! stays a leaf): shard 0's interval recorder, the `/histograms` answers
 //! and the SIGUSR1 dump. Histograms travel between shards by message; merging, compressing and
 //! rendering run on glommio's blocking thread pool, never on the shard's executor.
 
@@ -6,9 +7,9 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::intervals::{self, IntervalLogCopy};
-use super::{hdr_export, Stage, StageHistograms};
-use crate::shard::Shard;
+use super::Shard;
+use crate::metrics::intervals::{self, IntervalLogCopy};
+use crate::metrics::{hdr_export, Stage, StageHistograms};
 
 /// Shard 0: closes one interval of the merged histograms every `metrics.interval_ms`.
 pub async fn record_intervals(shard: Rc<Shard>) {
