@@ -291,18 +291,9 @@ impl ProxyProtocol {
     }
 }
 
-/// The header a trusted balancer names the device in. One, chosen by the operator: a balancer
-/// that sets one header passes the other through from the client untouched (forgeable).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ForwardedHeader {
-    /// Headers are ignored.
-    Off,
-    /// The right-most `X-Forwarded-For` entry that is not a trusted proxy.
-    XForwardedFor,
-    /// `X-Real-IP` (the balancer must overwrite it).
-    XRealIp,
-}
+/// Which header names the device behind a trusted balancer (defined beside the code that reads
+/// it, so `front_door` needs nothing from the config).
+pub use crate::front_door::peer::ForwardedHeader;
 
 /// Token bucket per client address (per shard): new WebSocket connections (`server.rate_limit`)
 /// or HTTP requests (`server.http.rate_limit`).

@@ -11,7 +11,18 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ForwardedHeader;
+/// The header a trusted balancer names the device in. One, chosen by the operator: a balancer
+/// that sets one header passes the other through from the client untouched (forgeable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// Headers are ignored.
+    Off,
+    /// The right-most `X-Forwarded-For` entry that is not a trusted proxy.
+    XForwardedFor,
+    /// `X-Real-IP` (the balancer must overwrite it).
+    XRealIp,
+}
 
 /// One `address/prefix` block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
