@@ -13,6 +13,7 @@ pub mod http;
 pub mod inference;
 pub mod metrics;
 pub mod models;
+pub mod mqtt;
 pub mod pipeline;
 pub mod protocol;
 pub mod providers;
