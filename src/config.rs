@@ -1185,142 +1185,6 @@ fn parse_value(raw: &str) -> toml::Value {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(sets: &[&str]) -> Result<Config, ConfigError> {
-        let v: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        Config::load(None, &v)
-    }
-
-    #[test]
-    fn defaults_match_the_reference_ports() {
-        let c = load(&[]).unwrap();
-        assert_eq!(c.server.port, 8000);
-        assert_eq!(c.server.http_port, 8003);
-        assert_eq!(c.server.ip, "0.0.0.0");
-        assert!(!c.server.auth.enabled);
-    }
-
-    #[test]
-    fn set_overrides_any_key_with_typed_values() {
-        let c = load(&[
-            "server.port=18000",
-            "server.auth.allowed_devices=[\"aa:bb\"]",
-            "server.public_ws_url=ws://lb.example:80/xiaozhi/v1/",
-            "runtime.shard_cores=[0,1]",
-        ])
-        .unwrap();
-        assert_eq!(c.server.port, 18000);
-        assert_eq!(c.server.auth.allowed_devices, vec!["aa:bb".to_string()]);
-        assert_eq!(c.server.public_ws_url, "ws://lb.example:80/xiaozhi/v1/");
-        assert_eq!(c.runtime.shard_cores, vec![0, 1]);
-    }
-
-    #[test]
-    fn unknown_key_names_its_path() {
-        let err = load(&["server.prot=1"]).unwrap_err().to_string();
-        assert!(err.contains("server.prot"), "{err}");
-        assert!(err.contains("unknown field"), "{err}");
-    }
-
-    #[test]
-    fn wrong_type_names_its_path() {
-        let err = load(&["server.port=\"eighty\""]).unwrap_err().to_string();
-        assert!(err.contains("server.port"), "{err}");
-    }
-
-    #[test]
-    fn auth_without_secret_is_refused() {
-        let err = load(&["server.auth.enabled=true"]).unwrap_err().to_string();
-        assert!(err.contains("server.auth.secrets"), "{err}");
-    }
-
-    #[test]
-    fn set_without_equals_is_refused() {
-        assert!(matches!(
-            load(&["server.port"]),
-            Err(ConfigError::SetSyntax(_))
-        ));
-    }
-
-    #[test]
-    fn fleet_profile_parses_with_the_balancer_settings() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fleet.toml");
-        // Auth needs a secret; the profile leaves it to the environment.
-        let c = Config::load(Some(&path), &["server.auth.secrets=[\"k\"]".into()]).unwrap();
-        assert_eq!(c.server.proxy_protocol, ProxyProtocol::V2);
-        assert_eq!(c.server.trusted_proxies, vec!["10.0.0.0/24".to_string()]);
-        assert_eq!(c.server.drain.delay_ms, 2000);
-        assert_eq!(c.server.forwarded_header, ForwardedHeader::XForwardedFor);
-        assert_eq!(c.server.http.proxy_protocol, ProxyProtocol::Off);
-        assert_eq!(c.server.http.rate_limit.per_address_per_s, 1.0);
-        assert_eq!(c.llm.provider, LlmProvider::Openai);
-    }
-
-    #[test]
-    fn proxy_protocol_without_trusted_proxies_or_with_a_bad_cidr_is_refused() {
-        for (set, named) in [
-            ("server.proxy_protocol=\"v1\"", "server.trusted_proxies"),
-            (
-                "server.trusted_proxies=[\"10.0.0.0/40\"]",
-                "server.trusted_proxies",
-            ),
-            ("server.http.proxy_protocol=\"v2\"", "http.proxy_protocol"),
-            ("server.http.rate_limit.burst=0", "server.http.rate_limit"),
-        ] {
-            let err = load(&[set]).unwrap_err().to_string();
-            assert!(err.contains(named), "{set}: {err}");
-        }
-    }
-
-    #[test]
-    fn vision_gets_a_random_secret_only_when_on_and_none_is_configured() {
-        let mut c = load(&["vision.provider=\"openai\""]).unwrap();
-        c.ensure_vision_secret();
-        assert_eq!(c.server.auth.secrets.len(), 1);
-        assert_eq!(c.server.auth.secrets[0].len(), 64);
-        let mut other = load(&["vision.provider=\"openai\""]).unwrap();
-        other.ensure_vision_secret();
-        assert_ne!(other.server.auth.secrets, c.server.auth.secrets);
-        let mut kept = load(&[
-            "vision.provider=\"openai\"",
-            "server.auth.secrets=[\"fleet\"]",
-        ])
-        .unwrap();
-        kept.ensure_vision_secret();
-        assert_eq!(kept.server.auth.secrets, ["fleet"]);
-        let mut off = load(&[]).unwrap();
-        off.ensure_vision_secret();
-        assert!(off.server.auth.secrets.is_empty());
-    }
-
-    #[test]
-    fn unworkable_vision_values_are_refused_with_their_key() {
-        for (set, key) in [
-            ("vision.max_body_bytes=10", "vision.max_body_bytes"),
-            ("vision.max_in_flight=0", "vision.max_in_flight"),
-            ("vision.provider=\"gpt\"", "vision.provider"),
-            ("tools.vision_url=\"ftp://x\"", "tools.vision_url"),
-        ] {
-            let err = load(&[set]).unwrap_err().to_string();
-            assert!(err.contains(key), "{set}: {err}");
-        }
-    }
-
-    #[test]
-    fn default_toml_file_parses_and_equals_builtin_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
-        let from_file = Config::load(Some(&path), &[]).unwrap();
-        let builtin = load(&[]).unwrap();
-        assert_eq!(
-            toml::to_string(&from_file).unwrap(),
-            toml::to_string(&builtin).unwrap()
-        );
-    }
-}
-
 /// How the OTA answer sends devices to a transport (spec §14.2: an `mqtt` section makes the
 /// firmware use MQTT + UDP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -1533,5 +1397,141 @@ mod mqtt_tests {
             let err = load(sets).unwrap_err().to_string();
             assert!(err.contains(key), "{sets:?}: {err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(sets: &[&str]) -> Result<Config, ConfigError> {
+        let v: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::load(None, &v)
+    }
+
+    #[test]
+    fn defaults_match_the_reference_ports() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.server.port, 8000);
+        assert_eq!(c.server.http_port, 8003);
+        assert_eq!(c.server.ip, "0.0.0.0");
+        assert!(!c.server.auth.enabled);
+    }
+
+    #[test]
+    fn set_overrides_any_key_with_typed_values() {
+        let c = load(&[
+            "server.port=18000",
+            "server.auth.allowed_devices=[\"aa:bb\"]",
+            "server.public_ws_url=ws://lb.example:80/xiaozhi/v1/",
+            "runtime.shard_cores=[0,1]",
+        ])
+        .unwrap();
+        assert_eq!(c.server.port, 18000);
+        assert_eq!(c.server.auth.allowed_devices, vec!["aa:bb".to_string()]);
+        assert_eq!(c.server.public_ws_url, "ws://lb.example:80/xiaozhi/v1/");
+        assert_eq!(c.runtime.shard_cores, vec![0, 1]);
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let err = load(&["server.prot=1"]).unwrap_err().to_string();
+        assert!(err.contains("server.prot"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let err = load(&["server.port=\"eighty\""]).unwrap_err().to_string();
+        assert!(err.contains("server.port"), "{err}");
+    }
+
+    #[test]
+    fn auth_without_secret_is_refused() {
+        let err = load(&["server.auth.enabled=true"]).unwrap_err().to_string();
+        assert!(err.contains("server.auth.secrets"), "{err}");
+    }
+
+    #[test]
+    fn set_without_equals_is_refused() {
+        assert!(matches!(
+            load(&["server.port"]),
+            Err(ConfigError::SetSyntax(_))
+        ));
+    }
+
+    #[test]
+    fn fleet_profile_parses_with_the_balancer_settings() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fleet.toml");
+        // Auth needs a secret; the profile leaves it to the environment.
+        let c = Config::load(Some(&path), &["server.auth.secrets=[\"k\"]".into()]).unwrap();
+        assert_eq!(c.server.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(c.server.trusted_proxies, vec!["10.0.0.0/24".to_string()]);
+        assert_eq!(c.server.drain.delay_ms, 2000);
+        assert_eq!(c.server.forwarded_header, ForwardedHeader::XForwardedFor);
+        assert_eq!(c.server.http.proxy_protocol, ProxyProtocol::Off);
+        assert_eq!(c.server.http.rate_limit.per_address_per_s, 1.0);
+        assert_eq!(c.llm.provider, LlmProvider::Openai);
+    }
+
+    #[test]
+    fn proxy_protocol_without_trusted_proxies_or_with_a_bad_cidr_is_refused() {
+        for (set, named) in [
+            ("server.proxy_protocol=\"v1\"", "server.trusted_proxies"),
+            (
+                "server.trusted_proxies=[\"10.0.0.0/40\"]",
+                "server.trusted_proxies",
+            ),
+            ("server.http.proxy_protocol=\"v2\"", "http.proxy_protocol"),
+            ("server.http.rate_limit.burst=0", "server.http.rate_limit"),
+        ] {
+            let err = load(&[set]).unwrap_err().to_string();
+            assert!(err.contains(named), "{set}: {err}");
+        }
+    }
+
+    #[test]
+    fn vision_gets_a_random_secret_only_when_on_and_none_is_configured() {
+        let mut c = load(&["vision.provider=\"openai\""]).unwrap();
+        c.ensure_vision_secret();
+        assert_eq!(c.server.auth.secrets.len(), 1);
+        assert_eq!(c.server.auth.secrets[0].len(), 64);
+        let mut other = load(&["vision.provider=\"openai\""]).unwrap();
+        other.ensure_vision_secret();
+        assert_ne!(other.server.auth.secrets, c.server.auth.secrets);
+        let mut kept = load(&[
+            "vision.provider=\"openai\"",
+            "server.auth.secrets=[\"fleet\"]",
+        ])
+        .unwrap();
+        kept.ensure_vision_secret();
+        assert_eq!(kept.server.auth.secrets, ["fleet"]);
+        let mut off = load(&[]).unwrap();
+        off.ensure_vision_secret();
+        assert!(off.server.auth.secrets.is_empty());
+    }
+
+    #[test]
+    fn unworkable_vision_values_are_refused_with_their_key() {
+        for (set, key) in [
+            ("vision.max_body_bytes=10", "vision.max_body_bytes"),
+            ("vision.max_in_flight=0", "vision.max_in_flight"),
+            ("vision.provider=\"gpt\"", "vision.provider"),
+            ("tools.vision_url=\"ftp://x\"", "tools.vision_url"),
+        ] {
+            let err = load(&[set]).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
+    }
+
+    #[test]
+    fn default_toml_file_parses_and_equals_builtin_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let from_file = Config::load(Some(&path), &[]).unwrap();
+        let builtin = load(&[]).unwrap();
+        assert_eq!(
+            toml::to_string(&from_file).unwrap(),
+            toml::to_string(&builtin).unwrap()
+        );
     }
 }

@@ -635,7 +635,7 @@ mod tests {
             body in proptest::collection::vec(any::<u8>(), 0..128),
         ) {
             // A one-byte remaining length that matches the body: the codec sees every body.
-            let mut bytes = vec![kind << 4 | flags, body.len() as u8];
+            let mut bytes = vec![(kind << 4) | flags, body.len() as u8];
             bytes.extend_from_slice(&body);
             let _ = read_packet(&bytes, MAX);
         }
