@@ -18,6 +18,7 @@ pub mod inference;
 pub mod lang;
 pub mod metrics;
 pub mod models;
+pub mod mqtt;
 pub mod pipeline;
 pub mod providers;
 pub mod session;
