@@ -16,7 +16,7 @@ pub mod worker;
 
 use std::path::PathBuf;
 
-use crate::providers::vad::VadError;
+use crate::providers::onnx::OnnxRuntimeError;
 
 pub use piper::{PiperConfig, PiperStats, PiperVoice};
 pub use worker::{TtsEngine, TtsJob, TtsResult, TtsWorker};
@@ -35,7 +35,7 @@ pub enum TtsError {
     Espeak(String),
     /// The process-wide ONNX Runtime could not be loaded.
     #[error(transparent)]
-    Runtime(#[from] VadError),
+    Runtime(#[from] OnnxRuntimeError),
     /// The Piper model or its `.json` config is missing.
     #[error("Piper voice file not found at {}; run `make setup`", .0.display())]
     ModelMissing(PathBuf),

@@ -2,6 +2,4 @@
 
 pub mod silero;
 
-pub use silero::{
-    init_runtime, runtime, SileroModel, VadError, VadJob, VadResult, VadStream, VadWorker,
-};
+pub use silero::{SileroModel, VadError, VadJob, VadResult, VadStream, VadWorker};
