@@ -761,7 +761,16 @@ fn execute(
             let cfg = &shard.config.tts;
             match &shard.queues.tts {
                 Some(pool) => {
-                    let engine = if has_cjk(&text) {
+                    let engine = if cfg.provider == TtsProvider::Kokoro {
+                        let voice = if has_cjk(&text) {
+                            &cfg.kokoro.voice_zh
+                        } else {
+                            &cfg.kokoro.voice_en
+                        };
+                        TtsEngine::Kokoro {
+                            voice: voice.clone(),
+                        }
+                    } else if has_cjk(&text) {
                         TtsEngine::Espeak {
                             voice: cfg.espeak_voice_zh.clone(),
                         }

@@ -23,7 +23,7 @@ use crate::providers::onnx::OnnxRuntimeError;
 
 pub use kokoro::{KokoroModel, KokoroStats};
 pub use piper::{PiperConfig, PiperStats, PiperVoice};
-pub use worker::{TtsEngine, TtsJob, TtsResult, TtsWorker};
+pub use worker::{KokoroSettings, TtsEngine, TtsJob, TtsResult, TtsWorker};
 
 /// Why a voice could not be loaded or a text not synthesised.
 #[derive(Debug, thiserror::Error)]
