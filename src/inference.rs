@@ -12,7 +12,7 @@ use shards::{Routed, WorkerPool, WorkerPoolConfig};
 
 use crate::config::{AsrProvider, Config, TtsProvider};
 use crate::providers::asr::{AsrJob, AsrReply, WhisperSettings, WhisperWorker};
-use crate::providers::tts::{TtsJob, TtsReply, TtsWorker};
+use crate::providers::tts::{KokoroSettings, TtsJob, TtsReply, TtsWorker};
 use crate::providers::vad::{VadJob, VadReply, VadWorker};
 
 /// Job queues into the inference workers (cheap to clone, `Send`).
@@ -137,6 +137,38 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
                 WorkerPool::spawn(
                     &tts_config,
                     move |_| TtsWorker::load(&lib, piper.as_deref()),
+                    tts_tx,
+                )
+                .map_err(|e| format!("TTS workers: {e}"))?,
+            )
+        }
+        TtsProvider::Kokoro => {
+            let dir = models.join("kokoro");
+            verify(&dir.join("kokoro-v1.0.int8.onnx"))?;
+            verify(&dir.join("vocab.json"))?;
+            let kokoro = &config.tts.kokoro;
+            let mut voices = vec![kokoro.voice_zh.clone()];
+            if kokoro.voice_en != kokoro.voice_zh {
+                voices.push(kokoro.voice_en.clone());
+            }
+            for voice in &voices {
+                verify(&dir.join("voices").join(format!("{voice}.bin")))?;
+            }
+            let settings = KokoroSettings {
+                dir,
+                voices,
+                speed: kokoro.speed,
+            };
+            let lib = lib.clone();
+            // One synthesis per core at a time: Kokoro costs about a core-second per second of
+            // speech, so batching or a second job on the same core would only add latency.
+            let mut tts_config = pool_config("tts");
+            tts_config.max_batch = 1;
+            tts_config.batch_deadline = Duration::ZERO;
+            Some(
+                WorkerPool::spawn(
+                    &tts_config,
+                    move |_| TtsWorker::load_kokoro(&lib, &settings),
                     tts_tx,
                 )
                 .map_err(|e| format!("TTS workers: {e}"))?,

@@ -262,11 +262,13 @@ pub fn providers(config: &Config, queues: LocalQueues) -> Result<Providers, Stri
     };
     let t = &config.tts;
     let tts = match t.provider {
-        TtsProvider::Piper | TtsProvider::Espeak => Tts::Local {
+        TtsProvider::Piper | TtsProvider::Espeak | TtsProvider::Kokoro => Tts::Local {
             pool: queues
                 .tts
                 .ok_or("a local tts.provider is selected but no TTS workers were started")?,
             voices: LocalVoices {
+                kokoro: (t.provider == TtsProvider::Kokoro)
+                    .then(|| (t.kokoro.voice_zh.clone(), t.kokoro.voice_en.clone())),
                 piper: t.provider == TtsProvider::Piper,
                 espeak: t.espeak_voice.clone(),
                 espeak_zh: t.espeak_voice_zh.clone(),

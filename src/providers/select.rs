@@ -47,6 +47,8 @@ pub enum Tts {
 /// The local engines and how a text picks one.
 #[derive(Debug, Clone)]
 pub struct LocalVoices {
+    /// Kokoro voices (Chinese, other) when Kokoro is the local engine: it speaks everything.
+    pub kokoro: Option<(String, String)>,
     /// A Piper voice is loaded (it speaks non-Chinese text).
     pub piper: bool,
     /// espeak-ng voice for text without a Piper voice.
@@ -58,8 +60,16 @@ pub struct LocalVoices {
 impl LocalVoices {
     /// The engine for `text`: Chinese text (any CJK ideograph) goes to the Chinese espeak-ng
     /// voice (the Piper voice is English only), other text to Piper when loaded, else espeak-ng.
+    /// With Kokoro, its Chinese voice for Chinese text and its other voice for the rest.
     pub fn engine_for(&self, text: &str) -> TtsEngine {
-        if crate::lang::has_cjk(text) {
+        let chinese = crate::lang::has_cjk(text);
+        if let Some((zh, other)) = &self.kokoro {
+            let voice = if chinese { zh } else { other };
+            return TtsEngine::Kokoro {
+                voice: voice.clone(),
+            };
+        }
+        if chinese {
             TtsEngine::Espeak {
                 voice: self.espeak_zh.clone(),
             }
@@ -112,6 +122,7 @@ mod tests {
     #[test]
     fn chinese_text_goes_to_the_chinese_voice_and_other_text_to_piper_when_loaded() {
         let v = LocalVoices {
+            kokoro: None,
             piper: true,
             espeak: "en-us".into(),
             espeak_zh: "cmn".into(),
@@ -123,11 +134,30 @@ mod tests {
                 voice: "cmn".into()
             }
         );
-        let no_piper = LocalVoices { piper: false, ..v };
+        let no_piper = LocalVoices {
+            piper: false,
+            ..v.clone()
+        };
         assert_eq!(
             no_piper.engine_for("Hello"),
             TtsEngine::Espeak {
                 voice: "en-us".into()
+            }
+        );
+        let kokoro = LocalVoices {
+            kokoro: Some(("zf_xiaoxiao".into(), "af_heart".into())),
+            ..v
+        };
+        assert_eq!(
+            kokoro.engine_for("今天天气很好"),
+            TtsEngine::Kokoro {
+                voice: "zf_xiaoxiao".into()
+            }
+        );
+        assert_eq!(
+            kokoro.engine_for("Hello"),
+            TtsEngine::Kokoro {
+                voice: "af_heart".into()
             }
         );
     }

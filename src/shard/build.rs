@@ -13,13 +13,13 @@ use shards::ShardMesh;
 
 use super::{drain::Drain, stats, Shard, ShardRequest, ShardStats};
 use crate::config::Config;
+use crate::connection::settings::{ConnectionSettings, SharedParts};
 use crate::front_door::rate_limit::AddressRateLimiter;
 use crate::http::{HttpAdmission, HttpContext, OtaSettings};
 use crate::inference::{InferenceQueues, ShardReplies};
 use crate::metrics::intervals::IntervalLog;
 use crate::metrics::StageHistograms;
 use crate::protocol::TokenSigner;
-use crate::connection::settings::{ConnectionSettings, SharedParts};
 use crate::providers::LocalQueues;
 
 impl Shard {

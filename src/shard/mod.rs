@@ -37,6 +37,8 @@ use std::time::Instant;
 use shards::{Mailbox, ShardMesh};
 
 use crate::config::Config;
+use crate::connection::settings::ConnectionSettings;
+use crate::connection::{Refusal, Upgrade};
 use crate::front_door::peer::TrustedProxies;
 use crate::front_door::rate_limit::AddressRateLimiter;
 use crate::http::HttpAdmission;
@@ -45,8 +47,6 @@ use crate::metrics::intervals::{IntervalLog, IntervalLogCopy};
 use crate::metrics::StageHistograms;
 use crate::protocol::TokenSigner;
 use crate::providers::http_client::HttpClient;
-use crate::connection::settings::ConnectionSettings;
-use crate::connection::{Refusal, Upgrade};
 use crate::providers::Providers;
 use crate::session::SessionEvent;
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 use shards::Control;
 
 use super::{Shard, ShardRequest, ShardSnapshot};
-use crate::metrics::intervals::IntervalLogCopy;
 use crate::connection::Upgrade;
+use crate::metrics::intervals::IntervalLogCopy;
 
 impl Shard {
     /// Hands a connection this full shard cannot admit to the shard believed to have the most

@@ -1,25 +1,29 @@
 //! Text-to-speech on inference workers: Piper voices on ONNX Runtime for the languages they
-//! speak, espeak-ng for the rest.
+//! speak, espeak-ng for the rest, or Kokoro-82M for Chinese and English.
 //!
 //! A session sends each piece of reply text as a [`TtsJob`] to a [`TtsWorker`] (a
 //! `shards::BatchWorker` on a pinned inference core) and gets a [`TtsReply`] with mono PCM
 //! at the engine's rate (22050 Hz); resampling to the downlink rate and Opus encoding are
 //! `crate::audio`'s job. `text` cleans and splits the text, `espeak` wraps libespeak-ng
-//! (phonemes for Piper, and direct synthesis), `piper` runs the model, `worker` ties them to
-//! the job/result types.
+//! (phonemes for Piper, and direct synthesis), `piper` runs the model, `kokoro` runs Kokoro on
+//! phoneme strings from `zh` (the Mandarin front end) or espeak-ng, `worker` ties them to the
+//! job/result types.
 
 pub mod espeak;
+pub mod kokoro;
 pub mod openai;
 pub mod piper;
 pub mod text;
 pub mod worker;
+pub mod zh;
 
 use std::path::PathBuf;
 
-use crate::providers::vad::VadError;
+use crate::providers::onnx::OnnxRuntimeError;
 
+pub use kokoro::{KokoroModel, KokoroStats};
 pub use piper::{PiperConfig, PiperStats, PiperVoice};
-pub use worker::{TtsAudio, TtsEngine, TtsJob, TtsReply, TtsWorker};
+pub use worker::{KokoroSettings, TtsAudio, TtsEngine, TtsJob, TtsReply, TtsWorker};
 
 /// Why a voice could not be loaded or a text not synthesised.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +39,7 @@ pub enum TtsError {
     Espeak(String),
     /// The process-wide ONNX Runtime could not be loaded.
     #[error(transparent)]
-    Runtime(#[from] VadError),
+    Runtime(#[from] OnnxRuntimeError),
     /// The Piper model or its `.json` config is missing.
     #[error("Piper voice file not found at {}; run `make setup`", .0.display())]
     ModelMissing(PathBuf),
@@ -48,6 +52,12 @@ pub enum TtsError {
     /// A Piper job reached a worker that has no Piper voice.
     #[error("no Piper voice is loaded")]
     NoPiperVoice,
+    /// A Kokoro job reached a worker that has no Kokoro model.
+    #[error("no Kokoro model is loaded")]
+    NoKokoro,
+    /// The Kokoro voice is not loaded (or its name is not a voice file name).
+    #[error("Kokoro has no voice {0:?} (installed: models/kokoro/voices/*.bin)")]
+    UnknownKokoroVoice(String),
 }
 
 /// Model paths and a shared voice for the tests of this module.

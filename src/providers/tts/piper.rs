@@ -8,7 +8,7 @@
 //!
 //! The session runs on one intra-op thread without spinning, so a forward pass stays on the
 //! calling (pinned) inference thread. ONNX Runtime itself is the process-wide environment
-//! created by [`crate::providers::vad::silero::init_runtime`].
+//! created by [`crate::providers::onnx::init_runtime`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use super::text::{self, Clause};
 use super::{espeak, TtsError};
-use crate::providers::vad::silero::{init_runtime, runtime};
+use crate::providers::onnx::{init_runtime, runtime};
 
 /// Silence inserted between two sentences (Piper's default).
 pub const SENTENCE_SILENCE: Duration = Duration::from_millis(200);

@@ -5,14 +5,18 @@
 //! panic, and text with nothing to pronounce (whitespace, emoji, Markdown symbols) becomes an
 //! empty result without error.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use shards::{BatchWorker, Routed};
 
+use super::kokoro::{self, KokoroModel, KokoroStats};
 use super::piper::PiperVoice;
-use super::{espeak, text, TtsError};
+use super::{espeak, text, zh, TtsError};
 use crate::providers::reply::{Reply, Timings};
+
+/// espeak-ng voice that phonemises English for Kokoro (alone, or inside Chinese text).
+const KOKORO_ENGLISH_ESPEAK: &str = "en-us";
 
 /// Which synthesiser reads a job's text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +29,31 @@ pub enum TtsEngine {
         /// espeak-ng voice name.
         voice: String,
     },
+    /// The worker's Kokoro model with the named voice (e.g. "zf_xiaoxiao"): text with Hanzi
+    /// goes through the Mandarin front end (English words inside it through espeak-ng), other
+    /// text is read as English from espeak-ng's phonemes.
+    Kokoro {
+        /// Kokoro voice name (a file in `models/kokoro/voices/`).
+        voice: String,
+    },
+}
+
+/// Where Kokoro's files are and how it speaks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KokoroSettings {
+    /// Folder with `kokoro-v1.0.int8.onnx`, `vocab.json` and `voices/`.
+    pub dir: PathBuf,
+    /// Voices to load (jobs naming another voice fail).
+    pub voices: Vec<String>,
+    /// Speaking rate: 1.0 normal, above 1 faster.
+    pub speed: f32,
+}
+
+/// A loaded Kokoro model and its speaking rate.
+struct KokoroEngine {
+    model: KokoroModel,
+    speed: f32,
+    audio: Vec<f32>,
 }
 
 /// A piece of reply text to synthesise.
@@ -49,23 +78,47 @@ pub struct TtsJob {
 pub struct TtsAudio {
     /// Mono 16-bit PCM; empty when there was nothing to say.
     pub pcm: Vec<i16>,
-    /// Sample rate of `pcm` (22050 Hz for both Piper medium voices and espeak-ng).
+    /// Sample rate of `pcm` (22050 Hz for both Piper medium voices and espeak-ng, 24000 Hz for
+    /// Kokoro).
     pub sample_rate: u32,
 }
 
 /// A TTS worker's answer to one [`TtsJob`] (`seq` is the job's `seq`).
 pub type TtsReply = Reply<TtsAudio>;
 
-/// An inference-core worker synthesising speech with an optional Piper voice and espeak-ng.
+/// An inference-core worker synthesising speech with an optional Piper voice, an optional
+/// Kokoro model, and espeak-ng.
 pub struct TtsWorker {
     piper: Option<PiperVoice>,
+    kokoro: Option<KokoroEngine>,
 }
 
 impl TtsWorker {
     /// A worker using `piper` for [`TtsEngine::Piper`] jobs (without one, such jobs fail) and
     /// espeak-ng for [`TtsEngine::Espeak`] jobs.
     pub fn new(piper: Option<PiperVoice>) -> Self {
-        TtsWorker { piper }
+        TtsWorker {
+            piper,
+            kokoro: None,
+        }
+    }
+
+    /// Initialises espeak-ng (Kokoro's English phonemes), builds the Mandarin segmenter and
+    /// loads Kokoro with `settings.voices` in the ONNX Runtime environment created from `lib`.
+    /// Call it on the worker's own thread.
+    pub fn load_kokoro(lib: &Path, settings: &KokoroSettings) -> Result<Self, TtsError> {
+        espeak::init()?;
+        zh::warm_up();
+        let voices: Vec<&str> = settings.voices.iter().map(String::as_str).collect();
+        let model = KokoroModel::load(lib, &settings.dir, &voices)?;
+        Ok(TtsWorker {
+            piper: None,
+            kokoro: Some(KokoroEngine {
+                model,
+                speed: settings.speed,
+                audio: Vec::new(),
+            }),
+        })
     }
 
     /// Initialises espeak-ng and, when `piper_model` is given, loads that Piper voice in the
@@ -108,6 +161,14 @@ impl TtsWorker {
                 }
                 Ok((espeak::synthesize(voice, &cleaned)?, rate))
             }
+            TtsEngine::Kokoro { voice } => {
+                let engine = self.kokoro.as_mut().ok_or(TtsError::NoKokoro)?;
+                let mut pcm = Vec::new();
+                if !silent {
+                    engine.synthesize(&cleaned, voice, &mut pcm)?;
+                }
+                Ok((pcm, kokoro::SAMPLE_RATE))
+            }
         }
     }
 
@@ -130,6 +191,68 @@ impl TtsWorker {
             result,
         }
     }
+}
+
+impl KokoroEngine {
+    /// Reads `text` with `voice` and appends 16-bit PCM at 24 kHz to `pcm`.
+    fn synthesize(&mut self, text: &str, voice: &str, pcm: &mut Vec<i16>) -> Result<(), TtsError> {
+        let phonemes = kokoro_phonemes(text)?;
+        self.audio.clear();
+        let stats: KokoroStats =
+            self.model
+                .synthesize(&phonemes, voice, self.speed, &mut self.audio)?;
+        if stats.unknown_symbols > 0 {
+            tracing::warn!(
+                unknown = stats.unknown_symbols,
+                symbols = ?stats.unknown,
+                "Kokoro skipped phoneme symbols missing from its vocabulary"
+            );
+        }
+        pcm.extend(self.audio.iter().map(|&x| to_i16(x)));
+        Ok(())
+    }
+}
+
+/// The Kokoro phoneme string of `text`: the Mandarin front end when it has Hanzi (English
+/// words inside it from espeak-ng), else English from espeak-ng clause by clause with the
+/// clause punctuation kept (Kokoro pauses on it).
+pub fn kokoro_phonemes(text: &str) -> Result<String, TtsError> {
+    let english = |run: &str| -> Result<String, TtsError> {
+        Ok(kokoro::from_espeak_ipa(&espeak::phonemize(
+            KOKORO_ENGLISH_ESPEAK,
+            run,
+        )?))
+    };
+    if zh::has_hanzi(text) {
+        let out = zh::phonemize(text, &english)?;
+        if out.stats.unreadable > 0 {
+            tracing::debug!(
+                unreadable = out.stats.unreadable,
+                "Mandarin front end could not read some characters"
+            );
+        }
+        return Ok(out.phonemes);
+    }
+    let mut out = String::new();
+    for sentence in text::sentences(text) {
+        for clause in sentence {
+            let ipa = english(clause.text)?;
+            if ipa.is_empty() {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(&ipa);
+            out.push(clause.end);
+        }
+    }
+    Ok(out)
+}
+
+/// A float sample in [-1, 1] as 16-bit PCM, clipped.
+fn to_i16(x: f32) -> i16 {
+    (x * 32767.0).round().clamp(-32768.0, 32767.0) as i16
 }
 
 impl BatchWorker for TtsWorker {
@@ -250,6 +373,29 @@ mod tests {
             assert!(r.pcm.is_empty(), "{engine:?}");
             assert_eq!(r.sample_rate, 22_050, "{engine:?}");
         }
+    }
+
+    #[test]
+    fn kokoro_job_without_a_model_fails_with_a_clear_error() {
+        let mut worker = TtsWorker::new(None);
+        let engine = TtsEngine::Kokoro {
+            voice: "zf_xiaoxiao".into(),
+        };
+        let out = run(&mut worker, vec![job(0, "你好", engine)]);
+        assert_eq!(
+            out[0].item.result.as_ref().err().map(String::as_str),
+            Some("no Kokoro model is loaded")
+        );
+    }
+
+    #[test]
+    fn kokoro_phonemes_read_chinese_with_english_words_and_plain_english() {
+        let zh = kokoro_phonemes("我用iPhone打电话。").expect("phonemes");
+        assert!(zh.starts_with("wo↓jʊ↘ŋ ˈI fˈOn "), "{zh}");
+        assert!(zh.contains("ˈI"), "English word via espeak-ng: {zh}");
+        assert!(zh.ends_with('.'), "{zh}");
+        let en = kokoro_phonemes("Hello, world!").expect("phonemes");
+        assert_eq!(en, "həlˈO, wˈɜɹld!");
     }
 
     #[test]

@@ -3,6 +3,5 @@
 pub mod silero;
 
 pub use silero::{
-    init_runtime, runtime, SileroModel, VadError, VadFailure, VadJob, VadReply, VadResult,
-    VadScores, VadStream, VadWorker,
+    SileroModel, VadError, VadFailure, VadJob, VadReply, VadResult, VadScores, VadStream, VadWorker,
 };

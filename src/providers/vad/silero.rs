@@ -11,11 +11,9 @@
 //! in the [`VadReply`], so [`VadWorker`] holds no session state: any worker can serve any
 //! session, and a session keeps exactly one job in flight.
 //!
-//! ONNX Runtime allows one environment per process; [`init_runtime`] creates it once from the
-//! library the set-up installs, and [`runtime`] hands it to any other model that needs it.
+//! The model runs in the process-wide ONNX Runtime environment of [`crate::providers::onnx`].
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use ort::environment::Environment;
@@ -23,6 +21,7 @@ use ort::session::Session;
 use ort::value::{Tensor, TensorRef};
 use shards::{BatchWorker, Routed};
 
+use crate::providers::onnx::{environment, OnnxRuntimeError};
 use crate::providers::reply::{Reply, Timings};
 
 /// New samples per chunk (32 ms at 16 kHz).
@@ -42,12 +41,9 @@ const FRAME: usize = CONTEXT + CHUNK;
 /// Why the runtime, the model, or a forward pass failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VadError {
-    /// The ONNX Runtime shared library is not where the configuration says.
-    #[error("ONNX Runtime library not found at {}; run `make setup`", .0.display())]
-    RuntimeMissing(PathBuf),
-    /// The library exists but could not be loaded (wrong version, not a library, …).
-    #[error("could not load ONNX Runtime from {}: {}", .0.display(), .1)]
-    RuntimeLoad(PathBuf, String),
+    /// The process-wide ONNX Runtime could not be loaded.
+    #[error(transparent)]
+    Runtime(#[from] OnnxRuntimeError),
     /// The model file is missing.
     #[error("Silero VAD model not found at {}; run `make setup`", .0.display())]
     ModelMissing(PathBuf),
@@ -60,63 +56,6 @@ pub enum VadError {
     /// A forward pass failed or returned tensors of the wrong size.
     #[error("Silero VAD inference failed: {0}")]
     Inference(String),
-}
-
-struct Runtime {
-    env: Environment,
-    lib: PathBuf,
-}
-
-static RUNTIME: OnceLock<Runtime> = OnceLock::new();
-static RUNTIME_INIT: Mutex<()> = Mutex::new(());
-
-/// Loads ONNX Runtime from `lib` and creates the process-wide environment; later calls return
-/// `Ok` without reloading (the first library stays in use). `lib` must name an existing file on
-/// every call, so a misconfigured path is reported even after another caller succeeded.
-pub fn init_runtime(lib: &Path) -> Result<(), VadError> {
-    environment(lib).map(|_| ())
-}
-
-/// The process-wide ONNX Runtime environment, once [`init_runtime`] has succeeded.
-pub fn runtime() -> Option<&'static Environment> {
-    RUNTIME.get().map(|rt| &rt.env)
-}
-
-fn environment(lib: &Path) -> Result<&'static Environment, VadError> {
-    if !lib.is_file() {
-        return Err(VadError::RuntimeMissing(lib.to_path_buf()));
-    }
-    if let Some(rt) = RUNTIME.get() {
-        return Ok(already_loaded(rt, lib));
-    }
-    let _guard = RUNTIME_INIT.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(rt) = RUNTIME.get() {
-        return Ok(already_loaded(rt, lib));
-    }
-    let load_error = |e: String| VadError::RuntimeLoad(lib.to_path_buf(), e);
-    let env = ort::init_from(lib)
-        .map_err(|e| load_error(e.to_string()))?
-        .with_name("xiaozhi-tpc")
-        .with_telemetry(false)
-        .build()
-        .map_err(|e| load_error(e.to_string()))?;
-    tracing::info!(lib = %lib.display(), "ONNX Runtime loaded");
-    let rt = RUNTIME.get_or_init(|| Runtime {
-        env,
-        lib: lib.to_path_buf(),
-    });
-    Ok(&rt.env)
-}
-
-fn already_loaded<'a>(rt: &'a Runtime, lib: &Path) -> &'a Environment {
-    if rt.lib != lib {
-        tracing::warn!(
-            loaded = %rt.lib.display(),
-            requested = %lib.display(),
-            "ONNX Runtime already loaded from another path; keeping it"
-        );
-    }
-    &rt.env
 }
 
 /// One session's recurrent VAD state: zero at the start of a stream.
@@ -152,7 +91,7 @@ pub struct SileroModel {
 
 impl SileroModel {
     /// Loads `model_path` in the environment created from the ONNX Runtime library `lib`
-    /// (see [`init_runtime`]): one intra-op and one inter-op thread, no spinning, so a forward
+    /// (see [`crate::providers::onnx::init_runtime`]): one intra-op and one inter-op thread, no spinning, so a forward
     /// pass runs entirely on the calling (pinned) thread.
     pub fn load(lib: &Path, model_path: &Path) -> Result<Self, VadError> {
         let env = environment(lib)?;
@@ -539,6 +478,7 @@ impl BatchWorker for VadWorker {
 mod tests {
     use super::*;
     use std::process::Command;
+    use std::sync::OnceLock;
 
     const SENTENCE: &str = "Hello, this is a test of the voice activity detector. \
                             It should find speech here and silence around it.";
@@ -803,15 +743,6 @@ mod tests {
         let sizes: Vec<usize> = out.iter().map(|r| r.item.batch_size).collect();
         assert_eq!(sizes, [3, 3, 3, 1]);
         assert!(out[3].item.done >= out[0].item.done);
-    }
-
-    #[test]
-    fn missing_runtime_library_names_the_path_and_the_fix() {
-        let err = init_runtime(Path::new("/nonexistent/libonnxruntime.so")).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "ONNX Runtime library not found at /nonexistent/libonnxruntime.so; run `make setup`"
-        );
     }
 
     #[test]
