@@ -149,7 +149,7 @@ pub fn syllable(pinyin: &str, tone: u8) -> Option<String> {
             None if rest == "weng" => "ueng",
             None => rest,
         },
-        Some((p, _)) if matches!(p, "j" | "q" | "x") => match rest {
+        Some(("j" | "q" | "x", _)) => match rest {
             "u" => "ü",
             "ue" => "üe",
             "uan" => "üan",

@@ -102,14 +102,7 @@ fn digits(chars: &[char], i: usize) -> (String, usize) {
 }
 
 fn at(chars: &[char], i: usize, s: &str) -> bool {
-    let mut j = i;
-    for c in s.chars() {
-        if chars.get(j) != Some(&c) {
-            return false;
-        }
-        j += 1;
-    }
-    true
+    (i..).zip(s.chars()).all(|(j, c)| chars.get(j) == Some(&c))
 }
 
 /// Reads the number-like run starting at digit `chars[i]` into `out`; returns where it ends.

@@ -259,10 +259,8 @@ pub fn sandhi(words: &mut [Vec<Option<Syllable>>]) {
                 }
                 new_tones[k] = Some(if next_tone == 4 { 2 } else { 4 });
             }
-            ('不', 4) => {
-                if next.is_some_and(|(_, t)| t == 4) {
-                    new_tones[k] = Some(2);
-                }
+            ('不', 4) if next.is_some_and(|(_, t)| t == 4) => {
+                new_tones[k] = Some(2);
             }
             (_, 3) => {
                 let Some((_, 3)) = next else {
