@@ -24,6 +24,8 @@ pub struct SessionCounters {
     pub vad_queue_full: u64,
     /// Audio frames dropped in a refused or shed turn.
     pub shed_frames: u64,
+    /// IoT state updates refused because the thing's state would pass its bound.
+    pub iot_states_refused: u64,
     /// Uplink pipeline counters (folded in when the pipeline is released).
     pub audio: AudioInCounters,
     /// Device tool (MCP) counters.
@@ -42,6 +44,7 @@ impl SessionCounters {
         self.turns_shed += o.turns_shed;
         self.vad_queue_full += o.vad_queue_full;
         self.shed_frames += o.shed_frames;
+        self.iot_states_refused += o.iot_states_refused;
         let (a, b) = (&mut self.audio, &o.audio);
         a.decoded += b.decoded;
         a.garbage += b.garbage;

@@ -152,6 +152,11 @@ pub const SESSION_METRICS: &[Metric<SessionCounters>] = &[
         |e| e.malformed,
     ),
     sum(
+        "xiaozhi_iot_states_refused_total",
+        "IoT state updates refused because a thing's state would pass its bound (16 things, 64 keys, 2 KiB each).",
+        |e| e.iot_states_refused,
+    ),
+    sum(
         "xiaozhi_unknown_messages_total",
         "Text messages of unknown type (ignored).",
         |e| e.unknown,

@@ -14,8 +14,12 @@ use serde_json::{json, Map, Value};
 const MAX_THINGS: usize = 16;
 /// Most methods kept per thing.
 const MAX_METHODS: usize = 16;
-/// Largest state kept per thing (serialised), bytes.
+/// Largest state kept per thing (serialised), bytes: a bound on what the merged state may
+/// grow to, not only on one update (a device sending fresh keys would otherwise grow it
+/// without end).
 const MAX_STATE_BYTES: usize = 2048;
+/// Most keys kept in one thing's state.
+const MAX_STATE_KEYS: usize = 64;
 
 /// One method of a thing, offered as a tool.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,11 +85,13 @@ impl IotThings {
         any
     }
 
-    /// Applies a `states` value (`[{"name":…,"state":{…}}]`).
-    pub fn on_states(&mut self, states: &Value) {
+    /// Applies a `states` value (`[{"name":…,"state":{…}}]`); returns how many updates were
+    /// refused because the thing's state would pass its bound (the old state is kept).
+    pub fn on_states(&mut self, states: &Value) -> u64 {
+        let mut refused = 0;
         let Some(list) = states.as_array() else {
             tracing::info!("iot states is not an array; ignored");
-            return;
+            return 0;
         };
         for s in list {
             let (Some(name), Some(state)) = (s.get("name").and_then(Value::as_str), s.get("state"))
@@ -95,17 +101,27 @@ impl IotThings {
             let Some(thing) = self.things.iter_mut().find(|t| t.name == name) else {
                 continue;
             };
-            if state.to_string().len() > MAX_STATE_BYTES {
-                tracing::info!(thing = name, "iot state too large; ignored");
+            if state.as_object().map_or(0, Map::len) > MAX_STATE_KEYS {
+                refused += 1;
                 continue;
             }
-            match (&mut thing.state, state) {
+            let merged = match (&thing.state, state) {
                 (Value::Object(old), Value::Object(new)) => {
-                    old.extend(new.iter().map(|(k, v)| (k.clone(), v.clone())))
+                    let mut merged = old.clone();
+                    merged.extend(new.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    Value::Object(merged)
                 }
-                (old, new) => *old = new.clone(),
+                (_, new) => new.clone(),
+            };
+            let keys = merged.as_object().map_or(0, Map::len);
+            if keys > MAX_STATE_KEYS || merged.to_string().len() > MAX_STATE_BYTES {
+                refused += 1;
+                tracing::debug!(thing = ?name, keys, "iot state would pass its bound; update refused");
+                continue;
             }
+            thing.state = merged;
         }
+        refused
     }
 
     /// The `commands` array for calling `method` of `thing`.
@@ -246,6 +262,38 @@ mod tests {
         assert_eq!(
             IotThings::command("Speaker", "SetVolume", &json!({"volume": 30})),
             json!([{"name":"Speaker","method":"SetVolume","parameters":{"volume":30}}])
+        );
+    }
+
+    #[test]
+    fn merged_state_stays_bounded_when_a_device_keeps_sending_fresh_keys() {
+        let mut things = IotThings::default();
+        things.on_descriptors(&json!([{"name":"Speaker","description":"s",
+            "properties":{"volume":{"type":"number"}},"methods":{}}]));
+        let mut refused = 0;
+        for i in 0..1000 {
+            let value = "x".repeat(100);
+            refused +=
+                things.on_states(&json!([{"name":"Speaker","state":{format!("k{i}"): value}}]));
+        }
+        let kept = things.state_text("Speaker").expect("state");
+        assert!(kept.len() <= MAX_STATE_BYTES, "{} bytes kept", kept.len());
+        assert!(refused >= 980, "only {refused} updates refused");
+        // An update that fits still applies to existing keys.
+        assert_eq!(
+            things.on_states(&json!([{"name":"Speaker","state":{"k0":"y"}}])),
+            0
+        );
+        assert!(things
+            .state_text("Speaker")
+            .unwrap()
+            .contains("\"k0\":\"y\""));
+        let too_many: Map<String, Value> = (0..=MAX_STATE_KEYS)
+            .map(|i| (format!("n{i}"), json!(1)))
+            .collect();
+        assert_eq!(
+            things.on_states(&json!([{"name":"Speaker","state":too_many}])),
+            1
         );
     }
 }
