@@ -242,7 +242,8 @@ async fn admit_and_serve(
     if let Some(auth) = &settings.auth {
         if let Err(e) = auth.check(&identity) {
             ctx.host.count(Count::AuthFailure);
-            tracing::info!(device = %identity.device_id, error = %e, "authentication failed");
+            // Device-controlled text is logged escaped (Debug), so it cannot forge a log line.
+            tracing::info!(device = ?identity.device_id, error = %e, "authentication failed");
             refuse(
                 &mut ws,
                 REF_AUTH_FAILED,
@@ -268,7 +269,7 @@ async fn admit_and_serve(
     // headers), else the TCP peer: what an operator greps for.
     tracing::info!(
         session = %session.id,
-        device = %session.identity.device_id,
+        device = ?session.identity.device_id,
         addr = %client.ip(),
         shard = ctx.shard,
         "device connected"

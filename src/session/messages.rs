@@ -175,7 +175,7 @@ impl Session {
                     changed = self.iot.on_descriptors(d);
                 }
                 if let Some(states) = &iot.states {
-                    self.iot.on_states(states);
+                    self.counters.iot_states_refused += self.iot.on_states(states);
                 }
                 if changed {
                     self.rebuild_tools();
@@ -193,7 +193,11 @@ impl Session {
             }
             ClientMessage::Unknown { kind } => {
                 self.counters.unknown += 1;
-                tracing::info!(session = %self.id, kind = %kind, "unknown message type ignored");
+                // The type is the device's text: logged escaped (Debug) and cut, never verbatim
+                // (a 12 MB type would be a 12 MB log line; a newline would forge one).
+                let mut shown = kind.clone();
+                crate::tools::truncate_utf8(&mut shown, 64);
+                tracing::info!(session = %self.id, kind = ?shown, "unknown message type ignored");
             }
         }
     }
