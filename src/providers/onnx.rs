@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use ort::environment::Environment;
+use ort::session::Session;
 
 /// Why the ONNX Runtime library could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +79,25 @@ fn already_loaded<'a>(rt: &'a Runtime, lib: &Path) -> &'a Environment {
         );
     }
     &rt.env
+}
+
+/// A session for `model` on one thread, not spinning: each model runs on its pinned inference
+/// core, so ONNX Runtime must not start pools of its own (the shape every local model uses).
+pub fn single_thread_session(env: &Environment, model: &Path) -> ort::Result<Session> {
+    Session::builder(env)?
+        .with_intra_threads(1)?
+        .with_inter_threads(1)?
+        .with_intra_op_spinning(false)?
+        .with_inter_op_spinning(false)?
+        .commit_from_file(model)
+}
+
+/// The names of a session's inputs and outputs (for checking a model's signature).
+pub fn io_names(session: &Session) -> (Vec<String>, Vec<String>) {
+    let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
+        outlets.iter().map(|o| o.name().to_owned()).collect()
+    };
+    (names(session.inputs()), names(session.outputs()))
 }
 
 #[cfg(test)]

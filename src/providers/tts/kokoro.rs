@@ -200,7 +200,8 @@ impl KokoroModel {
             return Err(TtsError::ModelMissing(model));
         }
         let load_error = |e: String| TtsError::ModelLoad(model.clone(), e);
-        let session = build_session(env, &model).map_err(|e| load_error(e.to_string()))?;
+        let session = crate::providers::onnx::single_thread_session(env, &model)
+            .map_err(|e| load_error(e.to_string()))?;
         let tokens_input = check_signature(&session).map_err(load_error)?;
         tracing::info!(model = %model.display(), voices = ?voices, "Kokoro loaded");
         Ok(KokoroModel {
@@ -342,22 +343,9 @@ fn read(path: &Path) -> Result<Vec<u8>, TtsError> {
     std::fs::read(path).map_err(|e| TtsError::ModelLoad(path.to_path_buf(), e.to_string()))
 }
 
-fn build_session(env: &Environment, model: &Path) -> ort::Result<Session> {
-    Session::builder(env)?
-        .with_intra_threads(1)?
-        .with_inter_threads(1)?
-        .with_intra_op_spinning(false)?
-        .with_inter_op_spinning(false)?
-        .commit_from_file(model)
-}
-
 /// Checks Kokoro's inputs and outputs; returns the name of the token input.
 fn check_signature(session: &Session) -> Result<String, String> {
-    let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
-        outlets.iter().map(|o| o.name().to_owned()).collect()
-    };
-    let inputs = names(session.inputs());
-    let outputs = names(session.outputs());
+    let (inputs, outputs) = crate::providers::onnx::io_names(session);
     let tokens = ["tokens", "input_ids"]
         .into_iter()
         .find(|want| inputs.iter().any(|n| n == want));

@@ -135,7 +135,8 @@ impl PiperVoice {
         };
         let (bos, pad, eos) = (symbol("^")?, symbol("_")?, symbol("$")?);
         espeak::init()?;
-        let session = build_session(env, model).map_err(|e| load_error(e.to_string()))?;
+        let session = crate::providers::onnx::single_thread_session(env, model)
+            .map_err(|e| load_error(e.to_string()))?;
         let multi_speaker = check_signature(&session).map_err(load_error)?;
         tracing::info!(
             model = %model.display(),
@@ -284,22 +285,9 @@ fn read_config(path: &Path) -> Result<PiperConfig, String> {
     serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn build_session(env: &Environment, model: &Path) -> ort::Result<Session> {
-    Session::builder(env)?
-        .with_intra_threads(1)?
-        .with_inter_threads(1)?
-        .with_intra_op_spinning(false)?
-        .with_inter_op_spinning(false)?
-        .commit_from_file(model)
-}
-
 /// Checks Piper's inputs and outputs; returns whether the model also takes `sid`.
 fn check_signature(session: &Session) -> Result<bool, String> {
-    let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
-        outlets.iter().map(|o| o.name().to_owned()).collect()
-    };
-    let inputs = names(session.inputs());
-    let outputs = names(session.outputs());
+    let (inputs, outputs) = crate::providers::onnx::io_names(session);
     for want in ["input", "input_lengths", "scales"] {
         if !inputs.iter().any(|n| n == want) {
             return Err(format!(

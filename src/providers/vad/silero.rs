@@ -16,7 +16,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{Tensor, TensorRef};
 use shards::{BatchWorker, Routed};
@@ -98,7 +97,7 @@ impl SileroModel {
         if !model_path.is_file() {
             return Err(VadError::ModelMissing(model_path.to_path_buf()));
         }
-        let session = build_session(env, model_path)
+        let session = crate::providers::onnx::single_thread_session(env, model_path)
             .map_err(|e| VadError::ModelLoad(model_path.to_path_buf(), e.to_string()))?;
         check_signature(&session).map_err(|e| VadError::Signature(model_path.to_path_buf(), e))?;
         let sr = Tensor::from_array(((), vec![SAMPLE_RATE]))
@@ -211,21 +210,8 @@ impl SileroModel {
     }
 }
 
-fn build_session(env: &Environment, model_path: &Path) -> ort::Result<Session> {
-    Session::builder(env)?
-        .with_intra_threads(1)?
-        .with_inter_threads(1)?
-        .with_intra_op_spinning(false)?
-        .with_inter_op_spinning(false)?
-        .commit_from_file(model_path)
-}
-
 fn check_signature(session: &Session) -> Result<(), String> {
-    let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
-        outlets.iter().map(|o| o.name().to_owned()).collect()
-    };
-    let inputs = names(session.inputs());
-    let outputs = names(session.outputs());
+    let (inputs, outputs) = crate::providers::onnx::io_names(session);
     for want in ["input", "state", "sr"] {
         if !inputs.iter().any(|n| n == want) {
             return Err(format!("inputs are {inputs:?}, expected input, state, sr"));
