@@ -7,6 +7,7 @@
 
 use std::time::Instant;
 
+use super::turn::{Answer, Turn};
 use super::{Dialogue, Output, Request, ToolInvocation};
 use crate::providers::llm::openai::ChatMessage;
 use crate::providers::llm::ToolCall;
@@ -32,12 +33,7 @@ impl Dialogue {
         out: &mut Output,
     ) {
         let max = self.settings.max_calls_per_round;
-        let Some(answer) = self
-            .turn
-            .as_mut()
-            .filter(|t| t.id == turn)
-            .and_then(|t| t.answer_mut())
-        else {
+        let Some(answer) = answer_of(&mut self.turn, turn) else {
             return;
         };
         answer.tool_rounds += 1;
@@ -112,12 +108,7 @@ impl Dialogue {
     ) {
         let call_id = format!("offline_{}", self.next_call);
         self.next_call += 1;
-        let Some(answer) = self
-            .turn
-            .as_mut()
-            .filter(|t| t.id == turn)
-            .and_then(|t| t.answer_mut())
-        else {
+        let Some(answer) = answer_of(&mut self.turn, turn) else {
             return;
         };
         answer.offline_step = Some(step);
@@ -142,12 +133,7 @@ impl Dialogue {
     ) {
         let max = self.settings.max_tool_result_bytes;
         let sid = self.session_id.clone();
-        let Some(answer) = self
-            .turn
-            .as_mut()
-            .filter(|t| t.id == turn)
-            .and_then(|t| t.answer_mut())
-        else {
+        let Some(answer) = answer_of(&mut self.turn, turn) else {
             return;
         };
         let Some(slot) = answer
@@ -242,4 +228,12 @@ fn direct_response(text: &str) -> Option<String> {
     }
     let reply = v.get("response")?.as_str()?.trim();
     (!reply.is_empty()).then(|| reply.to_string())
+}
+
+/// The LLM/tool state of turn `id` while it is being answered (a call for any other turn, or a
+/// turn past answering, is stale).
+fn answer_of(turn: &mut Option<Turn>, id: u32) -> Option<&mut Answer> {
+    turn.as_mut()
+        .filter(|t| t.id == id)
+        .and_then(|t| t.answer_mut())
 }
