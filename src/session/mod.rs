@@ -717,24 +717,8 @@ mod tests {
                     max_chunks_per_job: 16,
                 },
                 dialogue: DialogueSettings {
-                    offline_llm: true,
                     system_prompt: String::new(),
-                    history_messages: 10,
-                    out_rate: 24_000,
-                    complexity: 5,
-                    prebuffer_frames: 5,
-                    stop_guard: Duration::from_millis(100),
-                    asr_timeout: Duration::from_secs(5),
-                    tts_timeout: Duration::from_secs(5),
-                    tz_offset_minutes: 0,
-                    emotions: true,
-                    max_tool_rounds: 2,
-                    max_calls_per_round: 2,
-                    max_tool_result_bytes: 64,
-                    intents: crate::tools::intents::Intents::new(
-                        &["goodbye".into()],
-                        &["hi xiaozhi".into()],
-                    ),
+                    ..dialogue::tests::settings(true)
                 },
                 tools: ToolSettings {
                     mcp: Some(McpSettings {

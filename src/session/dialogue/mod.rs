@@ -35,7 +35,7 @@ use crate::tools::intents::{self, Intents};
 
 mod speech;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod tools;
 mod turn;
 

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::providers::llm::Role;
 
-fn settings(offline_llm: bool) -> DialogueSettings {
+/// Dialogue settings for tests (the session's tests use them too).
+pub(crate) fn settings(offline_llm: bool) -> DialogueSettings {
     DialogueSettings {
         offline_llm,
         system_prompt: "Be brief.".into(),
