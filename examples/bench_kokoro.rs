@@ -6,7 +6,7 @@
 //! The thread is pinned to core 1 (override with `BENCH_CORE`); voices with `KOKORO_VOICE_ZH`
 //! and `KOKORO_VOICE_EN` (defaults `zf_xiaoxiao`, `af_heart`).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[path = "common/mod.rs"]
 mod common;
@@ -45,7 +45,7 @@ fn main() -> Result<(), BoxError> {
     espeak::init()?;
     let t = Instant::now();
     zh::warm_up();
-    println!("jieba dictionary build: {:.0} ms", ms(t.elapsed()));
+    println!("jieba dictionary build: {:.0} ms", common::ms(t.elapsed()));
     let t = Instant::now();
     let mut model = KokoroModel::load(
         &lib,
@@ -54,7 +54,7 @@ fn main() -> Result<(), BoxError> {
     )?;
     println!(
         "Kokoro load (1 intra-op thread): {:.0} ms\n",
-        ms(t.elapsed())
+        common::ms(t.elapsed())
     );
 
     println!("Kokoro-82M v1.0 int8, 24 kHz, median of {RUNS} runs after one warm-up\n");
@@ -67,7 +67,7 @@ fn main() -> Result<(), BoxError> {
         let voice = if lang == "zh" { &voice_zh } else { &voice_en };
         let t = Instant::now();
         let phonemes = kokoro_phonemes(text)?;
-        let front = ms(t.elapsed());
+        let front = common::ms(t.elapsed());
         let mut audio = Vec::new();
         let stats = model.synthesize(&phonemes, voice, 1.0, &mut audio)?;
         let secs = audio.len() as f64 / f64::from(SAMPLE_RATE);
@@ -75,13 +75,13 @@ fn main() -> Result<(), BoxError> {
         let mut cpu = Vec::new();
         for _ in 0..RUNS {
             audio.clear();
-            let (run0, _) = schedstat();
+            let (run0, _) = common::schedstat();
             let t = Instant::now();
             model.synthesize(&phonemes, voice, 1.0, &mut audio)?;
-            wall.push(ms(t.elapsed()));
-            cpu.push((schedstat().0 - run0) as f64 / 1e6);
+            wall.push(common::ms(t.elapsed()));
+            cpu.push((common::schedstat().0 - run0) as f64 / 1e6);
         }
-        let (wall, cpu) = (median(wall), median(cpu));
+        let (wall, cpu) = (common::median(wall), common::median(cpu));
         println!(
             "| {lang} | {text} | {} | {secs:.2} | {front:.2} | {wall:.0} | {cpu:.0} | {:.2} | {:.0} |",
             stats.ids,
@@ -96,21 +96,4 @@ fn main() -> Result<(), BoxError> {
         }
     }
     Ok(())
-}
-
-/// Nanoseconds this thread has run and waited on a run queue (`/proc/thread-self/schedstat`);
-/// zeros where unavailable.
-fn schedstat() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
-    let mut fields = text.split_whitespace().map(|f| f.parse().unwrap_or(0));
-    (fields.next().unwrap_or(0), fields.next().unwrap_or(0))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }

@@ -5,7 +5,7 @@
 //! Run: `cargo run --release --example bench_tts` (needs `make setup` for the Piper voice and
 //! ONNX Runtime). The thread is pinned to core 1 (override with `BENCH_CORE`).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[path = "common/mod.rs"]
 mod common;
@@ -39,18 +39,18 @@ fn main() -> Result<(), BoxError> {
 
     let t = Instant::now();
     espeak::init()?;
-    println!("espeak-ng init: {:.1} ms", ms(t.elapsed()));
+    println!("espeak-ng init: {:.1} ms", common::ms(t.elapsed()));
     let t = Instant::now();
     let mut voice = PiperVoice::load(&lib, &models.join("piper/en_US-joe-medium.onnx"))?;
-    println!("Piper voice load: {:.1} ms\n", ms(t.elapsed()));
+    println!("Piper voice load: {:.1} ms\n", common::ms(t.elapsed()));
 
-    let (run0, wait0) = schedstat();
+    let (run0, wait0) = common::schedstat();
     let wall0 = Instant::now();
     let speech = bench_piper(&mut voice)?;
     bench_espeak()?;
     let speech24 = bench_resample(&speech, voice.sample_rate());
     bench_encode(&speech24)?;
-    let (run1, wait1) = schedstat();
+    let (run1, wait1) = common::schedstat();
     println!(
         "\nthis thread over the benchmarks: {:.2} s wall, {:.2} s on CPU, {:.2} s runnable but \
          waiting for the CPU (other load on core {core})",
@@ -59,23 +59,6 @@ fn main() -> Result<(), BoxError> {
         (wait1 - wait0) as f64 / 1e9
     );
     Ok(())
-}
-
-/// Nanoseconds this thread has run and waited on a run queue (`/proc/thread-self/schedstat`);
-/// zeros where unavailable.
-fn schedstat() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
-    let mut fields = text.split_whitespace().map(|f| f.parse().unwrap_or(0));
-    (fields.next().unwrap_or(0), fields.next().unwrap_or(0))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Piper per sentence: median of `RUNS` timed runs after one warm-up. Returns all the audio.
@@ -95,18 +78,18 @@ fn bench_piper(voice: &mut PiperVoice) -> Result<Vec<i16>, BoxError> {
         let mut cpu = Vec::new();
         for _ in 0..RUNS {
             pcm.clear();
-            let (run0, _) = schedstat();
+            let (run0, _) = common::schedstat();
             let t = Instant::now();
             voice.synthesize(text, &mut pcm)?;
-            times.push(ms(t.elapsed()));
-            cpu.push((schedstat().0 - run0) as f64 / 1e6);
+            times.push(common::ms(t.elapsed()));
+            cpu.push((common::schedstat().0 - run0) as f64 / 1e6);
         }
         let (lo, hi) = (
             times.iter().copied().fold(f64::MAX, f64::min),
             times.iter().copied().fold(0.0, f64::max),
         );
-        let med = median(times);
-        let cpu = median(cpu);
+        let med = common::median(times);
+        let cpu = common::median(cpu);
         println!(
             "| {:.40} | {secs:.2} | {} | {med:.1} | {lo:.1}–{hi:.1} | {:.3} | {cpu:.1} | {:.3} |",
             text,
@@ -130,9 +113,9 @@ fn bench_espeak() -> Result<(), BoxError> {
         for _ in 0..RUNS {
             let t = Instant::now();
             espeak::synthesize(voice, text)?;
-            times.push(ms(t.elapsed()));
+            times.push(common::ms(t.elapsed()));
         }
-        let med = median(times);
+        let med = common::median(times);
         println!(
             "| {voice} | {text} | {secs:.2} | {med:.2} | {:.4} |",
             med / 1e3 / secs
@@ -148,27 +131,27 @@ fn bench_resample(speech: &[i16], rate: u32) -> Vec<i16> {
     let one_second = &speech[..(rate as usize).min(speech.len())];
     let t = Instant::now();
     let out = resample(speech, rate, DOWNLINK_RATE);
-    let first = ms(t.elapsed());
+    let first = common::ms(t.elapsed());
     let mut whole = Vec::new();
     let mut short = Vec::new();
     for _ in 0..21 {
         let t = Instant::now();
         std::hint::black_box(resample(speech, rate, DOWNLINK_RATE));
-        whole.push(ms(t.elapsed()) * 1e3 / secs);
+        whole.push(common::ms(t.elapsed()) * 1e3 / secs);
         let t = Instant::now();
         std::hint::black_box(resample(one_second, rate, DOWNLINK_RATE));
-        short.push(ms(t.elapsed()) * 1e3);
+        short.push(common::ms(t.elapsed()) * 1e3);
     }
     println!("\nresample {rate} → {DOWNLINK_RATE} Hz (rubato Fft, chunk 1024, delay trimmed)\n");
     println!(
         "- {secs:.1} s clip: {:.0} µs per second of audio (median of 21); first call incl. \
          resampler construction {:.0} µs per second",
-        median(whole),
+        common::median(whole),
         first * 1e3 / secs
     );
     println!(
         "- 1 s clip: {:.0} µs per call (median of 21)",
-        median(short)
+        common::median(short)
     );
     out
 }

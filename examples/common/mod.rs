@@ -63,3 +63,22 @@ pub fn speech(text: &str, rate: u32, pad_s: f32) -> Result<Vec<i16>, BoxError> {
     let _ = std::fs::remove_file(&out);
     Ok(pcm)
 }
+
+/// Nanoseconds this thread has run and waited on a run queue (`/proc/thread-self/schedstat`);
+/// zeros where unavailable.
+pub fn schedstat() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let mut fields = text.split_whitespace().map(|f| f.parse().unwrap_or(0));
+    (fields.next().unwrap_or(0), fields.next().unwrap_or(0))
+}
+
+/// A duration in milliseconds.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The median of `v` (the upper one of an even count); `v` must not be empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
