@@ -244,6 +244,17 @@ print(*[d for m, d in (("pip", "python3-pip"), ("ensurepip", "python3-venv")) if
 
 # ---- wheels ---------------------------------------------------------------------------------
 
+# A cached download whose checksum is not the manifest's is deleted (and fetched again).
+drop_if_corrupt() {  # <path> <file> <expected sha256>
+  local path=$1 file=$2 exp=$3 got
+  [ -f "$path" ] || return 0
+  got=$(sha256 "$path")
+  if [ "$got" != "$exp" ]; then
+    log ".cache/wheels/$file: sha256 mismatch, expected $exp, got $got; deleted, downloading it again" >&2
+    rm -f "$path"
+  fi
+}
+
 declare -A WHEEL_OK=()
 WHEEL_PATH=
 ensure_wheel() {  # <key> [group] ; sets WHEEL_PATH to a verified wheel in the cache
@@ -253,13 +264,7 @@ ensure_wheel() {  # <key> [group] ; sets WHEEL_PATH to a verified wheel in the c
   WHEEL_PATH=$path
   [ -n "${WHEEL_OK[$key]:-}" ] && return 0
   exp=$(wheel_hash wheel "$file")
-  if [ -f "$path" ]; then
-    got=$(sha256 "$path")
-    if [ "$got" != "$exp" ]; then
-      log ".cache/wheels/$file: sha256 mismatch, expected $exp, got $got; deleted, downloading it again" >&2
-      rm -f "$path"
-    fi
-  fi
+  drop_if_corrupt "$path" "$file" "$exp"
   if [ ! -f "$path" ]; then
     "$PY" -m pip --version >/dev/null 2>&1 || die "$group: '$PY -m pip' is not available; run scripts/setup.sh apt first (python3-pip)"
     mkdir -p "$CACHE"
@@ -288,13 +293,7 @@ ensure_npm() {  # <key> [group] ; sets WHEEL_PATH to a verified `npm pack` tarba
   WHEEL_PATH=$path
   [ -n "${NPM_OK[$key]:-}" ] && return 0
   exp=$(wheel_hash npm "$file")
-  if [ -f "$path" ]; then
-    got=$(sha256 "$path")
-    if [ "$got" != "$exp" ]; then
-      log ".cache/wheels/$file: sha256 mismatch, expected $exp, got $got; deleted, downloading it again" >&2
-      rm -f "$path"
-    fi
-  fi
+  drop_if_corrupt "$path" "$file" "$exp"
   if [ ! -f "$path" ]; then
     # Debian's npm only when no npm is on PATH (a Node.js install of its own brings one).
     command -v npm >/dev/null 2>&1 || apt_ensure "$group" npm
