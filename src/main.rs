@@ -174,9 +174,12 @@ fn serve(mut config: Config) -> ExitCode {
     tracing::info!(
         workers = inference.queues.vad.workers(),
         vad = %config.vad.model,
+        language = ?config.language,
         asr = ?config.asr.provider,
+        whisper = %config.asr.whisper.model,
         llm = ?config.llm.provider,
         tts = ?config.tts.provider,
+        voices = ?config.local_tts(),
         "inference workers ready"
     );
     let (startup_tx, startup_rx) = flume::unbounded();
