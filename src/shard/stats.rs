@@ -157,6 +157,11 @@ pub const SESSION_METRICS: &[Metric<SessionCounters>] = &[
         |e| e.iot_states_refused,
     ),
     sum(
+        "xiaozhi_manual_gap_ends_total",
+        "Manual-mode turns ended because audio frames stopped arriving without listen stop (session.manual_audio_gap_ms).",
+        |e| e.manual_gap_ends,
+    ),
+    sum(
         "xiaozhi_unknown_messages_total",
         "Text messages of unknown type (ignored).",
         |e| e.unknown,
