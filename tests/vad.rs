@@ -303,15 +303,7 @@ fn manual_mode_ends_when_a_client_stops_sending_audio_without_listen_stop() {
         "session.manual_audio_gap_ms=1000",
         "tts.provider=\"espeak\"",
     ]);
-    let mut ws = connect(
-        &server.ws_url("/"),
-        &device_headers("aa:bb:cc:00:00:08", "1"),
-    );
-    hello(&mut ws, HELLO);
-    ws.send(Message::text(
-        r#"{"type":"listen","state":"start","mode":"manual"}"#,
-    ))
-    .expect("listen");
+    let mut ws = listening_device(&server.ws_url("/"), "aa:bb:cc:00:00:08", "manual");
     send_paced(&mut ws, &speech, Instant::now());
     let mut seen = Vec::new();
     let stt = loop {
