@@ -146,6 +146,8 @@ pub struct Shard {
     /// This shard's reply receivers (read for their depth; the routers own clones).
     replies: Option<ShardReplies>,
     mesh: ShardMesh<ShardRequest>,
+    /// The MQTT + UDP endpoint, once started (when `mqtt.enabled`).
+    pub mqtt: RefCell<Option<Rc<crate::connection::mqtt::MqttEndpoint>>>,
 }
 
 /// A registered session; dropping it unregisters the session (its memory goes with it) and,
@@ -236,6 +238,9 @@ impl Shard {
         }
         s.http = self.http_admission.counters();
         s.sessions = self.session_count() as u64;
+        if let Some(mqtt) = self.mqtt.borrow().as_ref() {
+            s.mqtt = crate::connection::mqtt::stats::MqttStats::of(mqtt);
+        }
         self.read_queues(&mut s.queues);
         ShardSnapshot {
             stats: s,
