@@ -367,3 +367,35 @@ fn after_a_goodbye_the_connection_waits_for_the_next_hello() {
     assert_ne!(second["session_id"], first["session_id"]);
     assert_eq!(labelled(&server, "xiaozhi_mqtt_sessions_total"), 2);
 }
+
+#[test]
+fn a_standard_mqtt_client_connects_with_ota_credentials_and_exchanges_hello_and_listen() {
+    let (server, _) = mqtt_server(&[]);
+    let ota = format!("http://127.0.0.1:{}/xiaozhi/ota/", server.http_port);
+    let summary = run_sdk_script("paho_hello.py", [ota.as_str(), "aa:dd:00:00:00:0a"]);
+    assert_eq!(summary["connack"], "Success", "{summary}");
+    let hello = &summary["hello"];
+    assert_eq!(hello["transport"], "udp", "{summary}");
+    assert_eq!(hello["udp"]["key"].as_str().map(str::len), Some(32));
+    let types: Vec<&str> = summary["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    // The typed question is answered like a spoken one, all of it published to the device.
+    for kind in ["stt", "tts.start", "llm", "tts.stop", "goodbye"] {
+        assert!(types.contains(&kind), "{kind} missing in {types:?}");
+    }
+    assert!(summary["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t == "devices/p2p/aa_dd_00_00_00_0a"));
+    assert_eq!(summary["goodbye"]["session_id"], hello["session_id"]);
+    let refused = run_sdk_script(
+        "paho_hello.py",
+        [ota.as_str(), "aa:dd:00:00:00:0b", "--password-suffix", "x"],
+    );
+    assert_eq!(refused["connack"], "Not authorized", "{refused}");
+}
