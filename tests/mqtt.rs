@@ -399,3 +399,32 @@ fn a_standard_mqtt_client_connects_with_ota_credentials_and_exchanges_hello_and_
     );
     assert_eq!(refused["connack"], "Not authorized", "{refused}");
 }
+
+#[test]
+fn a_duplicate_client_id_replaces_the_older_connection_on_any_shard() {
+    let (server, _) = mqtt_server(&["runtime.shard_cores=[0,1]", "runtime.inference_cores=[1]"]);
+    let creds = credentials(&server, "aa:dd:00:00:00:0c");
+    let mut older = MqttDevice::connect(None, &creds, WAIT).expect("connect");
+    let mut older_port = older.hello(false, WAIT).expect("hello")["udp"]["port"].clone();
+    let (mut replaced, mut across) = (0, 0);
+    // The kernel spreads connections over the shards; keep reconnecting until one replacement
+    // crossed shards (each shard announces its own UDP port).
+    while across == 0 {
+        assert!(replaced < 40, "40 connections all landed on one shard");
+        let mut newer = MqttDevice::connect(None, &creds, WAIT).expect("connect again");
+        assert!(
+            matches!(older.next_event(WAIT), Some(Event::Closed)),
+            "the older connection was closed"
+        );
+        replaced += 1;
+        let port = newer.hello(false, WAIT).expect("hello")["udp"]["port"].clone();
+        if port != older_port {
+            across += 1;
+        }
+        (older, older_port) = (newer, port);
+    }
+    wait_for_metric(&server, "xiaozhi_mqtt_replaced_total", replaced);
+    // The newest one is still served.
+    older.publish(r#"{"type":"ping"}"#).unwrap();
+    assert!(older.wait_for("pong", WAIT).is_some());
+}

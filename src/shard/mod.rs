@@ -77,6 +77,12 @@ pub enum ShardRequest {
         /// What the sender parsed: the request head, the client address, the WebSocket key.
         upgrade: Upgrade,
     },
+    /// An MQTT device connected on another shard with this client id: close this shard's
+    /// connection with the same id, if any (the newer one replaces it, spec §15.1).
+    MqttClientConnected {
+        /// The CONNECT's client id.
+        client_id: String,
+    },
 }
 
 /// What a shard hands the main thread when it has drained: its histograms and, from shard 0,

@@ -143,7 +143,23 @@ fn start_mqtt(shard: &Rc<Shard>) -> Result<(glommio::Task<()>, glommio::Task<()>
     let udp_addr = SocketAddr::new(ip, udp_port);
     let udp = UdpAudio::bind(udp_addr)
         .map_err(|e| format!("cannot bind UDP audio on {udp_addr}: {e}"))?;
-    let endpoint = MqttEndpoint::new(config.clone(), udp.clone(), shard.connection_limit)?;
+    let announce = {
+        let (mesh, me) = (shard.mesh.clone(), shard.id);
+        Box::new(move |client_id: &str| {
+            for to in (0..mesh.len()).filter(|&to| to != me) {
+                let request = ShardRequest::MqttClientConnected {
+                    client_id: client_id.to_string(),
+                };
+                let _ = mesh.try_send(to, Control::User(request));
+            }
+        })
+    };
+    let endpoint = MqttEndpoint::new(
+        config.clone(),
+        udp.clone(),
+        shard.connection_limit,
+        announce,
+    )?;
     let mqtt_addr = SocketAddr::new(ip, config.port);
     let listener = glommio::net::TcpListener::bind(mqtt_addr)
         .map_err(|e| format!("cannot listen on {mqtt_addr}: {e}"))?;

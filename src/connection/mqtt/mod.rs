@@ -82,14 +82,18 @@ pub struct MqttEndpoint {
     draining: Cell<bool>,
     packets: RefCell<PacketCounters>,
     counters: Cell<EndpointCounters>,
+    /// Tells the other shards a client id connected here (they close theirs).
+    announce: Box<dyn Fn(&str)>,
 }
 
 impl MqttEndpoint {
-    /// The endpoint of a shard holding at most `limit` MQTT connections, with its UDP socket.
+    /// The endpoint of a shard holding at most `limit` MQTT connections, with its UDP socket;
+    /// `announce` tells the other shards each client id that connects here.
     pub fn new(
         config: MqttConfig,
         udp: Rc<UdpAudio>,
         limit: usize,
+        announce: Box<dyn Fn(&str)>,
     ) -> Result<Rc<MqttEndpoint>, String> {
         let keys = SignatureKeys::new(&config.signature_keys)
             .map_err(|e| format!("mqtt.signature_keys: {e}"))?;
@@ -103,6 +107,7 @@ impl MqttEndpoint {
             draining: Cell::new(false),
             packets: RefCell::new(PacketCounters::default()),
             counters: Cell::new(EndpointCounters::default()),
+            announce,
         }))
     }
 
@@ -147,9 +152,11 @@ impl MqttEndpoint {
         true
     }
 
-    /// Registers a connection under `client_id`, replacing an older one with the same id.
+    /// Registers a connection under `client_id`, replacing an older one with the same id here
+    /// and, through the control mesh, on the other shards.
     fn register(self: &Rc<Self>, client_id: &str) -> (Registration, LocalReceiver<Kick>) {
         self.replace(client_id);
+        (self.announce)(client_id);
         let serial = self.next_serial.get();
         self.next_serial.set(serial + 1);
         let (tx, rx) = local_channel::new_bounded(2);
