@@ -118,15 +118,6 @@ fn main() -> ExitCode {
 }
 
 fn serve(mut config: Config) -> ExitCode {
-    if config.mqtt.enabled {
-        // The MQTT + UDP building blocks exist (src/mqtt/) but no shard serves them yet: refuse
-        // rather than start without the transport the operator asked for.
-        eprintln!(
-            "xiaozhi-tpc: config key `mqtt.enabled`: the MQTT + UDP transport is not served yet \
-             (only its building blocks are in this build); leave it false and use WebSocket"
-        );
-        return ExitCode::from(2);
-    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

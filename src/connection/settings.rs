@@ -217,6 +217,26 @@ impl ConnectionSettings {
         }
     }
 
+    /// A new session (a fresh id) for `identity` under shard key `key`; `host` and `local_ip`
+    /// are where the device reached us (for the vision URL handed to its camera).
+    pub fn new_session(
+        &self,
+        key: u64,
+        identity: crate::protocol::DeviceIdentity,
+        host: Option<&str>,
+        local_ip: Option<IpAddr>,
+    ) -> crate::session::Session {
+        let vision = self.vision.capability(&identity.device_id, host, local_ip);
+        crate::session::Session::new(
+            uuid::Uuid::new_v4().to_string(),
+            key,
+            identity,
+            self.downlink.clone(),
+            self.session_settings(vision),
+            std::time::Instant::now(),
+        )
+    }
+
     /// A new session's settings, with this device's vision capability.
     pub fn session_settings(&self, vision: Option<(String, String)>) -> SessionSettings {
         let mut s = self.session.clone();

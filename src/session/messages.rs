@@ -60,7 +60,10 @@ impl Session {
                         version: self.protocol.version(),
                         transport: self.transport,
                         audio_params: &self.downlink,
-                        udp: None,
+                        udp: self
+                            .udp
+                            .as_ref()
+                            .filter(|_| self.transport == Transport::Udp),
                     },
                 );
                 if let Some(settings) = self.settings.tools.mcp.clone().filter(|_| start_mcp) {

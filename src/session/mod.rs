@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::metrics::Stage;
 use crate::pipeline::audio_in::AudioIn;
 use crate::protocol::{
-    AudioParams, BinaryProtocol, DeviceIdentity, ListenMode, ServerMessage, Transport,
+    AudioParams, BinaryProtocol, DeviceIdentity, ListenMode, ServerMessage, Transport, UdpParams,
 };
 use crate::providers::llm::ToolCall;
 use crate::providers::vad::{VadJob, VadResult};
@@ -188,6 +188,8 @@ pub struct Session {
     state: SessionState,
     protocol: BinaryProtocol,
     transport: Transport,
+    /// The UDP audio channel the next hello reply announces (MQTT transport only).
+    udp: Option<UdpParams>,
     uplink: AudioParams,
     downlink: AudioParams,
     mode: ListenMode,
@@ -249,6 +251,7 @@ impl Session {
             state: SessionState::AwaitingHello,
             protocol,
             transport: Transport::Websocket,
+            udp: None,
             uplink: AudioParams::device_default(),
             downlink,
             mode: ListenMode::Auto,
@@ -473,6 +476,12 @@ impl Session {
     /// Dialogue counters.
     pub fn dialogue_counters(&self) -> dialogue::DialogueCounters {
         self.dialogue.counters
+    }
+
+    /// The UDP audio channel (server, port, fresh key, nonce) to announce in the reply to the
+    /// device's next hello: the MQTT driver sets it before handing the session a hello.
+    pub fn set_udp_channel(&mut self, udp: UdpParams) {
+        self.udp = Some(udp);
     }
 
     /// Binary framing in use.
@@ -852,6 +861,43 @@ mod tests {
         assert_eq!(v["audio_params"]["sample_rate"], 24000);
         assert_eq!(v["audio_params"]["frame_duration"], 60);
         assert_eq!(s.state(), SessionState::Idle);
+    }
+
+    #[test]
+    fn a_udp_hello_is_answered_with_the_channel_the_driver_set() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.set_udp_channel(UdpParams {
+            server: "192.0.2.1".into(),
+            port: 8884,
+            key: "00".repeat(16),
+            nonce: "01".repeat(16),
+        });
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"hello","version":3,"transport":"udp"}"#,
+            now,
+            &mut out,
+        );
+        let v = json(&out[0]);
+        assert_eq!(
+            (v["transport"].as_str(), v["version"].as_u64()),
+            (Some("udp"), Some(3))
+        );
+        assert_eq!(v["udp"]["port"], 8884);
+        assert_eq!(v["udp"]["encryption"], "aes-128-ctr");
+        assert_eq!(v["udp"]["nonce"], "01".repeat(16));
+        // A WebSocket hello never carries it, even if a channel was set.
+        let mut ws = session(None, now);
+        ws.set_udp_channel(UdpParams {
+            server: "x".into(),
+            port: 1,
+            key: String::new(),
+            nonce: String::new(),
+        });
+        let mut out = vec![];
+        ws.on_text(r#"{"type":"hello","version":1}"#, now, &mut out);
+        assert!(json(&out[0]).get("udp").is_none());
     }
 
     #[test]

@@ -113,6 +113,7 @@ impl Shard {
             providers,
             connection,
             mesh,
+            mqtt: RefCell::new(None),
             base_tools,
             server_tools,
             config,
@@ -131,6 +132,7 @@ impl Shard {
                 firmware_url: server.firmware.url.clone(),
                 signer: self.signer.clone(),
                 allowed_devices: server.auth.allowed_devices.clone(),
+                mqtt: self.ota_mqtt(),
             },
             ready: self.drain.ready_flag(),
             admission: self.http_admission.clone(),
@@ -149,6 +151,21 @@ impl Shard {
                 })
             },
             vision: vision_endpoint(self),
+        })
+    }
+}
+
+impl Shard {
+    /// What the OTA answer needs to hand out MQTT credentials, when MQTT is on.
+    fn ota_mqtt(&self) -> Option<crate::http::ota::OtaMqtt> {
+        let config = &self.config.mqtt;
+        if !config.enabled {
+            return None;
+        }
+        let keys = crate::mqtt::credentials::SignatureKeys::new(&config.signature_keys).ok()?;
+        Some(crate::http::ota::OtaMqtt {
+            config: config.clone(),
+            keys,
         })
     }
 }

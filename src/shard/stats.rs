@@ -6,6 +6,7 @@
 //! struct in `session/`; their exported names are listed here in [`SESSION_METRICS`], one
 //! table, read by the same renderer.
 
+use crate::connection::mqtt::stats::MqttStats;
 use crate::http::vision::VisionCounters;
 use crate::http::HttpCounters;
 use crate::metrics::counters::{self, counters, Counters, Kind, Metric, Sample, Scope};
@@ -96,6 +97,8 @@ counters! {
         ended: SessionCounters,
         /// Requests to `/mcp/vision/explain` by outcome.
         vision: VisionCounters,
+        /// The MQTT + UDP transport's connections, refusals and datagrams.
+        mqtt: MqttStats,
     }
 }
 
