@@ -3,7 +3,8 @@
 //! Mandarin voices for Chinese), put at 16 kHz over a low room-noise floor as a device microphone
 //! would hear it, and transcribed by each Whisper setting the `language` key can pick. Prints the
 //! word error rate (English) and character error rate (Chinese, punctuation ignored), how often
-//! the language was detected right, and the CPU used per second of audio.
+//! the language was detected right, and the CPU used per second of audio — and, on the way, what
+//! each voice costs per second of speech it makes.
 //!
 //! Run: `cargo run --release --example eval_asr` (needs `scripts/setup.sh asr-tiny asr-base tts
 //! kokoro`). Everything runs on one pinned core (`BENCH_CORE`, default 1). The speech is
@@ -24,7 +25,7 @@ use xiaozhi_tpc::providers::tts::{KokoroSettings, TtsEngine, TtsWorker};
 /// English questions (no digits: "ten" and "10" would both be right).
 const ENGLISH: &[&str] = &[
     "What time is it right now?",
-    "Turn on the kitchen lights and set a timer for ten minutes.",
+    "Turn on the kitchen lights and start a short timer.",
     "What is the weather like today?",
     "Please play some relaxing music in the living room.",
     "How far is the moon from the earth?",
@@ -92,7 +93,7 @@ const SETTINGS: &[(&str, &str, Option<&str>)] = &[
     ("tiny.en (language=en)", "whisper-tiny.en", Some("en")),
     ("base, fixed en", "whisper-base", Some("en")),
     ("base, fixed zh (language=zh)", "whisper-base", Some("zh")),
-    ("base, zh|en (language=auto)", "whisper-base", Some("zh,en")),
+    ("base, zh or en (language=auto)", "whisper-base", Some("zh,en")),
 ];
 
 fn main() -> Result<(), BoxError> {
@@ -202,21 +203,33 @@ fn speak(lib: &Path, models: &Path) -> Result<Vec<Utterance>, BoxError> {
     let mut noise = Noise::new(0x5eed);
     let mut out = Vec::new();
     let started = Instant::now();
+    println!("| voice | audio s | CPU ms per audio s |");
+    println!("|---|---:|---:|");
     for (texts, voices, chinese) in [
         (ENGLISH, ENGLISH_VOICES, false),
         (CHINESE, CHINESE_VOICES, true),
     ] {
         for &voice in voices {
+            let (mut cpu_ns, mut audio_s) = (0u64, 0.0);
             for &text in texts {
+                let cpu0 = common::process_cpu_ns();
                 let (pcm, rate) = tts.synthesize(text, &voice.engine())?;
+                cpu_ns += common::process_cpu_ns() - cpu0;
+                audio_s += pcm.len() as f64 / f64::from(rate);
                 let speech = resample(&pcm, rate, 16_000);
                 let pad = vec![0i16; 4_800];
                 let mut pcm: Vec<i16> = pad.iter().chain(&speech).chain(&pad).copied().collect();
                 noise.add_to(&mut pcm);
                 out.push(Utterance { text, chinese, pcm });
             }
+            println!(
+                "| {} | {audio_s:.1} | {:.0} |",
+                voice.name(),
+                cpu_ns as f64 / 1e6 / audio_s
+            );
         }
     }
+    println!();
     eprintln!(
         "synthesised {} utterances in {:.1} s",
         out.len(),
