@@ -253,8 +253,15 @@ pub struct HttpPortConfig {
     /// from `server.proxy_protocol`: a balancer sends it per backend server line, and the OTA
     /// backend is often layer 7 (forwarded headers) while the WebSocket one is layer 4.
     pub proxy_protocol: ProxyProtocol,
-    /// Most HTTP connections one shard holds at once; beyond it a connection gets 503.
+    /// Most HTTP connections one shard serves at once, counted from a connection's first
+    /// complete request head; beyond it a request gets 503 (`/healthz` and `/readyz` are still
+    /// answered).
     pub max_connections_per_shard: usize,
+    /// Most connections one client address holds open on a shard, waiting or served (balancer
+    /// addresses are exempt); 0 = no cap.
+    pub max_connections_per_address: usize,
+    /// Time a new connection has to send its first complete request head, ms.
+    pub head_timeout_ms: u64,
     /// Requests per client address (balancer addresses are exempt).
     pub rate_limit: RateLimitConfig,
 }
@@ -264,6 +271,8 @@ impl Default for HttpPortConfig {
         Self {
             proxy_protocol: ProxyProtocol::Off,
             max_connections_per_shard: 1024,
+            max_connections_per_address: 64,
+            head_timeout_ms: 5000,
             rate_limit: RateLimitConfig::default(),
         }
     }
@@ -1052,6 +1061,12 @@ impl Config {
             return bad(
                 "server.http.max_connections_per_shard",
                 "must be at least 1",
+            );
+        }
+        if !(100..=60_000).contains(&s.http.head_timeout_ms) {
+            return bad(
+                "server.http.head_timeout_ms",
+                "must be between 100 and 60000",
             );
         }
         for (key, rl) in [

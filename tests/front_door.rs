@@ -407,53 +407,188 @@ fn full_shard_refuses_new_devices_with_503() {
     assert_eq!(server.metric("xiaozhi_refused_full_total"), 1);
 }
 
+/// A keep-alive connection to the HTTP port that has been answered once (so it holds a place).
+fn held_http_connection(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(b"ok\n") {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
+/// Everything the server sends on `s` until it closes.
+fn read_until_closed(mut s: TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[test]
-fn full_http_shard_answers_503_until_a_connection_closes() {
+fn full_http_shard_refuses_requests_but_answers_probes_and_idle_sockets_take_no_place() {
     let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
     sets.extend(
         [
             "server.http.max_connections_per_shard=2",
+            "server.http.head_timeout_ms=60000",
             "runtime.shard_cores=[0]",
         ]
         .map(String::from),
     );
     let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    // Twenty sockets that never send a byte wait for their first head but take no place.
+    let idle: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect"))
+        .collect();
+    wait_until(|| server.metric("xiaozhi_http_connections_waiting{shard=\"0\"}") == 20);
     // Two keep-alive connections, each answered once (so both are open and counted), hold
     // both places.
     let held: Vec<TcpStream> = (0..2)
-        .map(|_| {
-            let mut s = TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .expect("write");
-            let mut got = Vec::new();
-            let mut buf = [0u8; 512];
-            while !got.ends_with(b"ok\n") {
-                let n = s.read(&mut buf).expect("read");
-                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-                got.extend_from_slice(&buf[..n]);
-            }
-            s
-        })
+        .map(|_| held_http_connection(server.http_port))
         .collect();
-    let refused = http_request(server.http_port, "GET", "/healthz", &[], "").expect("answer");
+    let refused = http_request(server.http_port, "GET", "/xiaozhi/ota/", &[], "").expect("answer");
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert_eq!(
         refused.body,
         "server busy: this shard holds its maximum of 2 HTTP connections; retry later\n"
     );
     assert!(refused.head.to_ascii_lowercase().contains("retry-after: 1"));
+    // The balancer's probes are answered all the same: a full shard is busy, not down.
+    let health = http_request(server.http_port, "GET", "/healthz", &[], "").expect("health");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let ready = http_request(server.http_port, "GET", "/readyz/", &[], "").expect("ready");
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
     // Closing one frees its place (the server notices the close asynchronously).
     drop(held);
     let mut refusals = 1;
     wait_until(|| {
-        let ok = http_request(server.http_port, "GET", "/healthz", &[], "")
+        let ok = http_request(server.http_port, "GET", "/xiaozhi/ota/", &[], "")
             .is_ok_and(|r| r.status == 200);
         refusals += u64::from(!ok);
         ok
     });
-    assert_eq!(server.metric("xiaozhi_http_refused_full_total"), refusals);
+    let metrics = http_request(server.http_port, "GET", "/metrics", &[], "").expect("metrics");
+    assert_eq!(
+        metric_value(&metrics.body, "xiaozhi_http_refused_full_total"),
+        refusals
+    );
+    assert_eq!(
+        metric_value(&metrics.body, "xiaozhi_http_health_over_budget_total"),
+        2
+    );
+    assert_eq!(
+        metric_value(
+            &metrics.body,
+            "xiaozhi_http_connections_waiting{shard=\"0\"}"
+        ),
+        20
+    );
+    drop(idle);
+}
+
+#[test]
+fn a_connection_without_a_complete_head_in_time_gets_408_and_is_closed() {
+    let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    sets.extend(["server.http.head_timeout_ms=300", "runtime.shard_cores=[0]"].map(String::from));
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let silent = TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect");
+    let mut slow = TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    for s in [silent, slow] {
+        let answer = read_until_closed(s);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            answer.ends_with("no complete request head in time\n"),
+            "{answer}"
+        );
+    }
+    let mut garbage = TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect");
+    garbage
+        .write_all(b"\x16\x03\x01\x00\x05hello\r\n\r\n")
+        .expect("write");
+    let answer = read_until_closed(garbage);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(server.metric("xiaozhi_http_head_timeouts_total"), 2);
+    assert_eq!(server.metric("xiaozhi_http_bad_heads_total"), 1);
+}
+
+#[test]
+fn each_address_holds_at_most_its_connection_cap_and_trusted_balancers_are_exempt() {
+    let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    sets.extend(
+        [
+            "server.http.max_connections_per_address=3",
+            "server.http.head_timeout_ms=60000",
+            "server.trusted_proxies=[\"127.0.0.4\"]",
+            "runtime.shard_cores=[0]",
+        ]
+        .map(String::from),
+    );
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let port = server.http_port;
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| tcp_from("127.0.0.2", port).expect("connect"))
+        .collect();
+    wait_until(|| server.metric("xiaozhi_http_connections_waiting{shard=\"0\"}") == 3);
+    let answer = read_until_closed(tcp_from("127.0.0.2", port).expect("connect"));
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(
+        answer.ends_with("too many connections from 127.0.0.2; retry later\n"),
+        "{answer}"
+    );
+    // Another address is served; so is a trusted balancer holding many more.
+    let other = http_exchange(
+        tcp_from("127.0.0.3", port).expect("connect"),
+        port,
+        "GET",
+        "/xiaozhi/ota/",
+        &[],
+        b"",
+        None,
+    )
+    .expect("other");
+    assert_eq!(other.status, 200, "{}", other.body);
+    let pool: Vec<TcpStream> = (0..10)
+        .map(|_| tcp_from("127.0.0.4", port).expect("connect"))
+        .collect();
+    let balancer = http_exchange(
+        tcp_from("127.0.0.4", port).expect("connect"),
+        port,
+        "GET",
+        "/readyz",
+        &[],
+        b"",
+        None,
+    )
+    .expect("balancer");
+    assert_eq!(balancer.status, 200, "{}", balancer.body);
+    assert_eq!(server.metric("xiaozhi_http_refused_per_address_total"), 1);
+    // Closed connections give their address's places back (the one address left in the table
+    // is 127.0.0.1's, the /metrics request asking).
+    drop(idle);
+    wait_until(|| server.metric("xiaozhi_http_connection_addresses{shard=\"0\"}") == 1);
+    let again = http_exchange(
+        tcp_from("127.0.0.2", port).expect("connect"),
+        port,
+        "GET",
+        "/healthz",
+        &[],
+        b"",
+        None,
+    )
+    .expect("again");
+    assert_eq!(again.status, 200, "{}", again.body);
+    drop(pool);
 }
 
 #[test]

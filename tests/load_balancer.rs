@@ -11,7 +11,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -91,19 +91,6 @@ impl Drop for Haproxy {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// A TCP connection to 127.0.0.1:`port` from the loopback source address `src` (e.g. 127.0.0.2).
-fn tcp_from(src: &str, port: u16) -> std::io::Result<TcpStream> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    let local: SocketAddr = format!("{src}:0").parse().expect("src");
-    s.bind(&local.into())?;
-    let remote: SocketAddr = ([127, 0, 0, 1], port).into();
-    s.connect_timeout(&remote.into(), Duration::from_secs(5))?;
-    let t: TcpStream = s.into();
-    t.set_read_timeout(Some(Duration::from_secs(10)))?;
-    Ok(t)
 }
 
 /// Opens a WebSocket from source address `src`; `Err` carries the HTTP status and body of a
