@@ -71,6 +71,12 @@ crate::metrics::counters::counters! {
         /// Request-rate buckets forgotten because the table was full.
         rate_limit_evictions: Sum Counter "xiaozhi_http_rate_limit_evictions_total"
             "HTTP request-rate buckets forgotten because a shard's table was full.",
+        /// `GET /metrics` requests answered.
+        metrics_requests: Sum Counter "xiaozhi_http_metrics_requests_total"
+            "GET /metrics requests answered (each shares a render that started after it asked).",
+        /// `/metrics` texts rendered (one at a time per shard, shared by waiting requests).
+        metrics_renders: Sum Counter "xiaozhi_http_metrics_renders_total"
+            "/metrics texts rendered; concurrent scrapes share one, so this grows slower than the requests under load.",
     }
 }
 

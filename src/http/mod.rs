@@ -12,6 +12,7 @@
 pub mod admission;
 pub mod head;
 pub mod ota;
+pub mod shared_render;
 pub mod vision;
 
 use std::cell::Cell;
@@ -59,8 +60,12 @@ pub struct HttpContext {
     pub admission: Rc<HttpAdmission>,
     /// `/metrics` text.
     pub metrics: MetricsSource,
+    /// One `/metrics` render at a time on this shard, shared by the requests that waited.
+    pub metrics_render: Rc<shared_render::SharedRender>,
     /// `/histograms` and `/histograms/<stage>[.hgrm|.hlog]`.
     pub histograms: HistogramSource,
+    /// One `/histograms` render at a time on this shard (the others wait their turn).
+    pub histogram_renders: Rc<glommio::sync::Semaphore>,
     /// `/mcp/vision/explain`.
     pub vision: vision::VisionEndpoint,
 }
@@ -247,7 +252,8 @@ async fn route(
         (Method::OPTIONS, _) => text(StatusCode::OK, ""),
         (_, _) if probe.is_some() => probe_response(probe, ctx.ready.get()),
         (Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, &(ctx.metrics)().await);
+            let body = ctx.metrics_render.get(|| (ctx.metrics)()).await;
+            let mut r = text(StatusCode::OK, &body);
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -256,6 +262,8 @@ async fn route(
         }
         (Method::GET, p) if p == "/histograms" || p.starts_with("/histograms/") => {
             let rest = p.trim_start_matches("/histograms").trim_start_matches('/');
+            // Never closed, so acquiring cannot fail (and would only mean no bound).
+            let _turn = ctx.histogram_renders.acquire_permit(1).await.ok();
             match (ctx.histograms)(rest.to_string()).await {
                 Ok((content_type, body)) => {
                     let mut r = Response::new(Full::new(Bytes::from(body)));

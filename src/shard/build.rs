@@ -94,6 +94,7 @@ impl Shard {
             connection_limit,
             rate_limiter: RefCell::new(rate_limiter),
             http_admission: Rc::new(HttpAdmission::new(s)),
+            metrics_render: Rc::default(),
             sessions: RefCell::new(HashMap::new()),
             ended_mailbox_refusals: Cell::new(0),
             peer_sessions: RefCell::new(vec![0; shards]),
@@ -138,9 +139,18 @@ impl Shard {
                 let shard = self.clone();
                 Rc::new(move || {
                     let shard = shard.clone();
-                    Box::pin(async move { stats::render_snapshots(&shard.collect_stats().await) })
+                    Box::pin(async move {
+                        // Snapshots travel by message; formatting them runs on glommio's
+                        // blocking pool, never on the executor the devices share.
+                        let snapshots = shard.collect_stats().await;
+                        glommio::executor()
+                            .spawn_blocking(move || stats::render_snapshots(&snapshots))
+                            .await
+                    })
                 })
             },
+            metrics_render: self.metrics_render.clone(),
+            histogram_renders: Rc::new(glommio::sync::Semaphore::new(1)),
             histograms: {
                 let shard = self.clone();
                 Rc::new(move |path: String| {
