@@ -226,6 +226,9 @@ pub struct ServerConfig {
     pub write_timeout_ms: u64,
     /// Most messages queued for one device before it counts as not reading and is disconnected.
     pub outbound_queue_messages: usize,
+    /// Messages (or other wake-ups) a connection handles in a row, each ready at once, before
+    /// it lets the other devices on its shard run.
+    pub read_budget_messages: u32,
     /// Device token authentication.
     pub auth: AuthConfig,
     /// Firmware offered by the OTA endpoint.
@@ -350,6 +353,7 @@ impl Default for ServerConfig {
             hello_timeout_ms: 10_000,
             write_timeout_ms: 5_000,
             outbound_queue_messages: 128,
+            read_budget_messages: 32,
             auth: AuthConfig::default(),
             firmware: FirmwareConfig::default(),
             drain: DrainConfig::default(),
@@ -1091,6 +1095,9 @@ impl Config {
         }
         if s.outbound_queue_messages < 8 {
             return bad("server.outbound_queue_messages", "must be at least 8");
+        }
+        if !(1..=4096).contains(&s.read_budget_messages) {
+            return bad("server.read_budget_messages", "must be between 1 and 4096");
         }
         let url = &s.public_ws_url;
         if !(url.is_empty() || url.starts_with("ws://") || url.starts_with("wss://")) {

@@ -863,3 +863,42 @@ fn drain_delay_keeps_accepting_while_not_ready_then_closes_everyone() {
     }
     assert!(server.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// Reads until a pong with `payload` arrives; returns how many other pongs came first.
+fn pongs_until(ws: &mut Ws, payload: &[u8]) -> usize {
+    let mut others = 0;
+    loop {
+        match ws.read().expect("read") {
+            Message::Pong(p) if p.as_ref() == payload => return others,
+            Message::Pong(_) => others += 1,
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_ping_flood_from_one_device_does_not_keep_another_device_waiting() {
+    let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    sets.push("runtime.shard_cores=[0]".into());
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let url = server.ws_url("/xiaozhi/v1/");
+    let mut a = connect(&url, &device_headers("aa:bb:cc:dd:ee:a1", "1"));
+    hello(&mut a, HELLO);
+    let mut b = connect(&url, &device_headers("aa:bb:cc:dd:ee:b1", "1"));
+    hello(&mut b, HELLO);
+    // A writes 20,000 masked, empty pings in one go, straight onto its socket.
+    const FLOOD: usize = 20_000;
+    let flood: Vec<u8> = [0x89u8, 0x80, 0, 0, 0, 0].repeat(FLOOD);
+    let mut raw = match a.get_ref() {
+        tungstenite::stream::MaybeTlsStream::Plain(s) => s.try_clone().expect("clone"),
+        _ => unreachable!("plain socket"),
+    };
+    let flooder = std::thread::spawn(move || raw.write_all(&flood).expect("flood"));
+    // B, on the same shard, is answered; and A's every ping is answered too, in order.
+    b.send(Message::Ping(b"b".to_vec().into())).expect("ping");
+    assert_eq!(pongs_until(&mut b, b"b"), 0);
+    flooder.join().expect("flooder");
+    a.send(Message::Ping(b"a".to_vec().into())).expect("ping");
+    assert_eq!(pongs_until(&mut a, b"a"), FLOOD);
+    assert!(server.metric("xiaozhi_read_budget_yields_total") > 0);
+}

@@ -6,7 +6,8 @@
 //!   forwarded addresses, the per-address rate, admission (or a hand-off to a shard with
 //!   room), identity and token authentication, then the session;
 //! - [`websocket`]: the I/O loop of one WebSocket device (socket, mailbox, timers in; the
-//!   session's [`Effects`](crate::session::Effects) out, written with a write timeout);
+//!   session's [`Effects`](crate::session::Effects) out, written with a write timeout), with
+//!   a [`read_budget`] so one flooding device cannot keep the shard to itself;
 //! - [`effects`]: carries out what a session asks for on this shard's [`Providers`] (jobs for
 //!   the inference cores, remote calls, the LLM stream and its cancellation);
 //! - [`settings`]: the session and connection settings, built once per shard from the config.
@@ -18,6 +19,7 @@
 pub mod accept;
 pub mod effects;
 pub mod handshake;
+pub mod read_budget;
 pub mod settings;
 pub mod websocket;
 
@@ -116,6 +118,8 @@ pub enum Count {
     AuthFailure,
     /// Refused because the shard was full and no other shard took it.
     RefusedFull,
+    /// A connection spent its read budget and let the shard's other tasks run.
+    ReadBudgetYield,
 }
 
 /// How a session ended.

@@ -1,7 +1,9 @@
 //! The WebSocket driver: one task per device that waits on the socket, the session's mailbox
 //! and its next timer, gives each event to the [`Session`], hands what it asks for to the
 //! [`Runner`], and writes what is left for the device with a write timeout (a device that stops
-//! reading is disconnected). Audio is framed here with the session's binary protocol.
+//! reading is disconnected). Audio is framed here with the session's binary protocol. After
+//! `server.read_budget_messages` wake-ups in a row that were ready at once it yields
+//! ([`ReadBudget`]), so a flooding device shares its core.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -14,7 +16,8 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 use super::effects::Runner;
-use super::{ConnectionContext, End, Outcome};
+use super::read_budget::ReadBudget;
+use super::{ConnectionContext, Count, End, Outcome};
 use crate::session::{CloseCause, Effects, Outgoing, Session, SessionEvent};
 
 enum Wake {
@@ -36,6 +39,7 @@ pub async fn drive(
     let mut runner = Runner::new(ctx.shard, ctx.providers.clone(), mailbox.clone());
     let write_timeout = Duration::from_millis(server.write_timeout_ms);
     let max_queue = server.outbound_queue_messages;
+    let mut budget = ReadBudget::new(server.read_budget_messages);
     let mut pending = Effects::default();
     if let Some(deadline) = drain_at_start {
         pending = session.on_drain(deadline, Instant::now());
@@ -94,7 +98,16 @@ pub async fn drive(
                 }
                 Wake::Timer
             };
-            futures_lite::future::or(incoming, futures_lite::future::or(event, timer)).await
+            let (wake, yielded) = budget
+                .next(futures_lite::future::or(
+                    incoming,
+                    futures_lite::future::or(event, timer),
+                ))
+                .await;
+            if yielded {
+                ctx.host.count(Count::ReadBudgetYield);
+            }
+            wake
         };
         let now = Instant::now();
         pending = match wake {

@@ -51,6 +51,9 @@ counters! {
         /// Connections that failed before or during the HTTP handshake.
         handshake_errors: Sum Counter "xiaozhi_handshake_errors_total"
             "Connections that failed in the HTTP handshake.",
+        /// Times a connection spent its read budget and yielded to the shard's other tasks.
+        read_budget_yields: Sum Counter "xiaozhi_read_budget_yields_total"
+            "Times a WebSocket connection handled server.read_budget_messages ready messages in a row and let the other devices on its shard run.",
         /// Plain HTTP requests answered on the WebSocket port.
         plain_http: Sum Counter "xiaozhi_plain_http_total"
             "Plain HTTP requests answered on the WebSocket port.",
