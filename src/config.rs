@@ -894,12 +894,16 @@ impl Default for AudioOutConfig {
 pub struct LogConfig {
     /// A tracing filter, e.g. "info" or "xiaozhi_tpc=debug,info"; `RUST_LOG` wins when set.
     pub level: String,
+    /// Lines the log writer thread queues; beyond it lines are dropped and counted, so a slow
+    /// stderr never blocks a shard.
+    pub buffered_lines: usize,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            buffered_lines: 16_384,
         }
     }
 }
@@ -1170,6 +1174,9 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.metrics.keep_intervals) {
             return bad("metrics.keep_intervals", "must be between 1 and 100000");
+        }
+        if !(16..=1 << 20).contains(&self.log.buffered_lines) {
+            return bad("log.buffered_lines", "must be between 16 and 1048576");
         }
         let t = &self.tools;
         if t.call_timeout_ms < 100 {

@@ -291,6 +291,38 @@ fn malformed_and_unknown_messages_get_errors_or_are_ignored_without_dropping_the
     assert_eq!(next_json(&mut ws)["type"], "pong");
 }
 
+#[test]
+fn a_device_repeating_unknown_messages_is_logged_three_times_then_summed_up_once() {
+    let sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:07", "1"),
+    );
+    hello(&mut ws, HELLO);
+    for _ in 0..50 {
+        ws.send(Message::text(r#"{"type":"teleport\nforged line"}"#))
+            .expect("send");
+    }
+    ws.send(Message::text(r#"{"type":"ping"}"#)).expect("send");
+    assert_eq!(next_json(&mut ws)["type"], "pong");
+    ws.close(None).expect("close");
+    let summary = "unknown message types not logged";
+    wait_until(|| server.log_text().contains(summary));
+    let log = server.log_text();
+    let ignored: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("unknown message type ignored"))
+        .collect();
+    assert_eq!(ignored.len(), 3, "{log}");
+    assert!(ignored[2].contains("last=true"), "{log}");
+    let summed: Vec<&str> = log.lines().filter(|l| l.contains(summary)).collect();
+    assert_eq!(summed.len(), 1, "{log}");
+    assert!(summed[0].contains("suppressed=47"), "{log}");
+    // The device's newline stays escaped inside the line; it never starts one.
+    assert!(!log.lines().any(|l| l.starts_with("forged line")), "{log}");
+}
+
 /// Sends one 10 000-byte binary frame under `limit`; expects close 1009 naming `what`, and
 /// `counter` (not `other`) counted.
 fn oversized_closes_with_1009(limit: &str, what: &str, counter: &str, other: &str) {
@@ -831,14 +863,19 @@ fn a_full_shard_hands_devices_to_a_shard_with_room() {
             let line = format!("xiaozhi_sessions{{shard=\"{shard}\"}} 4\n");
             assert!(metrics.body.contains(&line), "{}", metrics.body);
         }
-        // The access log names each device by its forwarded address, handed over or not.
-        let mut logged: Vec<String> = server
-            .log_text()
-            .lines()
-            .filter(|l| l.contains("device connected"))
-            .filter_map(|l| l.split("addr=").nth(1)?.split_whitespace().next())
-            .map(String::from)
-            .collect();
+        // The access log names each device by its forwarded address, handed over or not (the
+        // log thread writes a line a moment after the event: wait for all of them).
+        let logged_now = || -> Vec<String> {
+            server
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("device connected"))
+                .filter_map(|l| l.split("addr=").nth(1)?.split_whitespace().next())
+                .map(String::from)
+                .collect()
+        };
+        wait_until(|| logged_now().len() >= addrs.len());
+        let mut logged = logged_now();
         logged.sort();
         assert_eq!(logged, addrs);
         return;

@@ -153,6 +153,7 @@ impl Outcome {
     /// The outcome of `session`, ended by `end`.
     pub fn of(session: &Session, end: End) -> Outcome {
         tracing::debug!(session = %session.id, ?end, "session ended");
+        session.log_suppressed();
         Outcome {
             end,
             counters: session.counters(),

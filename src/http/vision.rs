@@ -273,11 +273,11 @@ impl VisionEndpoint {
                 "the file is not a JPEG, PNG, GIF, BMP, TIFF or WEBP image",
             ));
         };
-        tracing::info!(device = %device_id, bytes = image.len(), ?kind, "vision question");
+        tracing::info!(device = ?device_id, bytes = image.len(), ?kind, "vision question");
         explain(&self.client, model, &question, &image, kind)
             .await
             .map_err(|e| {
-                tracing::warn!(device = %device_id, error = %e, "vision model failed");
+                tracing::warn!(device = ?device_id, error = %e, "vision model failed");
                 Refusal::new(
                     O::UpstreamError,
                     S::OK,

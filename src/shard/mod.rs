@@ -241,6 +241,7 @@ impl Shard {
         s.http.metrics_requests = self.metrics_render.requests();
         s.http.metrics_renders = self.metrics_render.renders();
         s.sessions = self.session_count() as u64;
+        s.log_lines_dropped = crate::log_writer::dropped_lines();
         self.read_queues(&mut s.queues);
         ShardSnapshot {
             stats: s,

@@ -48,6 +48,9 @@ counters! {
         /// Rate-limit buckets forgotten because the table was full.
         rate_limit_evictions: Sum Counter "xiaozhi_rate_limit_evictions_total"
             "Connection-rate buckets forgotten because a shard's table was full.",
+        /// Log lines dropped because the log writer's queue was full (process-wide).
+        log_lines_dropped: Max Counter "xiaozhi_log_lines_dropped_total"
+            "Log lines dropped because stderr was read too slowly and log.buffered_lines were queued.",
         /// Connections that failed before or during the HTTP handshake.
         handshake_errors: Sum Counter "xiaozhi_handshake_errors_total"
             "Connections that failed in the HTTP handshake.",
