@@ -147,6 +147,12 @@ pub struct VisionConfig {
     pub max_body_bytes: usize,
     /// Most requests each shard handles at once (past authentication); more get 503.
     pub max_in_flight: usize,
+    /// Most requests one device has in hand at once on a shard; more get 429.
+    pub max_in_flight_per_device: usize,
+    /// Requests per minute per device on a shard (a token bucket); 0 = no limit.
+    pub per_device_per_minute: f64,
+    /// Requests a device may make at once (bucket size).
+    pub per_device_burst: u32,
     /// Lifetime of the per-device token handed out in MCP initialize, seconds.
     pub token_expire_seconds: u64,
     /// Remote OpenAI-compatible vision chat model.
@@ -159,6 +165,9 @@ impl Default for VisionConfig {
             provider: VisionProvider::None,
             max_body_bytes: 5 * 1024 * 1024,
             max_in_flight: 8,
+            max_in_flight_per_device: 2,
+            per_device_per_minute: 10.0,
+            per_device_burst: 5,
             token_expire_seconds: 24 * 3600,
             openai: RemoteVisionConfig::default(),
         }
@@ -377,8 +386,14 @@ pub struct AuthConfig {
     pub secrets: Vec<String>,
     /// Token lifetime, seconds (reference default: 30 days).
     pub expire_seconds: u64,
-    /// Devices that need no token.
+    /// The fleet's device ids: with `ota_tokens = "allowed_devices"` the only ones OTA issues a
+    /// token to; with `allowed_devices_skip_token` let in without one.
     pub allowed_devices: Vec<String>,
+    /// Devices in `allowed_devices` connect without a token (the reference's bypass: anyone
+    /// claiming such an id is let in). Off by default; warned about at start when on.
+    pub allowed_devices_skip_token: bool,
+    /// Which devices `POST /xiaozhi/ota/` hands a token to when auth is on.
+    pub ota_tokens: OtaTokens,
 }
 
 impl Default for AuthConfig {
@@ -388,7 +403,46 @@ impl Default for AuthConfig {
             secrets: Vec::new(),
             expire_seconds: 30 * 24 * 3600,
             allowed_devices: Vec::new(),
+            allowed_devices_skip_token: false,
+            ota_tokens: OtaTokens::Any,
         }
+    }
+}
+
+/// Which devices OTA issues a token to (with auth on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtaTokens {
+    /// Any `Device-Id` (the reference): OTA is then the way in, and auth only keeps out
+    /// clients that never asked OTA.
+    Any,
+    /// Only devices in `server.auth.allowed_devices`; others get an empty token.
+    AllowedDevices,
+    /// None: tokens are handed out another way (`xiaozhi-tpc token`).
+    None,
+}
+
+impl AuthConfig {
+    /// Start-up warnings about choices that weaken auth (empty when auth is off).
+    pub fn warnings(&self) -> Vec<&'static str> {
+        let mut w = Vec::new();
+        if !self.enabled {
+            return w;
+        }
+        if self.ota_tokens == OtaTokens::Any {
+            w.push(
+                "server.auth.ota_tokens = \"any\": POST /xiaozhi/ota/ hands a valid token to any \
+                 Device-Id, so anyone who can reach the HTTP port can connect; set \
+                 \"allowed_devices\" or \"none\" to close it",
+            );
+        }
+        if self.allowed_devices_skip_token && !self.allowed_devices.is_empty() {
+            w.push(
+                "server.auth.allowed_devices_skip_token = true: any connection that claims an id \
+                 in server.auth.allowed_devices is let in without a token",
+            );
+        }
+        w
     }
 }
 
@@ -1168,6 +1222,25 @@ impl Config {
         }
         if !(1000..=30_000).contains(&self.asr.whisper.window_ms) {
             return bad("asr.whisper.window_ms", "must be between 1000 and 30000");
+        }
+        let v = &self.vision;
+        if v.max_in_flight_per_device == 0 {
+            return bad("vision.max_in_flight_per_device", "must be at least 1");
+        }
+        if !(v.per_device_per_minute >= 0.0 && v.per_device_per_minute.is_finite()) {
+            return bad("vision.per_device_per_minute", "must be 0 or more");
+        }
+        if v.per_device_burst == 0 {
+            return bad("vision.per_device_burst", "must be at least 1");
+        }
+        if s.auth.enabled
+            && s.auth.ota_tokens == OtaTokens::AllowedDevices
+            && s.auth.allowed_devices.is_empty()
+        {
+            return bad(
+                "server.auth.ota_tokens",
+                "\"allowed_devices\" with an empty server.auth.allowed_devices issues no token at all",
+            );
         }
         if self.metrics.interval_ms < 100 {
             return bad("metrics.interval_ms", "must be at least 100");

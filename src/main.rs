@@ -148,6 +148,9 @@ fn serve(config: Config) -> ExitCode {
 /// [`serve`] once logging is installed.
 fn serve_logged(mut config: Config) -> ExitCode {
     config.ensure_vision_secret();
+    for warning in config.server.auth.warnings() {
+        tracing::warn!("auth: {warning}");
+    }
 
     let available = shards::CorePlan::available_cores();
     let plan = match shards::CorePlan::from_config(

@@ -71,9 +71,14 @@ fn auth_accepts_valid_tokens_and_refuses_bad_expired_and_missing_ones() {
             "server.auth.enabled=true",
             "server.auth.expire_seconds=3600",
             "server.auth.allowed_devices=[\"aa:bb:cc:dd:ee:99\"]",
+            "server.auth.allowed_devices_skip_token=true",
         ],
         &[("XIAOZHI_AUTH_SECRETS", "new-secret,old-secret")],
     );
+    // Both choices that weaken auth are warned about at start.
+    let log = server.log_text();
+    assert!(log.contains("server.auth.ota_tokens = \"any\""), "{log}");
+    assert!(log.contains("allowed_devices_skip_token = true"), "{log}");
     let device = "aa:bb:cc:dd:ee:04";
     let client = "7b94d69a-9808-4c59-9c9b-704333b38aff";
 
@@ -149,13 +154,76 @@ fn auth_accepts_valid_tokens_and_refuses_bad_expired_and_missing_ones() {
     );
     refused(None, "missing");
 
-    // Allowed devices need no token.
+    // Allowed devices need no token (allowed_devices_skip_token).
     let mut ws = connect(
         &server.ws_url("/"),
         &device_headers("aa:bb:cc:dd:ee:99", "1"),
     );
     hello(&mut ws, HELLO);
     assert_eq!(server.metric("xiaozhi_auth_failures_total"), 3);
+}
+
+/// `POST /xiaozhi/ota/` for `device`; the token in the answer.
+fn ota_token(server: &Server, device: &str) -> String {
+    let ota = http_request(
+        server.http_port,
+        "POST",
+        "/xiaozhi/ota/",
+        &[
+            ("Device-Id", device),
+            ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"application":{"version":"1.0.0"}}"#,
+    )
+    .expect("ota");
+    let body: serde_json::Value = serde_json::from_str(&ota.body).expect("ota json");
+    body["websocket"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string()
+}
+
+#[test]
+fn ota_issues_tokens_only_to_the_fleet_and_the_fleet_still_needs_them() {
+    let fleet = "aa:bb:cc:dd:ee:f1";
+    let sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    let mut sets: Vec<String> = sets;
+    sets.extend(
+        [
+            "server.auth.enabled=true",
+            "server.auth.secrets=[\"fleet-secret\"]",
+            &format!("server.auth.allowed_devices=[\"{fleet}\"]"),
+            "server.auth.ota_tokens=\"allowed_devices\"",
+        ]
+        .map(String::from),
+    );
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        !server.log_text().contains("auth: "),
+        "no warning: {}",
+        server.log_text()
+    );
+    // A stranger asking OTA for a token gets none, so cannot connect as itself...
+    assert_eq!(ota_token(&server, "victim"), "");
+    // ...while a fleet device gets one, and it works.
+    let token = ota_token(&server, fleet);
+    assert!(token.contains('.'), "{token}");
+    let bearer = format!("Bearer {token}");
+    let mut headers = device_headers(fleet, "1");
+    headers.push(("Authorization", &bearer));
+    let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &headers);
+    hello(&mut ws, HELLO);
+    // Claiming the fleet's id without a token is refused (allowed_devices_skip_token = false).
+    let mut claimed = connect(&server.ws_url("/xiaozhi/v1/"), &device_headers(fleet, "1"));
+    match claimed.read().expect("read") {
+        Message::Text(t) => assert_eq!(t.as_str(), "认证失败"),
+        other => panic!("expected the auth failure text, got {other:?}"),
+    }
+    let (code, reason) = expect_close(&mut claimed);
+    assert_eq!(code, 1008);
+    assert!(reason.contains("missing"), "{reason}");
+    assert_eq!(server.metric("xiaozhi_auth_failures_total"), 1);
 }
 
 fn unix_now() -> u64 {

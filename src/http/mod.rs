@@ -14,6 +14,7 @@ pub mod head;
 pub mod ota;
 pub mod shared_render;
 pub mod vision;
+pub mod vision_quota;
 
 use std::cell::Cell;
 use std::convert::Infallible;
