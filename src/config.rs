@@ -14,6 +14,7 @@ use std::path::Path;
 
 use crate::front_door::peer::TrustedProxies;
 use crate::pipeline::segmenter::SegmenterConfig;
+use crate::providers::asr::ChineseScript;
 use crate::tools::server::ServerToolName;
 
 mod mqtt;
@@ -23,6 +24,10 @@ pub use mqtt::{MqttConfig, OtaTransport};
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// The language the embedded default speaks: `en`, `zh` or `auto` (both). It picks the
+    /// Whisper model and language and the local voices unless those are set explicitly
+    /// (`asr.whisper.model`, `asr.whisper.language`, `tts.provider` other than `local`).
+    pub language: Language,
     /// Listeners, limits and the addresses handed out to devices.
     pub server: ServerConfig,
     /// Per-session timers.
@@ -53,6 +58,58 @@ pub struct Config {
     pub mqtt: MqttConfig,
 }
 
+/// The language of the embedded default (top-level `language`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    /// English: Whisper tiny.en, Piper (Chinese text, if any, via espeak-ng).
+    En,
+    /// Mandarin: Whisper base fixed to Chinese, Kokoro's Mandarin voice (English words and
+    /// sentences via Piper).
+    Zh,
+    /// Both: Whisper base detecting between Chinese and English, Kokoro's Mandarin voice for
+    /// Chinese replies and Piper for English ones.
+    #[default]
+    Auto,
+}
+
+impl Language {
+    /// The Whisper model folder this language needs.
+    pub fn whisper_model(self) -> &'static str {
+        match self {
+            Language::En => "whisper-tiny.en",
+            Language::Zh | Language::Auto => "whisper-base",
+        }
+    }
+
+    /// The Whisper language setting: one code, or the list detection chooses from.
+    pub fn whisper_language(self) -> &'static str {
+        match self {
+            Language::En => "en",
+            Language::Zh => "zh",
+            Language::Auto => "zh,en",
+        }
+    }
+
+    /// Whether a reply with nothing to go by (no user text) is in Chinese.
+    pub fn prefers_chinese(self) -> bool {
+        self == Language::Zh
+    }
+}
+
+/// The local speech engines the TTS workers load and which text each speaks (from
+/// `tts.provider` and `language`; [`Config::local_tts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTtsPlan {
+    /// Load the Piper voice (`tts.piper_model`); it speaks text without Chinese characters
+    /// unless `kokoro_en` is set.
+    pub piper: bool,
+    /// Kokoro voice for text with Chinese characters (else espeak-ng's Chinese voice).
+    pub kokoro_zh: Option<String>,
+    /// Kokoro voice for other text (else Piper, else espeak-ng).
+    pub kokoro_en: Option<String>,
+}
+
 /// Device tools, server tools, LLM tool calling and the built-in intents.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -74,6 +131,9 @@ pub struct ToolsConfig {
     pub max_tools: usize,
     /// Most tools/list pages read from a device.
     pub max_list_pages: u32,
+    /// A turn ready for its answer while the device's tools are still being listed (right
+    /// after hello) waits for the list at most this long, ms.
+    pub discovery_wait_ms: u64,
     /// Longest tool result fed back to the LLM, bytes.
     pub max_result_bytes: usize,
     /// `capabilities.vision.url` sent in MCP initialize (camera explain endpoint). Empty: with
@@ -108,6 +168,7 @@ impl Default for ToolsConfig {
             max_pending_calls: 8,
             max_tools: 32,
             max_list_pages: 8,
+            discovery_wait_ms: 2_000,
             max_result_bytes: 2048,
             vision_url: String::new(),
             vision_token: String::new(),
@@ -465,6 +526,9 @@ pub struct DrainConfig {
     pub delay_ms: u64,
     /// Time in-flight replies get to finish before sessions are closed, ms.
     pub grace_ms: u64,
+    /// A device that began listening (`listen start` or a wake word) less than this before is
+    /// given until then to begin speaking (then its turn finishes within `grace_ms`), ms.
+    pub listen_grace_ms: u64,
 }
 
 impl Default for DrainConfig {
@@ -472,6 +536,7 @@ impl Default for DrainConfig {
         Self {
             delay_ms: 0,
             grace_ms: 10_000,
+            listen_grace_ms: 4_000,
         }
     }
 }
@@ -489,6 +554,9 @@ pub struct SessionConfig {
     /// Send `{"type":"vad",...}` messages when server VAD finds speech start/end (our
     /// extension; firmware ignores it; useful for clients and benchmarks).
     pub vad_events: bool,
+    /// Manual mode: after speech was heard, this long without any audio frame (wall clock)
+    /// ends the turn as `listen stop` would, for clients that just stop sending, ms.
+    pub manual_audio_gap_ms: u64,
 }
 
 impl Default for SessionConfig {
@@ -498,6 +566,7 @@ impl Default for SessionConfig {
             idle_close_s: 180,
             answer_ping: true,
             vad_events: false,
+            manual_audio_gap_ms: 2_000,
         }
     }
 }
@@ -691,10 +760,10 @@ impl Default for AsrConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct WhisperConfig {
     /// Model folder inside `inference.models_dir`: `whisper-tiny.en` (fast, English) or
-    /// `whisper-base` (multilingual: Chinese + English).
+    /// `whisper-base` (multilingual: Chinese + English); empty = by the top-level `language`.
     pub model: String,
-    /// Language code ("en", "zh"); empty = detect among all languages; a list ("zh,en") =
-    /// detect among those only (multilingual models only).
+    /// Language code ("en", "zh"); `any` = detect among all languages; a list ("zh,en") =
+    /// detect among those only (multilingual models only); empty = by the top-level `language`.
     pub language: String,
     /// int8 weights (faster) instead of float32.
     pub int8: bool,
@@ -705,16 +774,20 @@ pub struct WhisperConfig {
     /// but at least this much. 30000 is Whisper's training window; 10000 gave the same
     /// transcripts at a quarter of the cost here (examples/bench_asr.rs).
     pub window_ms: u32,
+    /// Script of Chinese transcripts: `simplified` (default), `traditional` or `as_heard`
+    /// (Whisper mixes both; the text is converted with OpenCC's tables).
+    pub chinese_script: ChineseScript,
 }
 
 impl Default for WhisperConfig {
     fn default() -> Self {
         Self {
-            model: "whisper-tiny.en".into(),
-            language: "en".into(),
+            model: String::new(),
+            language: String::new(),
             int8: true,
             beam_size: 5,
             window_ms: 10_000,
+            chinese_script: ChineseScript::Simplified,
         }
     }
 }
@@ -820,6 +893,11 @@ impl Default for RemoteLlmConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TtsProvider {
+    /// The embedded default for the top-level `language`: `en` = Piper (Chinese text via
+    /// espeak-ng); `zh` and `auto` = Kokoro's Mandarin voice (`tts.kokoro.voice_zh`) for text
+    /// with Chinese characters and Piper for the rest (Piper costs a tenth of Kokoro's CPU per
+    /// second of English speech: tuning.md).
+    Local,
     /// Local Piper voice (ONNX) on the inference cores; espeak-ng for text it cannot speak.
     Piper,
     /// Local espeak-ng.
@@ -834,7 +912,7 @@ pub enum TtsProvider {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TtsConfig {
-    /// `piper` (default), `espeak`, `openai` or `kokoro`.
+    /// `local` (default: by `language`), `piper`, `espeak`, `openai` or `kokoro`.
     pub provider: TtsProvider,
     /// Piper voice model inside `inference.models_dir`.
     pub piper_model: String,
@@ -853,7 +931,7 @@ pub struct TtsConfig {
 impl Default for TtsConfig {
     fn default() -> Self {
         Self {
-            provider: TtsProvider::Piper,
+            provider: TtsProvider::Local,
             piper_model: "piper/en_US-joe-medium.onnx".into(),
             espeak_voice: "en-us".into(),
             espeak_voice_zh: "cmn".into(),
@@ -1061,8 +1139,48 @@ impl Config {
                 .map(String::from)
                 .collect();
         }
+        config.resolve_language();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Fills the keys left to the top-level `language` (an empty `asr.whisper.model` or
+    /// `asr.whisper.language`); explicit values stay.
+    fn resolve_language(&mut self) {
+        let w = &mut self.asr.whisper;
+        if w.model.is_empty() {
+            w.model = self.language.whisper_model().into();
+        }
+        if w.language.is_empty() {
+            w.language = self.language.whisper_language().into();
+        }
+    }
+
+    /// The Whisper language setting for the worker: `None` = detect among all languages.
+    pub fn whisper_language(&self) -> Option<String> {
+        let l = self.asr.whisper.language.trim();
+        (!l.is_empty() && l != "any").then(|| l.to_string())
+    }
+
+    /// The local speech engines, or `None` with a remote TTS provider.
+    pub fn local_tts(&self) -> Option<LocalTtsPlan> {
+        let k = &self.tts.kokoro;
+        let plan = |piper, kokoro_zh: Option<&String>, kokoro_en: Option<&String>| {
+            Some(LocalTtsPlan {
+                piper,
+                kokoro_zh: kokoro_zh.cloned(),
+                kokoro_en: kokoro_en.cloned(),
+            })
+        };
+        match (self.tts.provider, self.language) {
+            (TtsProvider::Openai, _) => None,
+            (TtsProvider::Piper, _) | (TtsProvider::Local, Language::En) => plan(true, None, None),
+            (TtsProvider::Espeak, _) => plan(false, None, None),
+            (TtsProvider::Kokoro, _) => plan(false, Some(&k.voice_zh), Some(&k.voice_en)),
+            (TtsProvider::Local, Language::Zh | Language::Auto) => {
+                plan(true, Some(&k.voice_zh), None)
+            }
+        }
     }
 
     /// The secrets that sign vision tokens: `server.auth.secrets` (auth enabled or not). With
@@ -1169,6 +1287,9 @@ impl Config {
         }
         if self.session.idle_close_s == 0 || self.session.no_voice_close_s == 0 {
             return bad("session", "timeouts must be at least 1 s");
+        }
+        if self.session.manual_audio_gap_ms < 200 {
+            return bad("session.manual_audio_gap_ms", "must be at least 200");
         }
         if self.runtime.io_memory_kib < 64 {
             return bad("runtime.io_memory_kib", "must be at least 64");
@@ -1332,6 +1453,65 @@ mod tests {
     fn load(sets: &[&str]) -> Result<Config, ConfigError> {
         let v: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         Config::load(None, &v)
+    }
+
+    #[test]
+    fn language_picks_the_whisper_model_and_the_voices() {
+        let auto = load(&[]).unwrap();
+        assert_eq!(auto.language, Language::Auto);
+        assert_eq!(auto.asr.whisper.model, "whisper-base");
+        assert_eq!(auto.whisper_language().as_deref(), Some("zh,en"));
+        let mixed = LocalTtsPlan {
+            piper: true,
+            kokoro_zh: Some("zf_xiaoxiao".into()),
+            kokoro_en: None,
+        };
+        assert_eq!(auto.local_tts(), Some(mixed.clone()));
+
+        let zh = load(&["language=\"zh\""]).unwrap();
+        assert_eq!(zh.asr.whisper.model, "whisper-base");
+        assert_eq!(zh.whisper_language().as_deref(), Some("zh"));
+        assert_eq!(zh.local_tts(), Some(mixed));
+
+        let en = load(&["language=\"en\""]).unwrap();
+        assert_eq!(en.asr.whisper.model, "whisper-tiny.en");
+        assert_eq!(en.whisper_language().as_deref(), Some("en"));
+        let piper = LocalTtsPlan {
+            piper: true,
+            kokoro_zh: None,
+            kokoro_en: None,
+        };
+        assert_eq!(en.local_tts(), Some(piper.clone()));
+
+        // Explicit settings win over the language.
+        let set = load(&[
+            "language=\"en\"",
+            "asr.whisper.model=\"whisper-base\"",
+            "asr.whisper.language=\"any\"",
+            "tts.provider=\"kokoro\"",
+            "tts.kokoro.voice_en=\"am_michael\"",
+        ])
+        .unwrap();
+        assert_eq!(set.asr.whisper.model, "whisper-base");
+        assert_eq!(set.whisper_language(), None);
+        assert_eq!(
+            set.local_tts(),
+            Some(LocalTtsPlan {
+                piper: false,
+                kokoro_zh: Some("zf_xiaoxiao".into()),
+                kokoro_en: Some("am_michael".into()),
+            })
+        );
+        let zh_piper = load(&["language=\"zh\"", "tts.provider=\"piper\""]).unwrap();
+        assert_eq!(zh_piper.local_tts(), Some(piper));
+        assert_eq!(
+            load(&["language=\"zh\"", "tts.provider=\"openai\""])
+                .unwrap()
+                .local_tts(),
+            None
+        );
+        let err = load(&["language=\"fr\""]).unwrap_err().to_string();
+        assert!(err.contains("language"), "{err}");
     }
 
     #[test]

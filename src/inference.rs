@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use shards::{Routed, WorkerPool, WorkerPoolConfig};
 
-use crate::config::{AsrProvider, Config, TtsProvider};
+use crate::config::{AsrProvider, Config};
 use crate::providers::asr::{AsrJob, AsrReply, WhisperSettings, WhisperWorker};
 use crate::providers::tts::{KokoroSettings, TtsJob, TtsReply, TtsWorker};
 use crate::providers::vad::{VadJob, VadReply, VadWorker};
@@ -87,11 +87,11 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
         ] {
             verify(&dir.join(f))?;
         }
-        let language =
-            (!config.asr.whisper.language.is_empty()).then(|| config.asr.whisper.language.clone());
+        let language = config.whisper_language();
         let int8 = config.asr.whisper.int8;
         let beam_size = config.asr.whisper.beam_size;
         let window_ms = config.asr.whisper.window_ms;
+        let chinese_script = config.asr.whisper.chinese_script;
         let cores = cores.to_vec();
         let mut asr_config = pool_config("asr");
         asr_config.max_batch = 1;
@@ -107,6 +107,7 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
                         core: cores[i],
                         beam_size,
                         window_ms,
+                        chinese_script,
                     })
                 },
                 asr_tx,
@@ -118,63 +119,52 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
     };
 
     let (tts_tx, tts_rx) = channels(shards, cap);
-    let tts = match config.tts.provider {
-        TtsProvider::Piper | TtsProvider::Espeak => {
-            let piper = if config.tts.provider == TtsProvider::Piper {
+    let tts = match config.local_tts() {
+        Some(plan) => {
+            let piper = if plan.piper {
                 let model = models.join(&config.tts.piper_model);
                 verify(&model)?;
-                let json = model.with_extension("onnx.json");
-                verify(&json)?;
+                verify(&model.with_extension("onnx.json"))?;
                 Some(model)
             } else {
                 None
             };
-            let lib = lib.clone();
-            let mut tts_config = pool_config("tts");
-            tts_config.max_batch = 1;
-            tts_config.batch_deadline = Duration::ZERO;
-            Some(
-                WorkerPool::spawn(
-                    &tts_config,
-                    move |_| TtsWorker::load(&lib, piper.as_deref()),
-                    tts_tx,
-                )
-                .map_err(|e| format!("TTS workers: {e}"))?,
-            )
-        }
-        TtsProvider::Kokoro => {
-            let dir = models.join("kokoro");
-            verify(&dir.join("kokoro-v1.0.int8.onnx"))?;
-            verify(&dir.join("vocab.json"))?;
-            let kokoro = &config.tts.kokoro;
-            let mut voices = vec![kokoro.voice_zh.clone()];
-            if kokoro.voice_en != kokoro.voice_zh {
-                voices.push(kokoro.voice_en.clone());
+            let mut voices: Vec<String> = plan.kokoro_zh.iter().cloned().collect();
+            if let Some(en) = plan.kokoro_en.filter(|en| !voices.contains(en)) {
+                voices.push(en);
             }
-            for voice in &voices {
-                verify(&dir.join("voices").join(format!("{voice}.bin")))?;
-            }
-            let settings = KokoroSettings {
-                dir,
-                voices,
-                speed: kokoro.speed,
+            let kokoro = if voices.is_empty() {
+                None
+            } else {
+                let dir = models.join("kokoro");
+                verify(&dir.join("kokoro-v1.0.int8.onnx"))?;
+                verify(&dir.join("vocab.json"))?;
+                for voice in &voices {
+                    verify(&dir.join("voices").join(format!("{voice}.bin")))?;
+                }
+                Some(KokoroSettings {
+                    dir,
+                    voices,
+                    speed: config.tts.kokoro.speed,
+                })
             };
             let lib = lib.clone();
             // One synthesis per core at a time: Kokoro costs about a core-second per second of
-            // speech, so batching or a second job on the same core would only add latency.
+            // speech, so batching or a second job on the same core would only add latency (and
+            // Piper and espeak-ng run one job at a time anyway).
             let mut tts_config = pool_config("tts");
             tts_config.max_batch = 1;
             tts_config.batch_deadline = Duration::ZERO;
             Some(
                 WorkerPool::spawn(
                     &tts_config,
-                    move |_| TtsWorker::load_kokoro(&lib, &settings),
+                    move |_| TtsWorker::load(&lib, piper.as_deref(), kokoro.as_ref()),
                     tts_tx,
                 )
                 .map_err(|e| format!("TTS workers: {e}"))?,
             )
         }
-        TtsProvider::Openai => None,
+        None => None,
     };
 
     let replies = vad_rx

@@ -118,15 +118,6 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    if config.mqtt.enabled {
-        // The MQTT + UDP building blocks exist (src/mqtt/) but no shard serves them yet: refuse
-        // rather than start without the transport the operator asked for.
-        eprintln!(
-            "xiaozhi-tpc: config key `mqtt.enabled`: the MQTT + UDP transport is not served yet \
-             (only its building blocks are in this build); leave it false and use WebSocket"
-        );
-        return ExitCode::from(2);
-    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -187,9 +178,12 @@ fn serve_logged(mut config: Config) -> ExitCode {
     tracing::info!(
         workers = inference.queues.vad.workers(),
         vad = %config.vad.model,
+        language = ?config.language,
         asr = ?config.asr.provider,
+        whisper = %config.asr.whisper.model,
         llm = ?config.llm.provider,
         tts = ?config.tts.provider,
+        voices = ?config.local_tts(),
         "inference workers ready"
     );
     let (startup_tx, startup_rx) = flume::unbounded();

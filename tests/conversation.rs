@@ -5,11 +5,15 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tungstenite::Message;
 use xiaozhi_bench::mock_upstream::{self, MockSettings};
+use xiaozhi_tpc::audio::resample;
+use xiaozhi_tpc::providers::asr::{ChineseScript, WhisperSettings, WhisperWorker};
+use xiaozhi_tpc::providers::tts::{KokoroSettings, TtsEngine, TtsWorker};
 
 /// What a device saw during one turn.
 #[derive(Debug, Default)]
@@ -202,6 +206,119 @@ fn local_providers_answer_a_spoken_question_with_paced_24khz_audio() {
         "{:?} of audio arrived in {:?}",
         audio,
         started.elapsed()
+    );
+}
+
+/// The models folder and the ONNX Runtime library the set-up installed (`make test` exports
+/// both paths; the defaults are the set-up's own).
+fn models_and_runtime() -> (PathBuf, PathBuf) {
+    let models = std::env::var_os("XIAOZHI_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let lib = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| models.join("onnxruntime/libonnxruntime.so.1.31.1"));
+    (models, lib)
+}
+
+#[test]
+fn mandarin_question_gets_a_mandarin_answer_in_the_kokoro_voice_heard_back_by_whisper() {
+    let (models, lib) = models_and_runtime();
+    // The question, in a Kokoro voice the server does not answer with.
+    let asker = "zm_yunxi";
+    let mut tts = TtsWorker::load(
+        &lib,
+        None,
+        Some(&KokoroSettings {
+            dir: models.join("kokoro"),
+            voices: vec![asker.into()],
+            speed: 1.0,
+        }),
+    )
+    .expect("Kokoro loads (scripts/setup.sh kokoro; `make test` installs it)");
+    let (pcm, rate) = tts
+        .synthesize(
+            "现在几点了？",
+            &TtsEngine::Kokoro {
+                voice: asker.into(),
+            },
+        )
+        .expect("the question is synthesised");
+    let pad = vec![0i16; 12_800];
+    let question: Vec<i16> = pad
+        .iter()
+        .chain(&resample(&pcm, rate, 16_000))
+        .chain(&pad)
+        .copied()
+        .collect();
+    let frames = opus_frames(&question);
+
+    // Generous model timeouts: Kokoro costs about a core-second per second of speech, and the
+    // tests share two cores; this test is about the language, not about timeouts.
+    let server = Server::start(&[
+        "language=\"zh\"",
+        "tts.timeout_ms=60000",
+        "asr.timeout_ms=60000",
+    ]);
+    assert!(
+        server
+            .log_text()
+            .contains("kokoro_zh: Some(\"zf_xiaoxiao\")"),
+        "language zh answers in Kokoro's Mandarin voice:\n{}",
+        server.log_text()
+    );
+    let mut ws = connect(
+        &server.ws_url("/xiaozhi/v1/"),
+        &device_headers("aa:cc:00:00:00:86", "1"),
+    );
+    hello(&mut ws, HELLO);
+    let turn = speak(&mut ws, &frames, Duration::from_secs(120));
+    let stt = turn.first("stt").expect("stt")["text"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        stt.contains("几点"),
+        "the question is transcribed in (simplified) Chinese characters: {stt:?}"
+    );
+    assert_turn_shape(&turn);
+    let reply = turn.sentences().join("");
+    assert!(
+        reply.starts_with("现在是"),
+        "the offline responder tells the time in Chinese: {reply:?}"
+    );
+    let period = ["凌晨", "上午", "中午", "下午", "晚上"]
+        .into_iter()
+        .find(|p| reply.contains(p))
+        .expect("the reply names the part of the day");
+
+    // Round trip: what the device would play, transcribed by the multilingual Whisper.
+    let mut dec = opus::Decoder::new(24_000, opus::Channels::Mono).expect("decoder");
+    let mut buf = vec![0i16; 2_880];
+    let mut played = Vec::new();
+    for f in &turn.frames {
+        let n = dec
+            .decode(f, &mut buf, false)
+            .expect("server audio decodes");
+        played.extend_from_slice(&buf[..n]);
+    }
+    let mut whisper = WhisperWorker::load(&WhisperSettings {
+        model_dir: models.join("whisper-base"),
+        language: Some("zh".into()),
+        int8: true,
+        core: 0,
+        beam_size: 5,
+        window_ms: 10_000,
+        chinese_script: ChineseScript::Simplified,
+    })
+    .expect("Whisper base loads (scripts/setup.sh asr-base)");
+    let heard = whisper
+        .transcribe(&resample(&played, 24_000, 16_000))
+        .expect("transcription")
+        .text;
+    assert!(
+        heard.contains("现在") && heard.contains(period),
+        "the spoken reply {reply:?} was heard back as {heard:?}"
     );
 }
 

@@ -379,7 +379,12 @@ fn dead_port_is_a_connect_error() {
         let (_, result) = chat(&client, &settings, None).await;
         match result {
             Err(LlmError::Http(HttpError::Connect { addr, source })) => {
-                assert_eq!(addr, format!("127.0.0.1:{port}").parse().unwrap());
+                assert_eq!(
+                    addr,
+                    format!("127.0.0.1:{port}")
+                        .parse::<std::net::SocketAddr>()
+                        .unwrap()
+                );
                 assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused);
             }
             other => panic!("expected a connect error, got {other:?}"),

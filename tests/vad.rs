@@ -292,3 +292,44 @@ fn manual_mode_ends_on_listen_stop_or_after_a_long_silence() {
         }
     }
 }
+
+#[test]
+fn manual_mode_ends_when_a_client_stops_sending_audio_without_listen_stop() {
+    // A load tester's pattern: push-to-talk speech, then no more frames and no `listen stop`.
+    // No audio means no audio time passes, so only the wall-clock gap can end the turn.
+    let speech = opus_frames(&speech_16k(EN, "en-us", 0.3));
+    let server = Server::start(&[
+        "session.vad_events=true",
+        "session.manual_audio_gap_ms=1000",
+        "tts.provider=\"espeak\"",
+    ]);
+    let mut ws = listening_device(&server.ws_url("/"), "aa:bb:cc:00:00:08", "manual");
+    send_paced(&mut ws, &speech, Instant::now());
+    let mut seen = Vec::new();
+    let stt = loop {
+        let v = next_json(&mut ws);
+        seen.push(v["type"].as_str().unwrap_or("").to_string());
+        if v["type"] == "stt" {
+            break v;
+        }
+    };
+    assert!(
+        seen.iter().any(|t| t == "vad"),
+        "the utterance was segmented: {seen:?}"
+    );
+    assert!(
+        stt["text"]
+            .as_str()
+            .unwrap_or("")
+            .to_lowercase()
+            .contains("kitchen"),
+        "the speech was recognised: {stt}"
+    );
+    // Session counters are added to /metrics when the session ends.
+    drop(ws);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.metric("xiaozhi_manual_gap_ends_total") == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.metric("xiaozhi_manual_gap_ends_total"), 1);
+}

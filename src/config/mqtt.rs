@@ -1,6 +1,6 @@
 //! `[mqtt]`: the MQTT + UDP transport's settings (spec §14.2, §15), in their own file because
-//! they are one concept with their own validation and tests. `serve` refuses `enabled = true`
-//! until the shards run the MQTT + UDP driver.
+//! they are one concept with their own validation and tests. Served by
+//! `connection::mqtt` on every shard.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,8 +30,8 @@ pub struct MqttConfig {
     pub port: u16,
     /// UDP port of shard 0; shard N binds base + N. 0 = an ephemeral port per shard.
     pub udp_port_base: u16,
-    /// Host or address devices send UDP to (hello `udp.server`); empty = the host the device's
-    /// OTA request named.
+    /// Host or address devices send UDP to (hello `udp.server`); empty = the host of
+    /// `public_endpoint`, else the address the device's MQTT connection reached.
     pub udp_public_host: String,
     /// `host:port` handed out as the OTA `mqtt.endpoint`; empty = the OTA request's host and
     /// `mqtt.port`.

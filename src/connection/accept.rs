@@ -1,11 +1,11 @@
 //! Accepting a device on the WebSocket port: the request head (after a PROXY header from a
 //! trusted balancer), the device's real address, plain HTTP answers, the per-address rate,
 //! admission or a hand-off to a shard with room, the upgrade, identity and authentication,
-//! then the [`Session`] and its driver.
+//! then the [`Session`](crate::session::Session) and its driver.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_tungstenite::WebSocketStream;
 use futures_lite::StreamExt;
@@ -19,7 +19,6 @@ use super::settings::LetIn;
 use super::{websocket, ConnectionContext, Count, Refusal};
 use crate::front_door::{proxy, write_plain};
 use crate::protocol::identify;
-use crate::session::Session;
 
 /// Text the reference sends before closing a connection without a device id.
 const REF_MISSING_DEVICE_ID: &str = "端口正常，如需测试连接，请启动digital-human测试";
@@ -261,17 +260,12 @@ async fn admit_and_serve(
         }
     }
 
-    let vision = settings
-        .vision
-        .capability(&identity.device_id, host.as_deref(), local_ip)
-        .filter(|_| authenticated);
-    let session = Session::new(
-        uuid::Uuid::new_v4().to_string(),
+    let session = settings.new_session(
         admission.key,
         identity,
-        settings.downlink.clone(),
-        settings.session_settings(vision),
-        Instant::now(),
+        host.as_deref(),
+        local_ip,
+        authenticated,
     );
     // The device's address as the balancer reported it (PROXY header or trusted forwarded
     // headers), else the TCP peer: what an operator greps for.

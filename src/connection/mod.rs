@@ -1,13 +1,19 @@
 //! The connection wing: everything between a shard's listener and a device's [`Session`].
 //!
 //! A shard owns listeners and sessions' mailboxes; a connection moves bytes and runs what its
-//! session asks for. One driver per transport (the WebSocket today) shares the rest:
+//! session asks for. One link per transport over one shared loop:
 //! - [`accept`] (with [`handshake`]): the WebSocket port's request head, the PROXY header from trusted balancers,
 //!   forwarded addresses, the per-address rate, admission (or a hand-off to a shard with
 //!   room), identity and token authentication, then the session;
-//! - [`websocket`]: the I/O loop of one WebSocket device (socket, mailbox, timers in; the
-//!   session's [`Effects`](crate::session::Effects) out, written with a write timeout), with
-//!   a [`read_budget`] so one flooding device cannot keep the shard to itself;
+//! - [`driver`]: the loop every transport shares (device, mailbox and timers in; the
+//!   session's [`Effects`](crate::session::Effects) out, written with a write timeout), over
+//!   a transport's [`Link`](driver::Link);
+//! - [`websocket`]: the WebSocket's link (text and binary frames, close frames);
+//! - [`mqtt`] (with [`udp`]): the MQTT + UDP transport: CONNECT and its credentials, one
+//!   session per hello on a long-lived MQTT connection, PUBLISHes for text, the shard's own
+//!   UDP socket for encrypted audio;
+//! - [`read_budget`]: how many ready wake-ups in a row the loop handles before it yields, so
+//!   one flooding device cannot keep the shard to itself;
 //! - [`effects`]: carries out what a session asks for on this shard's [`Providers`] (jobs for
 //!   the inference cores, remote calls, the LLM stream and its cancellation);
 //! - [`settings`]: the session and connection settings, built once per shard from the config.
@@ -17,10 +23,13 @@
 //! so nothing here imports the shard, and the shard decides where a connection goes.
 
 pub mod accept;
+pub mod driver;
 pub mod effects;
 pub mod handshake;
+pub mod mqtt;
 pub mod read_budget;
 pub mod settings;
+pub mod udp;
 pub mod websocket;
 
 use std::any::Any;

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::config::{AsrProvider, Config, LlmProvider, ServerConfig, TtsProvider, VisionProvider};
+use crate::config::{AsrProvider, Config, LlmProvider, ServerConfig, VisionProvider};
 use crate::front_door::peer::TrustedProxies;
 use crate::pipeline::audio_in::AudioInLimits;
 use crate::protocol::{AudioParams, TokenSigner};
@@ -152,6 +152,8 @@ impl ConnectionSettings {
                 hello_timeout: Duration::from_millis(s.hello_timeout_ms),
                 no_voice_close: Duration::from_secs(c.session.no_voice_close_s),
                 idle_close: Duration::from_secs(c.session.idle_close_s),
+                drain_listen_grace: Duration::from_millis(s.drain.listen_grace_ms),
+                manual_audio_gap: Duration::from_millis(c.session.manual_audio_gap_ms),
             },
             answer_ping: c.session.answer_ping,
             vad_events: c.session.vad_events,
@@ -177,6 +179,7 @@ impl ConnectionSettings {
                 max_calls_per_round: t.max_calls_per_round,
                 max_tool_result_bytes: t.max_result_bytes,
                 intents: Intents::new(&t.exit_phrases, &t.wake_words),
+                prefer_chinese: c.language.prefers_chinese(),
             },
             tools: ToolSettings {
                 mcp: t.mcp.then(|| McpSettings {
@@ -190,6 +193,7 @@ impl ConnectionSettings {
                 server: parts.server_tools,
                 base: parts.base_tools,
                 max_tools: t.max_tools,
+                discovery_wait: Duration::from_millis(t.discovery_wait_ms),
                 wake_greeting: t.wake_greeting.clone(),
                 wake_greeting_zh: t.wake_greeting_zh.clone(),
             },
@@ -221,6 +225,31 @@ impl ConnectionSettings {
             },
             busy_watermark: inference.busy_watermark,
         }
+    }
+
+    /// A new session (a fresh id) for `identity` under shard key `key`; `host` and `local_ip`
+    /// are where the device reached us (for the vision URL handed to its camera).
+    pub fn new_session(
+        &self,
+        key: u64,
+        identity: crate::protocol::DeviceIdentity,
+        host: Option<&str>,
+        local_ip: Option<IpAddr>,
+        authenticated: bool,
+    ) -> crate::session::Session {
+        // Vision tokens go only to sessions whose identity was verified (see `LetIn`).
+        let vision = self
+            .vision
+            .capability(&identity.device_id, host, local_ip)
+            .filter(|_| authenticated);
+        crate::session::Session::new(
+            uuid::Uuid::new_v4().to_string(),
+            key,
+            identity,
+            self.downlink.clone(),
+            self.session_settings(vision),
+            std::time::Instant::now(),
+        )
     }
 
     /// A new session's settings, with this device's vision capability.
@@ -271,20 +300,20 @@ pub fn providers(config: &Config, queues: LocalQueues) -> Result<Providers, Stri
         }
     };
     let t = &config.tts;
-    let tts = match t.provider {
-        TtsProvider::Piper | TtsProvider::Espeak | TtsProvider::Kokoro => Tts::Local {
+    let tts = match config.local_tts() {
+        Some(plan) => Tts::Local {
             pool: queues
                 .tts
                 .ok_or("a local tts.provider is selected but no TTS workers were started")?,
             voices: LocalVoices {
-                kokoro: (t.provider == TtsProvider::Kokoro)
-                    .then(|| (t.kokoro.voice_zh.clone(), t.kokoro.voice_en.clone())),
-                piper: t.provider == TtsProvider::Piper,
+                kokoro_zh: plan.kokoro_zh,
+                kokoro_en: plan.kokoro_en,
+                piper: plan.piper,
                 espeak: t.espeak_voice.clone(),
                 espeak_zh: t.espeak_voice_zh.clone(),
             },
         },
-        TtsProvider::Openai => {
+        None => {
             let o = &t.openai;
             Tts::Remote(Rc::new(OpenAiTtsSettings {
                 base_url: o.base_url.clone(),

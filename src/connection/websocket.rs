@@ -1,9 +1,7 @@
-//! The WebSocket driver: one task per device that waits on the socket, the session's mailbox
-//! and its next timer, gives each event to the [`Session`], hands what it asks for to the
-//! [`Runner`], and writes what is left for the device with a write timeout (a device that stops
-//! reading is disconnected). Audio is framed here with the session's binary protocol. After
-//! `server.read_budget_messages` wake-ups in a row that were ready at once it yields
-//! ([`ReadBudget`]), so a flooding device shares its core.
+//! The WebSocket driver: a [`Link`] over one device's WebSocket for the shared
+//! [`driver`](super::driver) loop. Text frames go to the session as messages, binary frames as
+//! audio in the session's binary protocol; the session's audio is framed with that protocol on
+//! the way out, and its close becomes a close frame.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -15,16 +13,9 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
-use super::effects::Runner;
-use super::read_budget::ReadBudget;
-use super::{ConnectionContext, Count, End, Outcome};
-use crate::session::{CloseCause, Effects, Outgoing, Session, SessionEvent};
-
-enum Wake {
-    Incoming(Option<Result<Message, tungstenite::Error>>),
-    Event(Option<SessionEvent>),
-    Timer,
-}
+use super::driver::{self, Handled, Link};
+use super::{ConnectionContext, End, Outcome};
+use crate::session::{Effects, Outgoing, Session, SessionEvent};
 
 /// Runs `session` over `ws` until it closes.
 pub async fn drive(
@@ -34,109 +25,70 @@ pub async fn drive(
     ctx: &ConnectionContext,
     drain_at_start: Option<Instant>,
 ) -> Outcome {
-    let server = &ctx.settings.server;
-    // Dropping the runner cancels the LLM stream: on abort and whenever this function returns.
-    let mut runner = Runner::new(ctx.shard, ctx.providers.clone(), mailbox.clone());
-    let write_timeout = Duration::from_millis(server.write_timeout_ms);
-    let max_queue = server.outbound_queue_messages;
-    let mut budget = ReadBudget::new(server.read_budget_messages);
-    let mut pending = Effects::default();
-    if let Some(deadline) = drain_at_start {
-        pending = session.on_drain(deadline, Instant::now());
-    }
-    loop {
-        let fx = runner.settle(&mut session, std::mem::take(&mut pending), Instant::now());
-        if !fx.samples.is_empty() {
-            ctx.host.record(&fx.samples);
-        }
-        if fx.send.len() > max_queue {
-            tracing::info!(session = %session.id, "device stopped reading; disconnecting");
-            return Outcome::of(&session, End::SlowConsumer);
-        }
-        for item in fx.send {
-            let msg = match item {
-                Outgoing::Text(t) => Message::text(t),
-                Outgoing::Audio { opus, timestamp_ms } => {
-                    let mut framed = Vec::with_capacity(opus.len() + 16);
-                    if session
-                        .protocol()
-                        .encode_into(&opus, timestamp_ms, &mut framed)
-                        .is_err()
-                    {
-                        continue;
-                    }
-                    Message::binary(framed)
-                }
-                Outgoing::Close { code, reason } => {
-                    let end = match session.close_cause() {
-                        Some(CloseCause::HelloTimeout) => End::HelloTimeout,
-                        Some(CloseCause::IdleTimeout | CloseCause::NoVoice) => End::Timeout,
-                        _ => End::Normal,
-                    };
-                    close_gracefully(ws, code, reason, write_timeout).await;
-                    return Outcome::of(&session, end);
-                }
-            };
-            match send_within(ws, msg, write_timeout).await {
-                SendResult::Sent => {}
-                SendResult::TimedOut => {
-                    tracing::info!(session = %session.id, "device stopped reading; disconnecting");
-                    return Outcome::of(&session, End::SlowConsumer);
-                }
-                SendResult::Failed => return Outcome::of(&session, End::Normal),
-            }
-        }
+    let pending = match drain_at_start {
+        Some(deadline) => session.on_drain(deadline, Instant::now()),
+        None => Effects::default(),
+    };
+    driver::drive(&mut WsLink { ws }, session, mailbox, ctx, pending).await
+}
 
-        let deadline = session.next_deadline();
-        let wake = {
-            let incoming = async { Wake::Incoming(ws.next().await) };
-            let event = async { Wake::Event(mailbox.recv().await) };
-            let timer = async {
-                let now = Instant::now();
-                if deadline > now {
-                    glommio::timer::sleep(deadline - now).await;
-                }
-                Wake::Timer
-            };
-            let (wake, yielded) = budget
-                .next(futures_lite::future::or(
-                    incoming,
-                    futures_lite::future::or(event, timer),
-                ))
-                .await;
-            if yielded {
-                ctx.host.count(Count::ReadBudgetYield);
+/// A device's WebSocket as the driver sees it.
+struct WsLink<'a> {
+    ws: &'a mut WebSocketStream<TcpStream>,
+}
+
+impl Link for WsLink<'_> {
+    type Input = Option<Result<Message, tungstenite::Error>>;
+
+    async fn next(&mut self) -> Self::Input {
+        self.ws.next().await
+    }
+
+    fn handle(
+        &mut self,
+        input: Self::Input,
+        session: &mut Session,
+        ctx: &ConnectionContext,
+        now: Instant,
+    ) -> Handled {
+        match input {
+            Some(Ok(Message::Text(t))) => {
+                Handled::Effects(driver::text_in(session, ctx, t.as_str(), now))
             }
-            wake
-        };
-        let now = Instant::now();
-        pending = match wake {
-            Wake::Incoming(Some(Ok(msg))) => match msg {
-                Message::Text(t) => {
-                    let (depth, cap) = ctx.providers.vad.depth_for(session.key);
-                    session.set_inference_busy(
-                        depth as f64 > ctx.settings.busy_watermark * cap as f64,
-                    );
-                    session.on_text(t.as_str(), now)
-                }
-                Message::Binary(b) => session.on_binary(&b, now),
-                // tungstenite queues the close reply; keep polling until the stream ends.
-                Message::Close(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
-                    Effects::default()
-                }
+            Some(Ok(Message::Binary(b))) => Handled::Effects(session.on_binary(&b, now)),
+            // tungstenite queues the close reply; keep polling until the stream ends.
+            Some(Ok(
+                Message::Close(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_),
+            )) => Handled::Effects(Effects::default()),
+            Some(Err(e)) => match bad_frame(&e, ctx) {
+                Some((code, reason, end)) => Handled::Close { code, reason, end },
+                None => Handled::Gone(End::Normal),
             },
-            Wake::Incoming(Some(Err(e))) => {
-                let Some((code, reason, end)) = bad_frame(&e, ctx) else {
-                    return Outcome::of(&session, End::Normal);
-                };
-                tracing::info!(session = %session.id, error = %e, "closing on a bad frame");
-                close_gracefully(ws, code, reason, write_timeout).await;
-                return Outcome::of(&session, end);
+            None => Handled::Gone(End::Normal),
+        }
+    }
+
+    async fn send(&mut self, item: Outgoing, session: &Session) -> Result<(), ()> {
+        let msg = match item {
+            Outgoing::Text(t) => Message::text(t),
+            Outgoing::Audio { opus, timestamp_ms } => {
+                let mut framed = Vec::with_capacity(opus.len() + 16);
+                if session
+                    .protocol()
+                    .encode_into(&opus, timestamp_ms, &mut framed)
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                Message::binary(framed)
             }
-            Wake::Incoming(None) | Wake::Event(None) => return Outcome::of(&session, End::Normal),
-            Wake::Event(Some(event)) => runner.on_event(&mut session, event, now),
-            Wake::Timer => session.on_timer(now),
+            Outgoing::Close { .. } => return Ok(()),
         };
+        self.ws.send(msg).await.map_err(|_| ())
+    }
+
+    async fn close(&mut self, code: u16, reason: String, limit: Duration) {
+        close_gracefully(self.ws, code, reason, limit).await;
     }
 }
 
@@ -175,30 +127,6 @@ fn bad_frame(e: &tungstenite::Error, ctx: &ConnectionContext) -> Option<(u16, St
         ),
         _ => return None,
     })
-}
-
-enum SendResult {
-    Sent,
-    TimedOut,
-    Failed,
-}
-
-async fn send_within(
-    ws: &mut WebSocketStream<TcpStream>,
-    msg: Message,
-    limit: Duration,
-) -> SendResult {
-    let send = async {
-        match ws.send(msg).await {
-            Ok(()) => SendResult::Sent,
-            Err(_) => SendResult::Failed,
-        }
-    };
-    let timeout = async {
-        glommio::timer::sleep(limit).await;
-        SendResult::TimedOut
-    };
-    futures_lite::future::or(send, timeout).await
 }
 
 /// Sends a close frame and waits (bounded) for the peer's close reply.

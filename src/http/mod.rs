@@ -318,6 +318,7 @@ async fn ota_post(
     ctx: &HttpContext,
     local_ip: Option<std::net::IpAddr>,
 ) -> Response<Full<Bytes>> {
+    let client_ip = req.extensions().get::<ClientAddr>().map(|c| c.0);
     let device_id = header(&req, "device-id");
     let client_id = header(&req, "client-id");
     let host = header(&req, "host");
@@ -340,6 +341,7 @@ async fn ota_post(
             client_id: client_id.as_deref(),
             host: host.as_deref(),
             local_ip,
+            client_ip,
             body: &body,
         },
         now_ms,

@@ -1,11 +1,25 @@
 //! The OTA / provisioning answer (`POST /xiaozhi/ota/`), in the reference's response shape:
-//! `server_time`, `firmware` and `websocket{url, token}` (spec §14). Pure: the caller passes
-//! the request's headers, body and the clock.
+//! `server_time`, `firmware` and either `websocket{url, token}` or, for a device that should
+//! use MQTT + UDP (`mqtt.ota_transport`), `mqtt{endpoint, client_id, username, password,
+//! keepalive, publish_topic, subscribe_topic}` with credentials signed for it (spec §14). Only
+//! one transport section is sent: the firmware uses MQTT whenever `mqtt` is present. Pure: the
+//! caller passes the request's headers, body, client address and the clock.
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
+use crate::config::MqttConfig;
 use crate::config::OtaTokens;
+use crate::mqtt::credentials::{IssueRequest, SignatureKeys};
 use crate::protocol::token::TokenSigner;
+
+/// What the OTA answer needs to hand out MQTT credentials.
+#[derive(Debug, Clone)]
+pub struct OtaMqtt {
+    /// `[mqtt]` (port, public endpoint, keepalive, which devices get MQTT).
+    pub config: MqttConfig,
+    /// Signs the passwords (the first key).
+    pub keys: SignatureKeys,
+}
 
 /// What the OTA answer depends on, fixed at start.
 #[derive(Debug, Clone)]
@@ -28,6 +42,8 @@ pub struct OtaSettings {
     pub allowed_devices_skip_token: bool,
     /// Which devices get a token.
     pub ota_tokens: OtaTokens,
+    /// MQTT credentials for the devices `mqtt.ota_transport` sends to MQTT (`None`: MQTT off).
+    pub mqtt: Option<OtaMqtt>,
 }
 
 /// The parts of an OTA request the answer uses.
@@ -41,6 +57,8 @@ pub struct OtaRequest<'a> {
     pub host: Option<&'a str>,
     /// Local address the request arrived on (fallback for the URL host).
     pub local_ip: Option<std::net::IpAddr>,
+    /// The device's address (goes into the MQTT `username`, as the gateway's `ip`).
+    pub client_ip: Option<std::net::IpAddr>,
     /// JSON body (the device's system info).
     pub body: &'a [u8],
 }
@@ -76,6 +94,16 @@ impl OtaSettings {
         } else {
             json!({"version": device_version, "url": ""})
         };
+        if let Some(mqtt) = self.mqtt_section(req, device_id, client_id, &body) {
+            return json!({
+                "server_time": {
+                    "timestamp": now_unix_ms,
+                    "timezone_offset": self.timezone_offset_minutes,
+                },
+                "firmware": firmware,
+                "mqtt": mqtt,
+            });
+        }
         let token = match &self.signer {
             Some(signer) if self.issues_token_to(device_id) => {
                 signer.sign(client_id, device_id, now_unix_ms / 1000)
@@ -97,6 +125,16 @@ impl OtaSettings {
 }
 
 impl OtaSettings {
+    /// Whether `server.auth.ota_tokens` lets OTA hand this device credentials at all (a device
+    /// token, or MQTT credentials when auth is on).
+    fn may_issue_to(&self, device_id: &str) -> bool {
+        match self.ota_tokens {
+            OtaTokens::Any => true,
+            OtaTokens::AllowedDevices => self.allowed_devices.iter().any(|d| d == device_id),
+            OtaTokens::None => false,
+        }
+    }
+
     /// Whether a device gets a token (with auth on): per `server.auth.ota_tokens`, except an
     /// allowed device that needs none.
     pub fn issues_token_to(&self, device_id: &str) -> bool {
@@ -104,10 +142,56 @@ impl OtaSettings {
         if allowed && self.allowed_devices_skip_token {
             return false;
         }
-        match self.ota_tokens {
-            OtaTokens::Any => true,
-            OtaTokens::AllowedDevices => allowed,
-            OtaTokens::None => false,
+        self.may_issue_to(device_id)
+    }
+
+    /// The `mqtt` section for this device when it should use MQTT + UDP; `None` for WebSocket
+    /// (also when its MAC or board name cannot go into a `client_id`).
+    fn mqtt_section(
+        &self,
+        req: &OtaRequest<'_>,
+        device_id: &str,
+        client_id: &str,
+        body: &Value,
+    ) -> Option<Value> {
+        let mqtt = self.mqtt.as_ref()?;
+        if !mqtt.config.ota_uses_mqtt(device_id) {
+            return None;
+        }
+        // With auth on, MQTT credentials are a way in like a token: the same policy decides.
+        if self.signer.is_some() && !self.may_issue_to(device_id) {
+            return None;
+        }
+        let endpoint = if mqtt.config.public_endpoint.is_empty() {
+            format!(
+                "{}:{}",
+                public_host(req.host, req.local_ip),
+                mqtt.config.port
+            )
+        } else {
+            mqtt.config.public_endpoint.clone()
+        };
+        let board = body
+            .pointer("/board/type")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown");
+        let mut user_data = Map::new();
+        let ip = req.client_ip.map_or("unknown".into(), |ip| ip.to_string());
+        user_data.insert("ip".into(), ip.into());
+        let issued = mqtt.keys.issue(&IssueRequest {
+            endpoint: &endpoint,
+            board,
+            mac: device_id,
+            uuid: client_id,
+            user_data: &user_data,
+            keepalive_s: mqtt.config.keepalive_s,
+        });
+        match issued {
+            Ok(section) => serde_json::to_value(section).ok(),
+            Err(e) => {
+                tracing::info!(device = ?device_id, error = %e, "no MQTT credentials; WebSocket it is");
+                None
+            }
         }
     }
 }
@@ -182,7 +266,77 @@ mod tests {
             allowed_devices: vec![],
             allowed_devices_skip_token: false,
             ota_tokens: OtaTokens::Any,
+            mqtt: None,
         }
+    }
+
+    fn with_mqtt(transport: &str, devices: &[&str]) -> OtaSettings {
+        let mut config = MqttConfig {
+            enabled: true,
+            port: 1883,
+            signature_keys: vec!["k1".into()],
+            keepalive_s: 90,
+            ..MqttConfig::default()
+        };
+        config.ota_transport = serde_json::from_value(json!(transport)).unwrap();
+        config.mqtt_devices = devices.iter().map(|d| d.to_string()).collect();
+        OtaSettings {
+            mqtt: Some(OtaMqtt {
+                keys: SignatureKeys::new(&config.signature_keys).unwrap(),
+                config,
+            }),
+            ..settings()
+        }
+    }
+
+    #[test]
+    fn mqtt_devices_get_an_mqtt_section_whose_password_verifies_and_no_websocket() {
+        let s = with_mqtt("mqtt", &[]);
+        let mut r = req(br#"{"board":{"type":"bread-compact-wifi"}}"#);
+        r.client_ip = Some("192.168.1.77".parse().unwrap());
+        let v = s.answer(&r, 0);
+        assert!(v.get("websocket").is_none(), "{v}");
+        let m = &v["mqtt"];
+        assert_eq!(m["endpoint"], "192.168.1.5:1883");
+        assert_eq!(
+            m["client_id"],
+            "GID_bread-compact-wifi@@@aa_bb_cc_dd_ee_ff@@@uuid-1"
+        );
+        assert_eq!(m["keepalive"], 90);
+        assert_eq!(m["publish_topic"], "device-server");
+        assert_eq!(m["subscribe_topic"], "devices/p2p/aa_bb_cc_dd_ee_ff");
+        let keys = &s.mqtt.as_ref().unwrap().keys;
+        let creds = keys
+            .verify_connect(
+                m["client_id"].as_str().unwrap(),
+                m["username"].as_str(),
+                m["password"].as_str().map(str::as_bytes),
+            )
+            .unwrap();
+        assert_eq!(creds.user_data["ip"], "192.168.1.77");
+    }
+
+    #[test]
+    fn per_device_transport_sends_only_listed_devices_to_mqtt() {
+        let s = with_mqtt("per_device", &["AA:BB:CC:DD:EE:FF"]);
+        assert!(s.answer(&req(b"{}"), 0).get("mqtt").is_some());
+        let mut other = req(b"{}");
+        other.device_id = Some("aa:bb:cc:dd:ee:00");
+        let v = s.answer(&other, 0);
+        assert!(v.get("mqtt").is_none());
+        assert!(v["websocket"]["url"].is_string());
+        let mut public = with_mqtt("mqtt", &[]);
+        if let Some(m) = public.mqtt.as_mut() {
+            m.config.public_endpoint = "mqtt.example.com:8883".into();
+        }
+        assert_eq!(
+            public.answer(&req(b"{}"), 0)["mqtt"]["endpoint"],
+            "mqtt.example.com:8883"
+        );
+        assert!(with_mqtt("websocket", &[])
+            .answer(&req(b"{}"), 0)
+            .get("mqtt")
+            .is_none());
     }
 
     fn req<'a>(body: &'a [u8]) -> OtaRequest<'a> {
@@ -191,6 +345,7 @@ mod tests {
             client_id: Some("uuid-1"),
             host: Some("192.168.1.5:8003"),
             local_ip: None,
+            client_ip: None,
             body,
         }
     }

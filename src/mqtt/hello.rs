@@ -72,6 +72,16 @@ pub struct UdpChannel {
 }
 
 impl UdpChannel {
+    /// The channel as the session's hello reply carries it (key and nonce in hex).
+    pub fn params(&self) -> crate::protocol::UdpParams {
+        crate::protocol::UdpParams {
+            server: self.server.clone(),
+            port: self.port,
+            key: hex(&self.key),
+            nonce: hex(&self.nonce),
+        }
+    }
+
     /// The hello's `udp` object: `{server, port, encryption, key, nonce}`, key and nonce as
     /// 32 lower-case hex characters.
     pub fn to_json(&self) -> Value {

@@ -31,7 +31,7 @@ use aes::Aes128;
 use ctr::flavors::Ctr128BE;
 use ctr::CtrCore;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 type Aes128Ctr = ctr::Ctr128BE<Aes128>;
 
@@ -128,6 +128,9 @@ pub enum DropReason {
     /// Sequence not above the last accepted one (replay or duplicate).
     #[error("replayed or duplicate sequence")]
     Replay,
+    /// From an IP address other than the device's (see [`UdpPeer::pin_source_ip`]).
+    #[error("datagram from another address than the device's")]
+    ForgedSource,
 }
 
 /// Why a downlink datagram could not be built.
@@ -160,6 +163,8 @@ pub struct UdpCounters {
     pub unknown_connection: u64,
     /// Dropped: `seq ≤ last` (replay or duplicate).
     pub replays: u64,
+    /// Dropped: from an IP address other than the device's.
+    pub forged_source: u64,
     /// Accepted datagrams that came from a new source address (NAT rebinding or first one).
     pub address_changes: u64,
     /// Downlink datagrams built.
@@ -175,13 +180,19 @@ impl UdpCounters {
             DropReason::BadLength => &mut self.bad_length,
             DropReason::UnknownConnection => &mut self.unknown_connection,
             DropReason::Replay => &mut self.replays,
+            DropReason::ForgedSource => &mut self.forged_source,
         };
         *slot += 1;
     }
 
     /// Total datagrams dropped, every reason.
     pub fn dropped(&self) -> u64 {
-        self.too_short + self.bad_type + self.bad_length + self.unknown_connection + self.replays
+        self.too_short
+            + self.bad_type
+            + self.bad_length
+            + self.unknown_connection
+            + self.replays
+            + self.forged_source
     }
 }
 
@@ -216,6 +227,8 @@ pub struct UdpPeer {
     /// Last downlink sequence sent (pre-incremented: the first datagram carries 1).
     last_downlink_seq: u32,
     address: Option<SocketAddr>,
+    /// The only IP uplink is accepted from, when pinned.
+    source_ip: Option<IpAddr>,
     counters: UdpCounters,
 }
 
@@ -242,16 +255,27 @@ impl UdpPeer {
             last_uplink_seq: 0,
             last_downlink_seq: 0,
             address: None,
+            source_ip: None,
             counters: UdpCounters::default(),
         }
+    }
+
+    /// Accepts uplink only from `ip` (the address the device's MQTT connection came from):
+    /// a datagram from elsewhere is dropped before it can move the sequence or the downlink.
+    /// AES-CTR has no integrity check, so without this anyone who saw one datagram could send
+    /// a higher sequence from their own address and take the downlink over. NAT rebinding
+    /// changes the port, which stays free.
+    pub fn pin_source_ip(&mut self, ip: IpAddr) {
+        self.source_ip = Some(ip.to_canonical());
     }
 
     /// A repeated hello: new key, both sequences back to 0, the address forgotten (the device
     /// opens a new UDP socket). The connection id and the counters stay.
     pub fn rekey(&mut self, key: [u8; HEADER_LEN]) {
-        let counters = self.counters;
+        let (counters, source_ip) = (self.counters, self.source_ip);
         *self = UdpPeer::new(key, self.connection_id);
         self.counters = counters;
+        self.source_ip = source_ip;
     }
 
     /// The AES-128 key (for the hello's `udp.key`).
@@ -301,6 +325,12 @@ impl UdpPeer {
         let header = DatagramHeader::parse(datagram)?;
         if header.connection_id != self.connection_id {
             return Err(DropReason::UnknownConnection);
+        }
+        if self
+            .source_ip
+            .is_some_and(|ip| ip != from.ip().to_canonical())
+        {
+            return Err(DropReason::ForgedSource);
         }
         if header.sequence <= self.last_uplink_seq {
             return Err(DropReason::Replay);
@@ -546,6 +576,31 @@ mod tests {
         server.open(&mut datagram.clone(), addr(4000)).unwrap();
         assert!(server.open(&mut datagram.clone(), addr(6666)).is_err());
         assert_eq!(server.address(), Some(addr(4000)));
+    }
+
+    #[test]
+    fn a_pinned_peer_drops_datagrams_from_other_addresses_without_moving_its_sequence() {
+        let mut peer = UdpPeer::new(KEY, ID);
+        peer.pin_source_ip("::ffff:192.0.2.1".parse().unwrap());
+        let mut forged = device_datagram(5, b"forged");
+        let elsewhere = SocketAddr::from(([198, 51, 100, 7], 4000));
+        assert_eq!(
+            peer.open(&mut forged, elsewhere).unwrap_err(),
+            DropReason::ForgedSource
+        );
+        assert_eq!(peer.counters().forged_source, 1);
+        assert_eq!(peer.address(), None);
+        // The device's own datagram with a lower sequence is still taken, from a new port too.
+        let mut own = device_datagram(1, b"own");
+        assert_eq!(peer.open(&mut own, addr(9)).unwrap().opus, b"own");
+        assert_eq!(peer.address(), Some(addr(9)));
+        peer.rekey(KEY);
+        let mut again = device_datagram(1, b"x");
+        assert_eq!(
+            peer.open(&mut again, elsewhere).unwrap_err(),
+            DropReason::ForgedSource,
+            "the pin survives a new hello"
+        );
     }
 
     #[test]

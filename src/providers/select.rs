@@ -47,8 +47,10 @@ pub enum Tts {
 /// The local engines and how a text picks one.
 #[derive(Debug, Clone)]
 pub struct LocalVoices {
-    /// Kokoro voices (Chinese, other) when Kokoro is the local engine: it speaks everything.
-    pub kokoro: Option<(String, String)>,
+    /// Kokoro voice for text with Chinese characters (else espeak-ng's Chinese voice).
+    pub kokoro_zh: Option<String>,
+    /// Kokoro voice for other text (else Piper, else espeak-ng).
+    pub kokoro_en: Option<String>,
     /// A Piper voice is loaded (it speaks non-Chinese text).
     pub piper: bool,
     /// espeak-ng voice for text without a Piper voice.
@@ -58,18 +60,21 @@ pub struct LocalVoices {
 }
 
 impl LocalVoices {
-    /// The engine for `text`: Chinese text (any CJK ideograph) goes to the Chinese espeak-ng
-    /// voice (the Piper voice is English only), other text to Piper when loaded, else espeak-ng.
-    /// With Kokoro, its Chinese voice for Chinese text and its other voice for the rest.
+    /// The engine for `text`. Chinese text (any CJK ideograph) goes to Kokoro's Chinese voice
+    /// when one is loaded, else to espeak-ng's Chinese voice (the Piper voice is English only);
+    /// Kokoro reads the English words inside it. Other text goes to Kokoro's other voice when
+    /// set, else to Piper when loaded, else to espeak-ng.
     pub fn engine_for(&self, text: &str) -> TtsEngine {
-        let chinese = crate::lang::has_cjk(text);
-        if let Some((zh, other)) = &self.kokoro {
-            let voice = if chinese { zh } else { other };
-            return TtsEngine::Kokoro {
+        let (kokoro, chinese) = if crate::lang::has_cjk(text) {
+            (&self.kokoro_zh, true)
+        } else {
+            (&self.kokoro_en, false)
+        };
+        if let Some(voice) = kokoro {
+            TtsEngine::Kokoro {
                 voice: voice.clone(),
-            };
-        }
-        if chinese {
+            }
+        } else if chinese {
             TtsEngine::Espeak {
                 voice: self.espeak_zh.clone(),
             }
@@ -122,7 +127,8 @@ mod tests {
     #[test]
     fn chinese_text_goes_to_the_chinese_voice_and_other_text_to_piper_when_loaded() {
         let v = LocalVoices {
-            kokoro: None,
+            kokoro_zh: None,
+            kokoro_en: None,
             piper: true,
             espeak: "en-us".into(),
             espeak_zh: "cmn".into(),
@@ -145,8 +151,9 @@ mod tests {
             }
         );
         let kokoro = LocalVoices {
-            kokoro: Some(("zf_xiaoxiao".into(), "af_heart".into())),
-            ..v
+            kokoro_zh: Some("zf_xiaoxiao".into()),
+            kokoro_en: Some("af_heart".into()),
+            ..v.clone()
         };
         assert_eq!(
             kokoro.engine_for("今天天气很好"),
@@ -160,5 +167,17 @@ mod tests {
                 voice: "af_heart".into()
             }
         );
+        // The Mandarin default: Kokoro for Chinese, Piper for English.
+        let mixed = LocalVoices {
+            kokoro_zh: Some("zf_xiaoxiao".into()),
+            ..v
+        };
+        assert_eq!(
+            mixed.engine_for("现在几点"),
+            TtsEngine::Kokoro {
+                voice: "zf_xiaoxiao".into()
+            }
+        );
+        assert_eq!(mixed.engine_for("It is three o'clock."), TtsEngine::Piper);
     }
 }

@@ -26,6 +26,8 @@ pub struct SessionCounters {
     pub shed_frames: u64,
     /// IoT state updates refused because the thing's state would pass its bound.
     pub iot_states_refused: u64,
+    /// Manual-mode turns ended because audio stopped arriving (no `listen stop`).
+    pub manual_gap_ends: u64,
     /// Uplink pipeline counters (folded in when the pipeline is released).
     pub audio: AudioInCounters,
     /// Device tool (MCP) counters.
@@ -45,6 +47,7 @@ impl SessionCounters {
         self.vad_queue_full += o.vad_queue_full;
         self.shed_frames += o.shed_frames;
         self.iot_states_refused += o.iot_states_refused;
+        self.manual_gap_ends += o.manual_gap_ends;
         let (a, b) = (&mut self.audio, &o.audio);
         a.decoded += b.decoded;
         a.garbage += b.garbage;

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::dialogue::Output;
 use super::repeated::{Repeated, Shown};
-use super::{segmenter_mode, CloseCause, Outgoing, Session, SessionState};
+use super::{segmenter_mode, CloseCause, HeldTurn, Outgoing, Session, SessionState};
 use crate::metrics::Stage;
 use crate::protocol::{
     parse_client_message, BinaryProtocol, ClientMessage, ListenState, ServerMessage, Transport,
@@ -61,7 +61,10 @@ impl Session {
                         version: self.protocol.version(),
                         transport: self.transport,
                         audio_params: &self.downlink,
-                        udp: None,
+                        udp: self
+                            .udp
+                            .as_ref()
+                            .filter(|_| self.transport == Transport::Udp),
                     },
                 );
                 if let Some(settings) = self.settings.tools.mcp.clone().filter(|_| start_mcp) {
@@ -83,10 +86,12 @@ impl Session {
                 }
                 match listen.state {
                     ListenState::Start => {
+                        self.listen_started = Some(now);
                         self.state = SessionState::Listening;
                         self.start_turn(now, out);
                     }
                     ListenState::Stop => {
+                        self.listen_started = None;
                         if self.state == SessionState::Listening {
                             self.state = SessionState::Idle;
                         }
@@ -101,6 +106,7 @@ impl Session {
                         // wake-word audio sent before it is not an utterance; the text is
                         // answered like a spoken turn.
                         self.last_voice = now;
+                        self.listen_started = Some(now);
                         self.speech_open = false;
                         if let Some(audio) = self.audio.as_mut() {
                             audio.new_turn(segmenter_mode(self.mode));
@@ -119,6 +125,8 @@ impl Session {
                                     let greeting = greeting.clone();
                                     self.dialogue.speak(&greeting, now, &mut d);
                                 }
+                            } else if self.discovering_tools() {
+                                self.held = Some((HeldTurn::Text(text.to_string()), now));
                             } else {
                                 self.dialogue.on_text_turn(text, now, &mut d);
                             }
@@ -129,6 +137,7 @@ impl Session {
             }
             ClientMessage::Abort { .. } => {
                 self.last_activity = now;
+                self.held = None;
                 self.speech_open = false;
                 if let Some(audio) = self.audio.as_mut() {
                     audio.new_turn(segmenter_mode(self.mode));
@@ -169,6 +178,7 @@ impl Session {
                     self.send(out, ServerMessage::Mcp { payload });
                 }
                 self.on_mcp_events(events, now, out);
+                self.release_held(now, out);
             }
             ClientMessage::Iot(iot) => {
                 self.last_activity = now;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crate::metrics::Stage;
 use crate::pipeline::audio_in::AudioIn;
 use crate::protocol::{
-    AudioParams, BinaryProtocol, DeviceIdentity, ListenMode, ServerMessage, Transport,
+    AudioParams, BinaryProtocol, DeviceIdentity, ListenMode, ServerMessage, Transport, UdpParams,
 };
 use crate::providers::llm::ToolCall;
 use crate::providers::vad::{VadJob, VadResult};
@@ -162,6 +162,18 @@ pub enum SessionEvent {
 }
 
 /// How long an uplink pipeline stays allocated without audio.
+/// A turn's input held back until the device's tool list is known.
+#[derive(Debug)]
+enum HeldTurn {
+    /// A recognition result.
+    Asr {
+        turn: u32,
+        result: Result<String, String>,
+    },
+    /// A typed (`listen detect` text) question.
+    Text(String),
+}
+
 const AUDIO_IDLE_RELEASE: Duration = Duration::from_secs(10);
 /// How soon a VAD job refused by a full queue is retried.
 const VAD_RETRY: Duration = Duration::from_millis(5);
@@ -177,6 +189,8 @@ pub struct Session {
     state: SessionState,
     protocol: BinaryProtocol,
     transport: Transport,
+    /// The UDP audio channel the next hello reply announces (MQTT transport only).
+    udp: Option<UdpParams>,
     uplink: AudioParams,
     downlink: AudioParams,
     mode: ListenMode,
@@ -198,6 +212,11 @@ pub struct Session {
     last_activity: Instant,
     last_voice: Instant,
     drain_deadline: Option<Instant>,
+    /// When the device last began listening (`listen start` or a wake word); cleared by
+    /// `listen stop`. A drain waits for its speech until `timers.drain_listen_grace` after it.
+    listen_started: Option<Instant>,
+    /// A turn ready for its answer, held while the device's tools are being listed (since).
+    held: Option<(HeldTurn, Instant)>,
     /// VAD heard speech start and the utterance has not ended yet: the user is mid-sentence.
     speech_open: bool,
     close_cause: Option<CloseCause>,
@@ -235,6 +254,7 @@ impl Session {
             state: SessionState::AwaitingHello,
             protocol,
             transport: Transport::Websocket,
+            udp: None,
             uplink: AudioParams::device_default(),
             downlink,
             mode: ListenMode::Auto,
@@ -254,6 +274,8 @@ impl Session {
             last_activity: now,
             last_voice: now,
             drain_deadline: None,
+            listen_started: None,
+            held: None,
             speech_open: false,
             close_cause: None,
             mcp_client: None,
@@ -397,8 +419,38 @@ impl Session {
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) {
+        if self.discovering_tools() {
+            self.held = Some((HeldTurn::Asr { turn, result }, now));
+            return;
+        }
         let mut d = Output::default();
         self.dialogue.on_asr(turn, result, now, &mut d);
+        self.absorb(d, now, out);
+    }
+
+    /// True while the device's MCP tool list is being read (right after hello).
+    fn discovering_tools(&self) -> bool {
+        self.mcp_client.as_ref().is_some_and(|c| c.discovering())
+    }
+
+    /// Answers a held turn once the tools are known or the wait is over.
+    fn release_held(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        let waited = |since: Instant| now >= since + self.settings.tools.discovery_wait;
+        if !self
+            .held
+            .as_ref()
+            .is_some_and(|(_, since)| !self.discovering_tools() || waited(*since))
+        {
+            return;
+        }
+        let Some((held, _)) = self.held.take() else {
+            return;
+        };
+        let mut d = Output::default();
+        match held {
+            HeldTurn::Asr { turn, result } => self.dialogue.on_asr(turn, result, now, &mut d),
+            HeldTurn::Text(text) => self.dialogue.on_text_turn(&text, now, &mut d),
+        }
         self.absorb(d, now, out);
     }
 
@@ -436,6 +488,12 @@ impl Session {
     /// Dialogue counters.
     pub fn dialogue_counters(&self) -> dialogue::DialogueCounters {
         self.dialogue.counters
+    }
+
+    /// The UDP audio channel (server, port, fresh key, nonce) to announce in the reply to the
+    /// device's next hello: the MQTT driver sets it before handing the session a hello.
+    pub fn set_udp_channel(&mut self, udp: UdpParams) {
+        self.udp = Some(udp);
     }
 
     /// Binary framing in use.
@@ -509,18 +567,28 @@ impl Session {
         };
         if let Some(drain) = self.drain_deadline {
             d = d.min(drain);
+            // Cleared by on_timer once passed, so this never stays in the past.
+            if let Some(listen) = self.listen_started {
+                d = d.min(listen + self.timers.drain_listen_grace);
+            }
         }
         if let Some(retry) = self.vad_retry_at {
             d = d.min(retry);
         }
         if self.audio.is_some() {
             d = d.min(self.last_audio + AUDIO_IDLE_RELEASE);
+            if self.awaiting_manual_end() {
+                d = d.min(self.last_audio + self.timers.manual_audio_gap);
+            }
         }
         if let Some(x) = self.dialogue.next_deadline() {
             d = d.min(x);
         }
         if let Some(x) = self.mcp_client.as_ref().and_then(|c| c.next_deadline()) {
             d = d.min(x);
+        }
+        if let Some((_, since)) = &self.held {
+            d = d.min(*since + self.settings.tools.discovery_wait);
         }
         d
     }
@@ -533,6 +601,22 @@ impl Session {
     fn handle_timer(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
         if self.state == SessionState::Closing {
             return;
+        }
+        if self
+            .listen_started
+            .is_some_and(|t| now >= t + self.timers.drain_listen_grace)
+        {
+            self.listen_started = None;
+        }
+        if self.awaiting_manual_end() && now >= self.last_audio + self.timers.manual_audio_gap {
+            // Push-to-talk speech, then no more frames: the client let go without `listen stop`.
+            self.counters.manual_gap_ends += 1;
+            if let Some(audio) = self.audio.as_mut() {
+                let mut events = Vec::new();
+                audio.stop(&mut events);
+                self.apply_events(events, now, out);
+            }
+            self.speech_open = false;
         }
         let release = self
             .audio
@@ -563,6 +647,7 @@ impl Session {
             c.on_timer(now, &mut events);
             self.on_mcp_events(events, now, out);
         }
+        self.release_held(now, out);
         let mut d = Output::default();
         self.dialogue.on_timer(now, &mut d);
         self.absorb(d, now, out);
@@ -574,7 +659,7 @@ impl Session {
             // An answer in progress counts as activity.
             self.last_activity = now;
         }
-        let drained = self.drain_deadline.is_some() && !self.mid_interaction();
+        let drained = self.drain_deadline.is_some() && !self.mid_interaction(now);
         if self.drain_deadline.is_some_and(|d| now >= d) || drained {
             self.goodbye(out, CloseCause::Drain, 1001, "server shutting down");
         } else if now >= self.last_activity + self.timers.idle_close {
@@ -591,8 +676,17 @@ impl Session {
 
     /// True while an interaction is under way: the user is mid-sentence or an answer is being
     /// prepared or spoken. A drain lets it finish (until its deadline).
-    fn mid_interaction(&self) -> bool {
-        self.dialogue.busy() || (self.speech_open && self.audio.is_some())
+    /// Manual mode with speech heard and the utterance still open.
+    fn awaiting_manual_end(&self) -> bool {
+        self.mode == ListenMode::Manual && self.speech_open && self.audio.is_some()
+    }
+
+    fn mid_interaction(&self, now: Instant) -> bool {
+        let about_to_speak = self.audio.is_some()
+            && self
+                .listen_started
+                .is_some_and(|t| now < t + self.timers.drain_listen_grace);
+        self.dialogue.busy() || (self.speech_open && self.audio.is_some()) || about_to_speak
     }
 
     /// The instance is draining: close now unless an interaction is under way.
@@ -604,9 +698,8 @@ impl Session {
         self.drain_deadline = Some(deadline);
         match self.state() {
             SessionState::Closing => {}
-            _ if self.mid_interaction() => {}
+            _ if self.mid_interaction(now) => {}
             _ => {
-                let _ = now;
                 self.goodbye(out, CloseCause::Drain, 1001, "server shutting down");
             }
         }
@@ -643,6 +736,8 @@ mod tests {
             hello_timeout: Duration::from_secs(10),
             no_voice_close: Duration::from_secs(120),
             idle_close: Duration::from_secs(180),
+            drain_listen_grace: Duration::from_secs(4),
+            manual_audio_gap: Duration::from_secs(2),
         }
     }
 
@@ -744,6 +839,7 @@ mod tests {
                     server: server_tools.clone(),
                     base: Rc::new(ToolSet::build(&server_tools, &[], &IotThings::default(), 8)),
                     max_tools: 8,
+                    discovery_wait: Duration::from_secs(2),
                     wake_greeting: "Hi!".into(),
                     wake_greeting_zh: "你好".into(),
                 },
@@ -777,6 +873,43 @@ mod tests {
         assert_eq!(v["audio_params"]["sample_rate"], 24000);
         assert_eq!(v["audio_params"]["frame_duration"], 60);
         assert_eq!(s.state(), SessionState::Idle);
+    }
+
+    #[test]
+    fn a_udp_hello_is_answered_with_the_channel_the_driver_set() {
+        let now = Instant::now();
+        let mut s = session(None, now);
+        s.set_udp_channel(UdpParams {
+            server: "192.0.2.1".into(),
+            port: 8884,
+            key: "00".repeat(16),
+            nonce: "01".repeat(16),
+        });
+        let mut out = vec![];
+        s.on_text(
+            r#"{"type":"hello","version":3,"transport":"udp"}"#,
+            now,
+            &mut out,
+        );
+        let v = json(&out[0]);
+        assert_eq!(
+            (v["transport"].as_str(), v["version"].as_u64()),
+            (Some("udp"), Some(3))
+        );
+        assert_eq!(v["udp"]["port"], 8884);
+        assert_eq!(v["udp"]["encryption"], "aes-128-ctr");
+        assert_eq!(v["udp"]["nonce"], "01".repeat(16));
+        // A WebSocket hello never carries it, even if a channel was set.
+        let mut ws = session(None, now);
+        ws.set_udp_channel(UdpParams {
+            server: "x".into(),
+            port: 1,
+            key: String::new(),
+            nonce: String::new(),
+        });
+        let mut out = vec![];
+        ws.on_text(r#"{"type":"hello","version":1}"#, now, &mut out);
+        assert!(json(&out[0]).get("udp").is_none());
     }
 
     #[test]
@@ -873,6 +1006,49 @@ mod tests {
         s.on_drain(now + Duration::from_secs(5), now, &mut out);
         assert_eq!(json(&out[0])["type"], "goodbye");
         assert!(matches!(&out[1], Outgoing::Close { code: 1001, .. }));
+    }
+
+    #[test]
+    fn drain_gives_a_device_that_just_began_listening_time_to_speak() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = session(None, now);
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        s.on_text(
+            r#"{"type":"listen","state":"start","mode":"auto"}"#,
+            now,
+            &mut vec![],
+        );
+        let mut out = vec![];
+        s.on_drain(now + Duration::from_secs(10), now + ms(500), &mut out);
+        assert!(out.is_empty(), "not cut while about to speak: {out:?}");
+        // The session wakes when the grace ends, not only at the drain deadline.
+        assert!(s.s.next_deadline() <= now + ms(4000));
+        s.on_timer(now + ms(3000), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // No speech began within the grace: goodbye, before the drain deadline.
+        s.on_timer(now + ms(4000), &mut out);
+        assert_eq!(json(&out[0])["type"], "goodbye");
+        assert!(matches!(&out[1], Outgoing::Close { code: 1001, .. }));
+
+        // A device that stopped listening is idle: closed at once.
+        let mut s = session(None, now);
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        s.on_text(r#"{"type":"listen","state":"start"}"#, now, &mut vec![]);
+        s.on_text(r#"{"type":"listen","state":"stop"}"#, now, &mut vec![]);
+        let mut out = vec![];
+        s.on_drain(now + Duration::from_secs(10), now + ms(100), &mut out);
+        assert_eq!(json(&out[0])["type"], "goodbye");
+
+        // Listening that began long before the drain (auto mode's open microphone) is idle.
+        let mut s = session(None, now);
+        s.on_text(r#"{"type":"hello"}"#, now, &mut vec![]);
+        s.on_text(r#"{"type":"listen","state":"start"}"#, now, &mut vec![]);
+        let mut out = vec![];
+        let later = now + Duration::from_secs(30);
+        s.on_timer(later, &mut out);
+        s.on_drain(later + Duration::from_secs(10), later, &mut out);
+        assert_eq!(json(&out[0])["type"], "goodbye", "{out:?}");
     }
 
     /// Device MCP payloads the session sent, in order.
@@ -978,6 +1154,68 @@ mod tests {
             "OK,the volume is now 80."
         );
         assert_eq!(s.pending_tool_requests(), 0);
+    }
+
+    #[test]
+    fn a_question_right_after_hello_waits_for_the_device_tool_list() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = session(None, now);
+        s.settings.dialogue.offline_llm = false;
+        s.dialogue = Dialogue::new(s.settings.dialogue.clone(), "sid".into());
+        let mut out = vec![];
+        s.on_text(r#"{"type":"hello","features":{"mcp":true}}"#, now, &mut out);
+        // The question comes before the device has answered initialize.
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"set the volume to 50"}"#,
+            now + ms(10),
+            &mut out,
+        );
+        assert!(
+            s.take_requests().is_empty(),
+            "held until the tools are known"
+        );
+        assert!(s.s.next_deadline() <= now + ms(10) + Duration::from_secs(2));
+        s.on_text(
+            &mcp_text(json!({"jsonrpc":"2.0","id":1,"result":{}})),
+            now + ms(20),
+            &mut out,
+        );
+        assert!(s.take_requests().is_empty(), "tools/list still in flight");
+        let tools = json!([
+            {"name":"self.audio_speaker.set_volume","description":"volume","inputSchema":{"type":"object"}}
+        ]);
+        s.on_text(
+            &mcp_text(json!({"jsonrpc":"2.0","id":2,"result":{"tools":tools}})),
+            now + ms(30),
+            &mut out,
+        );
+        let reqs = s.take_requests();
+        let Some(Request::Llm { tools, .. }) = reqs.into_iter().next() else {
+            panic!("the held question is answered once the list is in");
+        };
+        assert!(tools
+            .unwrap()
+            .to_string()
+            .contains("self_audio_speaker_set_volume"));
+
+        // A device that never answers: the question is answered after the wait, without tools.
+        let mut s = session(None, now);
+        s.settings.dialogue.offline_llm = false;
+        s.dialogue = Dialogue::new(s.settings.dialogue.clone(), "sid".into());
+        s.on_text(r#"{"type":"hello","features":{"mcp":true}}"#, now, &mut out);
+        s.on_text(
+            r#"{"type":"listen","state":"detect","text":"hello"}"#,
+            now,
+            &mut out,
+        );
+        s.on_timer(now + ms(1900), &mut out);
+        assert!(s.take_requests().is_empty());
+        s.on_timer(now + ms(2000), &mut out);
+        assert!(matches!(
+            s.take_requests().first(),
+            Some(Request::Llm { .. })
+        ));
     }
 
     #[test]

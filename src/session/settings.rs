@@ -43,6 +43,9 @@ pub struct ToolSettings {
     pub base: Rc<ToolSet>,
     /// Most tools offered to the LLM.
     pub max_tools: usize,
+    /// A turn that is ready for its answer while the device's tool list is still being read
+    /// (right after hello) waits for it at most this long.
+    pub discovery_wait: Duration,
     /// Spoken after an English wake word (empty: no greeting).
     pub wake_greeting: String,
     /// Spoken after a Chinese wake word (empty: no greeting).
@@ -58,4 +61,9 @@ pub struct SessionTimers {
     pub no_voice_close: Duration,
     /// Time without any activity before close.
     pub idle_close: Duration,
+    /// While draining, a device that began listening (`listen start` or a wake word) less than
+    /// this long ago is given until then to begin speaking before it is told goodbye.
+    pub drain_listen_grace: Duration,
+    /// Manual mode: after speech, this long without an audio frame ends the turn.
+    pub manual_audio_gap: Duration,
 }

@@ -114,6 +114,7 @@ impl Shard {
             providers,
             connection,
             mesh,
+            mqtt: RefCell::new(None),
             base_tools,
             server_tools,
             config,
@@ -134,6 +135,7 @@ impl Shard {
                 allowed_devices: server.auth.allowed_devices.clone(),
                 allowed_devices_skip_token: server.auth.allowed_devices_skip_token,
                 ota_tokens: server.auth.ota_tokens,
+                mqtt: self.ota_mqtt(),
             },
             ready: self.drain.ready_flag(),
             admission: self.http_admission.clone(),
@@ -161,6 +163,21 @@ impl Shard {
                 })
             },
             vision: vision_endpoint(self),
+        })
+    }
+}
+
+impl Shard {
+    /// What the OTA answer needs to hand out MQTT credentials, when MQTT is on.
+    fn ota_mqtt(&self) -> Option<crate::http::ota::OtaMqtt> {
+        let config = &self.config.mqtt;
+        if !config.enabled {
+            return None;
+        }
+        let keys = crate::mqtt::credentials::SignatureKeys::new(&config.signature_keys).ok()?;
+        Some(crate::http::ota::OtaMqtt {
+            config: config.clone(),
+            keys,
         })
     }
 }

@@ -86,12 +86,12 @@ impl Drain {
     }
 }
 
-/// Runs the drain steps on `shard`. `ws_accept` is the WebSocket accept loop (stopped at
-/// step 2); `control` keeps being answered throughout (stats for `/metrics`, repeated drains
+/// Runs the drain steps on `shard`. `accepts` are the device ports' accept loops (WebSocket,
+/// MQTT; stopped at step 2, when MQTT connections without a session close too); `control` keeps being answered throughout (stats for `/metrics`, repeated drains
 /// ignored), so a draining shard still reports.
 pub async fn drain(
     shard: &Rc<Shard>,
-    ws_accept: glommio::Task<()>,
+    accepts: Vec<glommio::Task<()>>,
     control: &flume::Receiver<Control<ShardRequest>>,
 ) {
     let control_during_drain = || async {
@@ -124,7 +124,10 @@ pub async fn drain(
     let grace = Duration::from_millis(shard.config.server.drain.grace_ms);
     let deadline = Instant::now() + grace;
     shard.drain.stop_accepting(deadline);
-    drop(ws_accept);
+    drop(accepts);
+    if let Some(mqtt) = shard.mqtt.borrow().as_ref() {
+        mqtt.drain();
+    }
     tracing::info!(
         shard = shard.id,
         sessions = shard.session_count(),

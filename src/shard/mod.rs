@@ -78,6 +78,12 @@ pub enum ShardRequest {
         /// What the sender parsed: the request head, the client address, the WebSocket key.
         upgrade: Upgrade,
     },
+    /// An MQTT device connected on another shard with this client id: close this shard's
+    /// connection with the same id, if any (the newer one replaces it, spec §15.1).
+    MqttClientConnected {
+        /// The CONNECT's client id.
+        client_id: String,
+    },
 }
 
 /// What a shard hands the main thread when it has drained: its histograms and, from shard 0,
@@ -149,6 +155,8 @@ pub struct Shard {
     /// This shard's reply receivers (read for their depth; the routers own clones).
     replies: Option<ShardReplies>,
     mesh: ShardMesh<ShardRequest>,
+    /// The MQTT + UDP endpoint, once started (when `mqtt.enabled`).
+    pub mqtt: RefCell<Option<Rc<crate::connection::mqtt::MqttEndpoint>>>,
 }
 
 /// A registered session; dropping it unregisters the session (its memory goes with it) and,
@@ -242,6 +250,9 @@ impl Shard {
         s.http.metrics_renders = self.metrics_render.renders();
         s.sessions = self.session_count() as u64;
         s.log_lines_dropped = crate::log_writer::dropped_lines();
+        if let Some(mqtt) = self.mqtt.borrow().as_ref() {
+            s.mqtt = crate::connection::mqtt::stats::MqttStats::of(mqtt);
+        }
         self.read_queues(&mut s.queues);
         ShardSnapshot {
             stats: s,

@@ -141,6 +141,13 @@ pub fn answer(shard: &Rc<Shard>, request: ShardRequest) {
                 *open = sessions;
             }
         }
+        ShardRequest::MqttClientConnected { client_id } => {
+            if let Some(mqtt) = shard.mqtt.borrow().as_ref() {
+                if mqtt.replace(&client_id) {
+                    tracing::info!(shard = shard.id, client_id = ?client_id, "MQTT client id connected on another shard: closed here");
+                }
+            }
+        }
         ShardRequest::Adopt { fd, upgrade } => {
             shard.stats.borrow_mut().adopted += 1;
             glommio::spawn_local(crate::connection::accept::adopt(

@@ -11,6 +11,8 @@ use shards::{Control, ShardContext};
 
 use super::{drain, histograms, peers, replies, BoundAddrs, Shard, ShardFinal, ShardRequest};
 use crate::config::Config;
+use crate::connection::mqtt::MqttEndpoint;
+use crate::connection::udp::UdpAudio;
 use crate::inference::{InferenceQueues, ShardReplies};
 use crate::metrics::intervals::IntervalLog;
 use crate::providers::asr::AsrOutput;
@@ -34,7 +36,8 @@ pub struct ServerEnv {
 
 /// The tasks a started shard runs; dropping one stops it.
 struct Running {
-    ws_accept: glommio::Task<()>,
+    /// The device ports' accept loops (WebSocket, MQTT): stopped when the drain stops accepting.
+    accepts: Vec<glommio::Task<()>>,
     /// The HTTP port, reply routers and background tasks: stopped after the drain.
     rest: Vec<glommio::Task<()>>,
 }
@@ -67,7 +70,7 @@ pub async fn run_shard(ctx: ShardContext<ShardRequest>, env: ServerEnv) {
             Control::Drain => break,
         }
     }
-    drain::drain(&shard, running.ws_accept, &ctx.control).await;
+    drain::drain(&shard, running.accepts, &ctx.control).await;
     drop(running.rest);
     let _ = env.finals.try_send(ShardFinal {
         shard: shard.id,
@@ -107,39 +110,98 @@ fn start(shard: &Rc<Shard>) -> Result<(Running, BoundAddrs), String> {
     if shard.mesh.len() > 1 {
         rest.push(glommio::spawn_local(peers::announce_load(shard.clone())));
     }
-    let ws_accept = glommio::spawn_local({
+    let ws_accept = accept_loop(ws_listener, "WebSocket", {
         let shard = shard.clone();
-        async move {
-            loop {
-                match ws_listener.accept().await {
-                    Ok(stream) => {
-                        let ctx = shard.connection_context();
-                        glommio::spawn_local(crate::connection::accept::serve(stream, ctx))
-                            .detach();
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed on the WebSocket port");
-                        glommio::timer::sleep(Duration::from_millis(10)).await;
-                    }
-                }
+        move |stream| crate::connection::accept::serve(stream, shard.connection_context())
+    });
+    rest.push(accept_loop(http_listener, "HTTP", move |stream| {
+        crate::http::serve_connection(stream, http_ctx.clone())
+    }));
+    let mut accepts = vec![ws_accept];
+    if shard.config.mqtt.enabled {
+        let (mqtt_accept, udp_receive) = start_mqtt(shard)?;
+        accepts.push(mqtt_accept);
+        rest.push(udp_receive);
+    }
+    Ok((Running { accepts, rest }, (shard.id, ws_addr, http_addr)))
+}
+
+/// Binds the MQTT port (SO_REUSEPORT, shared by every shard) and this shard's own UDP port
+/// (`mqtt.udp_port_base` + shard index, or an ephemeral one), and spawns their loops.
+fn start_mqtt(shard: &Rc<Shard>) -> Result<(glommio::Task<()>, glommio::Task<()>), String> {
+    let config = &shard.config.mqtt;
+    let ip = shard.config.server.ip;
+    let udp_port = match config.udp_port_base {
+        0 => 0,
+        base => u16::try_from(usize::from(base) + shard.id).map_err(|_| {
+            format!(
+                "mqtt.udp_port_base {base} + shard {} is past 65535",
+                shard.id
+            )
+        })?,
+    };
+    let udp_addr = SocketAddr::new(ip, udp_port);
+    let udp = UdpAudio::bind(udp_addr)
+        .map_err(|e| format!("cannot bind UDP audio on {udp_addr}: {e}"))?;
+    let announce = {
+        let (mesh, me) = (shard.mesh.clone(), shard.id);
+        Box::new(move |client_id: &str| {
+            for to in (0..mesh.len()).filter(|&to| to != me) {
+                let request = ShardRequest::MqttClientConnected {
+                    client_id: client_id.to_string(),
+                };
+                let _ = mesh.try_send(to, Control::User(request));
             }
+        })
+    };
+    let endpoint = MqttEndpoint::new(
+        config.clone(),
+        udp.clone(),
+        shard.connection_limit,
+        announce,
+    )?;
+    let mqtt_addr = SocketAddr::new(ip, config.port);
+    let listener = glommio::net::TcpListener::bind(mqtt_addr)
+        .map_err(|e| format!("cannot listen on {mqtt_addr}: {e}"))?;
+    tracing::info!(
+        shard = shard.id,
+        mqtt = %listener.local_addr().unwrap_or(mqtt_addr),
+        udp_port = udp.port(),
+        "MQTT + UDP listening"
+    );
+    *shard.mqtt.borrow_mut() = Some(endpoint.clone());
+    let accept = accept_loop(listener, "MQTT", {
+        let shard = shard.clone();
+        move |stream| {
+            crate::connection::mqtt::serve(stream, shard.connection_context(), endpoint.clone())
         }
     });
-    rest.push(glommio::spawn_local(async move {
+    Ok((accept, glommio::spawn_local(udp.receive())))
+}
+
+/// Accepts connections on `listener` until dropped, serving each in its own task.
+fn accept_loop<F, Fut>(
+    listener: glommio::net::TcpListener,
+    port: &'static str,
+    serve: F,
+) -> glommio::Task<()>
+where
+    F: Fn(glommio::net::TcpStream) -> Fut + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    glommio::spawn_local(async move {
         loop {
-            match http_listener.accept().await {
+            match listener.accept().await {
                 Ok(stream) => {
-                    glommio::spawn_local(crate::http::serve_connection(stream, http_ctx.clone()))
-                        .detach();
+                    glommio::spawn_local(serve(stream)).detach();
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed on the HTTP port");
+                    tracing::warn!(error = %e, port, "accept failed");
                     glommio::timer::sleep(Duration::from_millis(10)).await;
                 }
             }
         }
-    }));
-    Ok((Running { ws_accept, rest }, (shard.id, ws_addr, http_addr)))
+    })
 }
 
 /// One router per kind of inference reply, in a latency-sensitive task queue.

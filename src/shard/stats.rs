@@ -6,6 +6,7 @@
 //! struct in `session/`; their exported names are listed here in [`SESSION_METRICS`], one
 //! table, read by the same renderer.
 
+use crate::connection::mqtt::stats::MqttStats;
 use crate::http::vision::VisionCounters;
 use crate::http::HttpCounters;
 use crate::metrics::counters::{self, counters, Counters, Kind, Metric, Sample, Scope};
@@ -102,6 +103,8 @@ counters! {
         ended: SessionCounters,
         /// Requests to `/mcp/vision/explain` by outcome.
         vision: VisionCounters,
+        /// The MQTT + UDP transport's connections, refusals and datagrams.
+        mqtt: MqttStats,
     }
 }
 
@@ -161,6 +164,11 @@ pub const SESSION_METRICS: &[Metric<SessionCounters>] = &[
         "xiaozhi_iot_states_refused_total",
         "IoT state updates refused because a thing's state would pass its bound (16 things, 64 keys, 2 KiB each).",
         |e| e.iot_states_refused,
+    ),
+    sum(
+        "xiaozhi_manual_gap_ends_total",
+        "Manual-mode turns ended because audio frames stopped arriving without listen stop (session.manual_audio_gap_ms).",
+        |e| e.manual_gap_ends,
     ),
     sum(
         "xiaozhi_unknown_messages_total",

@@ -131,6 +131,14 @@ impl McpClient {
         self.pending.len()
     }
 
+    /// True while `initialize` or a `tools/list` page awaits its answer: the tool list is not
+    /// known yet.
+    pub fn discovering(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|(_, p, _)| matches!(p, Pending::Initialize | Pending::List))
+    }
+
     /// Starts the sequence (once per session): the `initialize` request to send.
     pub fn start(&mut self, now: Instant) -> Option<Value> {
         if self.started {

@@ -63,6 +63,11 @@ impl Server {
             .arg(format!("server.port={ws_port}"))
             .arg("--set")
             .arg(format!("server.http_port={http_port}"));
+        // These tests were written against the English embedded default (Whisper tiny.en,
+        // Piper); a test about another language sets `language` itself.
+        if !sets.iter().any(|s| s.starts_with("language=")) {
+            cmd.arg("--set").arg("language=\"en\"");
+        }
         for s in sets {
             cmd.arg("--set").arg(s);
         }

@@ -13,5 +13,6 @@ pub mod whisper;
 
 pub use wav::{multipart_form, wav_bytes};
 pub use whisper::{
-    AsrError, AsrJob, AsrOutput, AsrReply, Transcript, WhisperSettings, WhisperWorker,
+    AsrError, AsrJob, AsrOutput, AsrReply, ChineseScript, Transcript, WhisperSettings,
+    WhisperWorker,
 };

@@ -88,6 +88,24 @@ pub struct WhisperSettings {
     /// at least this much and at most 30 s (Whisper's training window, the default). Its cost
     /// is proportional to the window; too short a window makes the model guess.
     pub window_ms: u32,
+    /// The script Chinese transcripts are written in.
+    pub chinese_script: ChineseScript,
+}
+
+/// The script of Chinese transcripts. Whisper writes Mandarin in traditional or simplified
+/// characters more or less at random (both were in its training data; a simplified-Chinese
+/// prompt only makes simplified more likely), so its text is converted with OpenCC's tables
+/// (`ferrous-opencc`, pure Rust, phrase-aware) on the inference core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChineseScript {
+    /// Simplified characters (mainland China, Singapore; what the offline responder writes).
+    #[default]
+    Simplified,
+    /// Traditional characters (Taiwan, Hong Kong).
+    Traditional,
+    /// As Whisper wrote it.
+    AsHeard,
 }
 
 /// Why a Whisper model could not be loaded or run.
@@ -166,6 +184,8 @@ pub struct WhisperWorker {
     mel: LogMel,
     language: LanguageMode,
     multilingual: bool,
+    /// Converts Chinese transcripts to the configured script (`None`: as heard).
+    script: Option<ferrous_opencc::OpenCC>,
     options: WhisperOptions,
     /// The job's audio as f32, reused.
     pcm: Vec<f32>,
@@ -261,6 +281,16 @@ impl WhisperWorker {
             LanguageMode::Fixed("en".to_owned())
         };
         let mel = LogMel::new(model.n_mels());
+        let conversion = match settings.chinese_script {
+            _ if !multilingual => None,
+            ChineseScript::AsHeard => None,
+            ChineseScript::Simplified => Some(ferrous_opencc::config::BuiltinConfig::T2s),
+            ChineseScript::Traditional => Some(ferrous_opencc::config::BuiltinConfig::S2t),
+        };
+        let script = conversion
+            .map(ferrous_opencc::OpenCC::from_config)
+            .transpose()
+            .map_err(|e| AsrError::Settings(format!("Chinese script conversion: {e}")))?;
         tracing::info!(
             model = %name,
             multilingual,
@@ -277,6 +307,7 @@ impl WhisperWorker {
             mel,
             language,
             multilingual,
+            script,
             options: WhisperOptions {
                 beam_size: settings.beam_size,
                 ..WhisperOptions::default()
@@ -396,10 +427,11 @@ impl WhisperWorker {
             .tokenizer
             .decode(&text_ids, true)
             .map_err(|e| AsrError::Inference(format!("decode: {e}")))?;
-        Ok(Transcript {
-            text: strip_special_tokens(&text),
-            language,
-        })
+        let mut text = strip_special_tokens(&text);
+        if let Some(script) = self.script.as_ref().filter(|_| language == "zh") {
+            text = script.convert(&text);
+        }
+        Ok(Transcript { text, language })
     }
 }
 
@@ -539,6 +571,7 @@ mod tests {
             beam_size: if int8 && model.ends_with(".en") { 5 } else { 1 },
             // What the server runs with unless configured otherwise.
             window_ms: crate::config::WhisperConfig::default().window_ms,
+            chinese_script: ChineseScript::Simplified,
         }
     }
 
@@ -836,6 +869,7 @@ mod tests {
             core: 0,
             beam_size: 1,
             window_ms: 30_000,
+            chinese_script: ChineseScript::Simplified,
         })
         .err()
         .expect("missing directory must fail");
@@ -858,6 +892,7 @@ mod tests {
             core: 0,
             beam_size: 1,
             window_ms: 30_000,
+            chinese_script: ChineseScript::Simplified,
         })
         .err()
         .expect("missing model.bin must fail");

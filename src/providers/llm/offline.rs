@@ -102,12 +102,16 @@ enum Intent {
 
 /// The built-in replier used when no LLM is configured (see the module docs).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct OfflineResponder;
+pub struct OfflineResponder {
+    /// Answer in Chinese when the input gives no language to follow (empty).
+    prefer_chinese: bool,
+}
 
 impl OfflineResponder {
-    /// The responder (it has no state).
-    pub fn new() -> Self {
-        Self
+    /// The responder; `prefer_chinese` picks the language when the input has none (every other
+    /// reply is in the language of the input).
+    pub fn new(prefer_chinese: bool) -> Self {
+        Self { prefer_chinese }
     }
 
     /// The spoken reply to `user_text`, with the clock at `now_unix` (seconds since the Unix
@@ -116,7 +120,12 @@ impl OfflineResponder {
         let text = user_text.trim();
         let chinese = crate::lang::has_cjk(text);
         if text.is_empty() {
-            return "Sorry, I didn't catch that.".to_string();
+            return if self.prefer_chinese {
+                "对不起，我没听清。"
+            } else {
+                "Sorry, I didn't catch that."
+            }
+            .to_string();
         }
         let intent = if chinese {
             intent_zh(text)
@@ -163,7 +172,35 @@ fn intent_en(words: &str) -> Intent {
     }
 }
 
+/// Traditional forms of the characters in the Chinese phrases above, mapped to the simplified
+/// ones: Whisper writes either for the same Mandarin speech.
+const TRADITIONAL: &[(char, char)] = &[
+    ('幾', '几'),
+    ('點', '点'),
+    ('時', '时'),
+    ('間', '间'),
+    ('號', '号'),
+    ('禮', '礼'),
+    ('週', '周'),
+    ('誰', '谁'),
+    ('麼', '么'),
+    ('見', '见'),
+    ('現', '现'),
+    ('報', '报'),
+    ('囉', '喽'),
+];
+
 fn intent_zh(text: &str) -> Intent {
+    let text: String = text
+        .chars()
+        .map(|c| {
+            TRADITIONAL
+                .iter()
+                .find(|(t, _)| *t == c)
+                .map_or(c, |(_, s)| *s)
+        })
+        .collect();
+    let text = text.as_str();
     let has = |phrases: &[&str]| phrases.iter().any(|p| text.contains(p));
     if has(WHO_ZH) {
         Intent::WhoAreYou
@@ -260,7 +297,7 @@ mod tests {
     const CST: i64 = 8 * 60;
 
     fn reply(text: &str) -> String {
-        OfflineResponder::new().reply(text, TUESDAY_1507_UTC, 0)
+        OfflineResponder::new(false).reply(text, TUESDAY_1507_UTC, 0)
     }
 
     #[test]
@@ -289,7 +326,7 @@ mod tests {
     fn english_time_in_twelve_hour_clock() {
         assert_eq!(reply("What time is it?"), "It's 3:07 PM.");
         assert_eq!(reply("hello, tell me the time"), "It's 3:07 PM.");
-        let responder = OfflineResponder::new();
+        let responder = OfflineResponder::new(false);
         assert_eq!(responder.reply("what time is it", 0, 0), "It's 12:00 AM.");
         assert_eq!(
             responder.reply("what time is it", 43_200 + 59, 0),
@@ -299,7 +336,7 @@ mod tests {
 
     #[test]
     fn time_uses_the_device_time_zone() {
-        let responder = OfflineResponder::new();
+        let responder = OfflineResponder::new(false);
         assert_eq!(
             responder.reply("what time is it", TUESDAY_1507_UTC, CST),
             "It's 11:07 PM."
@@ -312,7 +349,7 @@ mod tests {
 
     #[test]
     fn chinese_time_names_the_part_of_the_day() {
-        let responder = OfflineResponder::new();
+        let responder = OfflineResponder::new(false);
         assert_eq!(
             responder.reply("现在几点", TUESDAY_1507_UTC, 0),
             "现在是下午3点07分。"
@@ -346,7 +383,7 @@ mod tests {
 
     #[test]
     fn date_rolls_over_at_local_midnight() {
-        let responder = OfflineResponder::new();
+        let responder = OfflineResponder::new(false);
         // 2024-03-05 16:00:30 UTC is 2024-03-06 00:00 in UTC+8.
         assert_eq!(
             responder.reply("今天几号", 1_709_654_430, CST),
@@ -382,6 +419,13 @@ mod tests {
     }
 
     #[test]
+    fn traditional_characters_ask_the_same_questions() {
+        assert_eq!(reply("現在幾點了"), reply("现在几点了"));
+        assert_eq!(reply("你是誰"), reply("你是谁"));
+        assert_ne!(reply("現在幾點了"), reply("随便说说"));
+    }
+
+    #[test]
     fn goodbye_phrases_get_a_goodbye() {
         for text in ["bye", "Goodbye!", "ok see you later", "good night"] {
             assert_eq!(reply(text), "Goodbye! Talk to you soon.", "{text}");
@@ -407,5 +451,9 @@ mod tests {
     #[test]
     fn empty_input_asks_again() {
         assert_eq!(reply("   "), "Sorry, I didn't catch that.");
+        let zh = OfflineResponder::new(true);
+        assert_eq!(zh.reply("", TUESDAY_1507_UTC, 0), "对不起，我没听清。");
+        // A Chinese default does not change the language of an answer to English input.
+        assert_eq!(zh.reply("hello", TUESDAY_1507_UTC, 0), reply("hello"));
     }
 }

@@ -103,32 +103,33 @@ impl TtsWorker {
         }
     }
 
-    /// Initialises espeak-ng (Kokoro's English phonemes), builds the Mandarin segmenter and
-    /// loads Kokoro with `settings.voices` in the ONNX Runtime environment created from `lib`.
-    /// Call it on the worker's own thread.
-    pub fn load_kokoro(lib: &Path, settings: &KokoroSettings) -> Result<Self, TtsError> {
-        espeak::init()?;
-        zh::warm_up();
-        let voices: Vec<&str> = settings.voices.iter().map(String::as_str).collect();
-        let model = KokoroModel::load(lib, &settings.dir, &voices)?;
-        Ok(TtsWorker {
-            piper: None,
-            kokoro: Some(KokoroEngine {
-                model,
-                speed: settings.speed,
-                audio: Vec::new(),
-            }),
-        })
-    }
-
-    /// Initialises espeak-ng and, when `piper_model` is given, loads that Piper voice in the
-    /// ONNX Runtime environment created from `lib`. Call it on the worker's own thread.
-    pub fn load(lib: &Path, piper_model: Option<&Path>) -> Result<Self, TtsError> {
+    /// Initialises espeak-ng (phonemes for Piper and Kokoro's English, and the fallback voice)
+    /// and loads, in the ONNX Runtime environment created from `lib`, the Piper voice
+    /// `piper_model` and Kokoro with `kokoro.voices`, each when given (without one, jobs for
+    /// that engine fail). Building Kokoro's Mandarin segmenter is part of its load. Call it on
+    /// the worker's own thread.
+    pub fn load(
+        lib: &Path,
+        piper_model: Option<&Path>,
+        kokoro: Option<&KokoroSettings>,
+    ) -> Result<Self, TtsError> {
         espeak::init()?;
         let piper = piper_model
             .map(|model| PiperVoice::load(lib, model))
             .transpose()?;
-        Ok(TtsWorker::new(piper))
+        let kokoro = match kokoro {
+            Some(settings) => {
+                zh::warm_up();
+                let voices: Vec<&str> = settings.voices.iter().map(String::as_str).collect();
+                Some(KokoroEngine {
+                    model: KokoroModel::load(lib, &settings.dir, &voices)?,
+                    speed: settings.speed,
+                    audio: Vec::new(),
+                })
+            }
+            None => None,
+        };
+        Ok(TtsWorker { piper, kokoro })
     }
 
     /// Whether [`TtsEngine::Piper`] jobs can be served.

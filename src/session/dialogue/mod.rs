@@ -74,6 +74,9 @@ pub struct DialogueSettings {
     pub max_tool_result_bytes: usize,
     /// Exit phrases and wake words.
     pub intents: Intents,
+    /// Apologies and replies with no user text to go by are in Chinese (`language = "zh"`);
+    /// otherwise every reply follows the language of what the user said.
+    pub prefer_chinese: bool,
 }
 
 /// Work the connection loop must start for the dialogue.
@@ -198,6 +201,7 @@ impl Dialogue {
             prebuffer_frames: settings.prebuffer_frames,
             stop_guard: settings.stop_guard,
         });
+        let offline = OfflineResponder::new(settings.prefer_chinese);
         Dialogue {
             settings,
             session_id,
@@ -205,7 +209,7 @@ impl Dialogue {
             next_turn: 1,
             turn: None,
             playout,
-            offline: OfflineResponder,
+            offline,
             tools: None,
             volume_tools: intents::VolumeTools::default(),
             next_call: 1,
@@ -321,7 +325,11 @@ impl Dialogue {
                     &sid,
                     ServerMessage::Alert {
                         status: "error",
-                        message: "Sorry, I could not make out what you said.",
+                        message: if self.settings.prefer_chinese {
+                            "抱歉，我没有听清你说的话。"
+                        } else {
+                            "Sorry, I could not make out what you said."
+                        },
                         emotion: "sad",
                     },
                 );
@@ -448,7 +456,13 @@ impl Dialogue {
             tracing::info!(session = %sid, error = %e, "LLM failed");
             self.counters.llm_failures += 1;
             if t.reply.trim().is_empty() {
-                let sorry = "Sorry, I'm having trouble answering right now.";
+                let chinese = intents::is_chinese(&t.user_text)
+                    || (t.user_text.trim().is_empty() && self.settings.prefer_chinese);
+                let sorry = if chinese {
+                    "抱歉，我现在没法回答。"
+                } else {
+                    "Sorry, I'm having trouble answering right now."
+                };
                 speech.segments.push_back(sorry.to_string());
                 t.reply.push_str(sorry);
                 if !answer.emotion_sent {

@@ -24,6 +24,7 @@ pub(crate) fn settings(offline_llm: bool) -> DialogueSettings {
         max_calls_per_round: 2,
         max_tool_result_bytes: 64,
         intents: Intents::new(&["goodbye".into()], &["hi xiaozhi".into()]),
+        prefer_chinese: false,
     }
 }
 
