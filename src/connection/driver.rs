@@ -17,6 +17,9 @@ use super::{ConnectionContext, Count, End, Outcome};
 use crate::session::{CloseCause, Effects, Outgoing, Session, SessionEvent};
 
 /// What a link made of one input from the device.
+// Returned once per input and consumed at once by the loop: boxing the effects would cost an
+// allocation per frame to save a move.
+#[allow(clippy::large_enum_variant)]
 pub enum Handled {
     /// Effects for the driver to carry out (empty for a ping or a packet with no meaning).
     Effects(Effects),
