@@ -208,6 +208,12 @@ pub struct VisionConfig {
     pub max_body_bytes: usize,
     /// Most requests each shard handles at once (past authentication); more get 503.
     pub max_in_flight: usize,
+    /// Most requests one device has in hand at once on a shard; more get 429.
+    pub max_in_flight_per_device: usize,
+    /// Requests per minute per device on a shard (a token bucket); 0 = no limit.
+    pub per_device_per_minute: f64,
+    /// Requests a device may make at once (bucket size).
+    pub per_device_burst: u32,
     /// Lifetime of the per-device token handed out in MCP initialize, seconds.
     pub token_expire_seconds: u64,
     /// Remote OpenAI-compatible vision chat model.
@@ -220,6 +226,9 @@ impl Default for VisionConfig {
             provider: VisionProvider::None,
             max_body_bytes: 5 * 1024 * 1024,
             max_in_flight: 8,
+            max_in_flight_per_device: 2,
+            per_device_per_minute: 10.0,
+            per_device_burst: 5,
             token_expire_seconds: 24 * 3600,
             openai: RemoteVisionConfig::default(),
         }
@@ -287,6 +296,9 @@ pub struct ServerConfig {
     pub write_timeout_ms: u64,
     /// Most messages queued for one device before it counts as not reading and is disconnected.
     pub outbound_queue_messages: usize,
+    /// Messages (or other wake-ups) a connection handles in a row, each ready at once, before
+    /// it lets the other devices on its shard run.
+    pub read_budget_messages: u32,
     /// Device token authentication.
     pub auth: AuthConfig,
     /// Firmware offered by the OTA endpoint.
@@ -314,8 +326,15 @@ pub struct HttpPortConfig {
     /// from `server.proxy_protocol`: a balancer sends it per backend server line, and the OTA
     /// backend is often layer 7 (forwarded headers) while the WebSocket one is layer 4.
     pub proxy_protocol: ProxyProtocol,
-    /// Most HTTP connections one shard holds at once; beyond it a connection gets 503.
+    /// Most HTTP connections one shard serves at once, counted from a connection's first
+    /// complete request head; beyond it a request gets 503 (`/healthz` and `/readyz` are still
+    /// answered).
     pub max_connections_per_shard: usize,
+    /// Most connections one client address holds open on a shard, waiting or served (balancer
+    /// addresses are exempt); 0 = no cap.
+    pub max_connections_per_address: usize,
+    /// Time a new connection has to send its first complete request head, ms.
+    pub head_timeout_ms: u64,
     /// Requests per client address (balancer addresses are exempt).
     pub rate_limit: RateLimitConfig,
 }
@@ -325,6 +344,8 @@ impl Default for HttpPortConfig {
         Self {
             proxy_protocol: ProxyProtocol::Off,
             max_connections_per_shard: 1024,
+            max_connections_per_address: 64,
+            head_timeout_ms: 5000,
             rate_limit: RateLimitConfig::default(),
         }
     }
@@ -402,6 +423,7 @@ impl Default for ServerConfig {
             hello_timeout_ms: 10_000,
             write_timeout_ms: 5_000,
             outbound_queue_messages: 128,
+            read_budget_messages: 32,
             auth: AuthConfig::default(),
             firmware: FirmwareConfig::default(),
             drain: DrainConfig::default(),
@@ -425,8 +447,14 @@ pub struct AuthConfig {
     pub secrets: Vec<String>,
     /// Token lifetime, seconds (reference default: 30 days).
     pub expire_seconds: u64,
-    /// Devices that need no token.
+    /// The fleet's device ids: with `ota_tokens = "allowed_devices"` the only ones OTA issues a
+    /// token to; with `allowed_devices_skip_token` let in without one.
     pub allowed_devices: Vec<String>,
+    /// Devices in `allowed_devices` connect without a token (the reference's bypass: anyone
+    /// claiming such an id is let in). Off by default; warned about at start when on.
+    pub allowed_devices_skip_token: bool,
+    /// Which devices `POST /xiaozhi/ota/` hands a token to when auth is on.
+    pub ota_tokens: OtaTokens,
 }
 
 impl Default for AuthConfig {
@@ -436,7 +464,46 @@ impl Default for AuthConfig {
             secrets: Vec::new(),
             expire_seconds: 30 * 24 * 3600,
             allowed_devices: Vec::new(),
+            allowed_devices_skip_token: false,
+            ota_tokens: OtaTokens::Any,
         }
+    }
+}
+
+/// Which devices OTA issues a token to (with auth on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtaTokens {
+    /// Any `Device-Id` (the reference): OTA is then the way in, and auth only keeps out
+    /// clients that never asked OTA.
+    Any,
+    /// Only devices in `server.auth.allowed_devices`; others get an empty token.
+    AllowedDevices,
+    /// None: tokens are handed out another way (`xiaozhi-tpc token`).
+    None,
+}
+
+impl AuthConfig {
+    /// Start-up warnings about choices that weaken auth (empty when auth is off).
+    pub fn warnings(&self) -> Vec<&'static str> {
+        let mut w = Vec::new();
+        if !self.enabled {
+            return w;
+        }
+        if self.ota_tokens == OtaTokens::Any {
+            w.push(
+                "server.auth.ota_tokens = \"any\": POST /xiaozhi/ota/ hands a valid token to any \
+                 Device-Id, so anyone who can reach the HTTP port can connect; set \
+                 \"allowed_devices\" or \"none\" to close it",
+            );
+        }
+        if self.allowed_devices_skip_token && !self.allowed_devices.is_empty() {
+            w.push(
+                "server.auth.allowed_devices_skip_token = true: any connection that claims an id \
+                 in server.auth.allowed_devices is let in without a token",
+            );
+        }
+        w
     }
 }
 
@@ -959,12 +1026,16 @@ impl Default for AudioOutConfig {
 pub struct LogConfig {
     /// A tracing filter, e.g. "info" or "xiaozhi_tpc=debug,info"; `RUST_LOG` wins when set.
     pub level: String,
+    /// Lines the log writer thread queues; beyond it lines are dropped and counted, so a slow
+    /// stderr never blocks a shard.
+    pub buffered_lines: usize,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            buffered_lines: 16_384,
         }
     }
 }
@@ -1172,6 +1243,12 @@ impl Config {
                 "must be at least 1",
             );
         }
+        if !(100..=60_000).contains(&s.http.head_timeout_ms) {
+            return bad(
+                "server.http.head_timeout_ms",
+                "must be between 100 and 60000",
+            );
+        }
         for (key, rl) in [
             ("server.rate_limit", &s.rate_limit),
             ("server.http.rate_limit", &s.http.rate_limit),
@@ -1194,6 +1271,9 @@ impl Config {
         }
         if s.outbound_queue_messages < 8 {
             return bad("server.outbound_queue_messages", "must be at least 8");
+        }
+        if !(1..=4096).contains(&s.read_budget_messages) {
+            return bad("server.read_budget_messages", "must be between 1 and 4096");
         }
         let url = &s.public_ws_url;
         if !(url.is_empty() || url.starts_with("ws://") || url.starts_with("wss://")) {
@@ -1264,11 +1344,33 @@ impl Config {
         if !(1000..=30_000).contains(&self.asr.whisper.window_ms) {
             return bad("asr.whisper.window_ms", "must be between 1000 and 30000");
         }
+        let v = &self.vision;
+        if v.max_in_flight_per_device == 0 {
+            return bad("vision.max_in_flight_per_device", "must be at least 1");
+        }
+        if !(v.per_device_per_minute >= 0.0 && v.per_device_per_minute.is_finite()) {
+            return bad("vision.per_device_per_minute", "must be 0 or more");
+        }
+        if v.per_device_burst == 0 {
+            return bad("vision.per_device_burst", "must be at least 1");
+        }
+        if s.auth.enabled
+            && s.auth.ota_tokens == OtaTokens::AllowedDevices
+            && s.auth.allowed_devices.is_empty()
+        {
+            return bad(
+                "server.auth.ota_tokens",
+                "\"allowed_devices\" with an empty server.auth.allowed_devices issues no token at all",
+            );
+        }
         if self.metrics.interval_ms < 100 {
             return bad("metrics.interval_ms", "must be at least 100");
         }
         if !(1..=100_000).contains(&self.metrics.keep_intervals) {
             return bad("metrics.keep_intervals", "must be between 1 and 100000");
+        }
+        if !(16..=1 << 20).contains(&self.log.buffered_lines) {
+            return bad("log.buffered_lines", "must be between 16 and 1048576");
         }
         let t = &self.tools;
         if t.call_timeout_ms < 100 {

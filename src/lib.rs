@@ -16,6 +16,7 @@ pub mod front_door;
 pub mod http;
 pub mod inference;
 pub mod lang;
+pub mod log_writer;
 pub mod metrics;
 pub mod models;
 pub mod mqtt;

@@ -117,18 +117,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(mut config: Config) -> ExitCode {
+fn serve(config: Config) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Logs go to stderr (stdout stays free for command output), coloured only on a terminal.
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Logs go to stderr (stdout stays free for command output) from a writer thread, never
+    // from a shard; the guard flushes them when `serve` returns (keep it to the end).
+    let log_guard = xiaozhi_tpc::log_writer::install(filter, config.log.buffered_lines);
+    let code = serve_logged(config);
+    let dropped = xiaozhi_tpc::log_writer::dropped_lines();
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "log lines dropped: stderr was not read fast enough"
+        );
+    }
+    drop(log_guard);
+    code
+}
+
+/// [`serve`] once logging is installed.
+fn serve_logged(mut config: Config) -> ExitCode {
     config.ensure_vision_secret();
+    for warning in config.server.auth.warnings() {
+        tracing::warn!("auth: {warning}");
+    }
 
     let available = shards::CorePlan::available_cores();
     let plan = match shards::CorePlan::from_config(

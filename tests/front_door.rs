@@ -71,9 +71,14 @@ fn auth_accepts_valid_tokens_and_refuses_bad_expired_and_missing_ones() {
             "server.auth.enabled=true",
             "server.auth.expire_seconds=3600",
             "server.auth.allowed_devices=[\"aa:bb:cc:dd:ee:99\"]",
+            "server.auth.allowed_devices_skip_token=true",
         ],
         &[("XIAOZHI_AUTH_SECRETS", "new-secret,old-secret")],
     );
+    // Both choices that weaken auth are warned about at start.
+    let log = server.log_text();
+    assert!(log.contains("server.auth.ota_tokens = \"any\""), "{log}");
+    assert!(log.contains("allowed_devices_skip_token = true"), "{log}");
     let device = "aa:bb:cc:dd:ee:04";
     let client = "7b94d69a-9808-4c59-9c9b-704333b38aff";
 
@@ -149,13 +154,76 @@ fn auth_accepts_valid_tokens_and_refuses_bad_expired_and_missing_ones() {
     );
     refused(None, "missing");
 
-    // Allowed devices need no token.
+    // Allowed devices need no token (allowed_devices_skip_token).
     let mut ws = connect(
         &server.ws_url("/"),
         &device_headers("aa:bb:cc:dd:ee:99", "1"),
     );
     hello(&mut ws, HELLO);
     assert_eq!(server.metric("xiaozhi_auth_failures_total"), 3);
+}
+
+/// `POST /xiaozhi/ota/` for `device`; the token in the answer.
+fn ota_token(server: &Server, device: &str) -> String {
+    let ota = http_request(
+        server.http_port,
+        "POST",
+        "/xiaozhi/ota/",
+        &[
+            ("Device-Id", device),
+            ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"application":{"version":"1.0.0"}}"#,
+    )
+    .expect("ota");
+    let body: serde_json::Value = serde_json::from_str(&ota.body).expect("ota json");
+    body["websocket"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string()
+}
+
+#[test]
+fn ota_issues_tokens_only_to_the_fleet_and_the_fleet_still_needs_them() {
+    let fleet = "aa:bb:cc:dd:ee:f1";
+    let sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    let mut sets: Vec<String> = sets;
+    sets.extend(
+        [
+            "server.auth.enabled=true",
+            "server.auth.secrets=[\"fleet-secret\"]",
+            &format!("server.auth.allowed_devices=[\"{fleet}\"]"),
+            "server.auth.ota_tokens=\"allowed_devices\"",
+        ]
+        .map(String::from),
+    );
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        !server.log_text().contains("auth: "),
+        "no warning: {}",
+        server.log_text()
+    );
+    // A stranger asking OTA for a token gets none, so cannot connect as itself...
+    assert_eq!(ota_token(&server, "victim"), "");
+    // ...while a fleet device gets one, and it works.
+    let token = ota_token(&server, fleet);
+    assert!(token.contains('.'), "{token}");
+    let bearer = format!("Bearer {token}");
+    let mut headers = device_headers(fleet, "1");
+    headers.push(("Authorization", &bearer));
+    let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &headers);
+    hello(&mut ws, HELLO);
+    // Claiming the fleet's id without a token is refused (allowed_devices_skip_token = false).
+    let mut claimed = connect(&server.ws_url("/xiaozhi/v1/"), &device_headers(fleet, "1"));
+    match claimed.read().expect("read") {
+        Message::Text(t) => assert_eq!(t.as_str(), "认证失败"),
+        other => panic!("expected the auth failure text, got {other:?}"),
+    }
+    let (code, reason) = expect_close(&mut claimed);
+    assert_eq!(code, 1008);
+    assert!(reason.contains("missing"), "{reason}");
+    assert_eq!(server.metric("xiaozhi_auth_failures_total"), 1);
 }
 
 fn unix_now() -> u64 {
@@ -291,6 +359,38 @@ fn malformed_and_unknown_messages_get_errors_or_are_ignored_without_dropping_the
     assert_eq!(next_json(&mut ws)["type"], "pong");
 }
 
+#[test]
+fn a_device_repeating_unknown_messages_is_logged_three_times_then_summed_up_once() {
+    let sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut ws = connect(
+        &server.ws_url("/"),
+        &device_headers("aa:bb:cc:dd:ee:07", "1"),
+    );
+    hello(&mut ws, HELLO);
+    for _ in 0..50 {
+        ws.send(Message::text(r#"{"type":"teleport\nforged line"}"#))
+            .expect("send");
+    }
+    ws.send(Message::text(r#"{"type":"ping"}"#)).expect("send");
+    assert_eq!(next_json(&mut ws)["type"], "pong");
+    ws.close(None).expect("close");
+    let summary = "unknown message types not logged";
+    wait_until(|| server.log_text().contains(summary));
+    let log = server.log_text();
+    let ignored: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("unknown message type ignored"))
+        .collect();
+    assert_eq!(ignored.len(), 3, "{log}");
+    assert!(ignored[2].contains("last=true"), "{log}");
+    let summed: Vec<&str> = log.lines().filter(|l| l.contains(summary)).collect();
+    assert_eq!(summed.len(), 1, "{log}");
+    assert!(summed[0].contains("suppressed=47"), "{log}");
+    // The device's newline stays escaped inside the line; it never starts one.
+    assert!(!log.lines().any(|l| l.starts_with("forged line")), "{log}");
+}
+
 /// Sends one 10 000-byte binary frame under `limit`; expects close 1009 naming `what`, and
 /// `counter` (not `other`) counted.
 fn oversized_closes_with_1009(limit: &str, what: &str, counter: &str, other: &str) {
@@ -407,53 +507,188 @@ fn full_shard_refuses_new_devices_with_503() {
     assert_eq!(server.metric("xiaozhi_refused_full_total"), 1);
 }
 
+/// A keep-alive connection to the HTTP port that has been answered once (so it holds a place).
+fn held_http_connection(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(b"ok\n") {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
+/// Everything the server sends on `s` until it closes.
+fn read_until_closed(mut s: TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[test]
-fn full_http_shard_answers_503_until_a_connection_closes() {
+fn full_http_shard_refuses_requests_but_answers_probes_and_idle_sockets_take_no_place() {
     let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
     sets.extend(
         [
             "server.http.max_connections_per_shard=2",
+            "server.http.head_timeout_ms=60000",
             "runtime.shard_cores=[0]",
         ]
         .map(String::from),
     );
     let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    // Twenty sockets that never send a byte wait for their first head but take no place.
+    let idle: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect"))
+        .collect();
+    wait_until(|| server.metric("xiaozhi_http_connections_waiting{shard=\"0\"}") == 20);
     // Two keep-alive connections, each answered once (so both are open and counted), hold
     // both places.
     let held: Vec<TcpStream> = (0..2)
-        .map(|_| {
-            let mut s = TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .expect("write");
-            let mut got = Vec::new();
-            let mut buf = [0u8; 512];
-            while !got.ends_with(b"ok\n") {
-                let n = s.read(&mut buf).expect("read");
-                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-                got.extend_from_slice(&buf[..n]);
-            }
-            s
-        })
+        .map(|_| held_http_connection(server.http_port))
         .collect();
-    let refused = http_request(server.http_port, "GET", "/healthz", &[], "").expect("answer");
+    let refused = http_request(server.http_port, "GET", "/xiaozhi/ota/", &[], "").expect("answer");
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert_eq!(
         refused.body,
         "server busy: this shard holds its maximum of 2 HTTP connections; retry later\n"
     );
     assert!(refused.head.to_ascii_lowercase().contains("retry-after: 1"));
+    // The balancer's probes are answered all the same: a full shard is busy, not down.
+    let health = http_request(server.http_port, "GET", "/healthz", &[], "").expect("health");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let ready = http_request(server.http_port, "GET", "/readyz/", &[], "").expect("ready");
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
     // Closing one frees its place (the server notices the close asynchronously).
     drop(held);
     let mut refusals = 1;
     wait_until(|| {
-        let ok = http_request(server.http_port, "GET", "/healthz", &[], "")
+        let ok = http_request(server.http_port, "GET", "/xiaozhi/ota/", &[], "")
             .is_ok_and(|r| r.status == 200);
         refusals += u64::from(!ok);
         ok
     });
-    assert_eq!(server.metric("xiaozhi_http_refused_full_total"), refusals);
+    let metrics = http_request(server.http_port, "GET", "/metrics", &[], "").expect("metrics");
+    assert_eq!(
+        metric_value(&metrics.body, "xiaozhi_http_refused_full_total"),
+        refusals
+    );
+    assert_eq!(
+        metric_value(&metrics.body, "xiaozhi_http_health_over_budget_total"),
+        2
+    );
+    assert_eq!(
+        metric_value(
+            &metrics.body,
+            "xiaozhi_http_connections_waiting{shard=\"0\"}"
+        ),
+        20
+    );
+    drop(idle);
+}
+
+#[test]
+fn a_connection_without_a_complete_head_in_time_gets_408_and_is_closed() {
+    let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    sets.extend(["server.http.head_timeout_ms=300", "runtime.shard_cores=[0]"].map(String::from));
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let silent = TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect");
+    let mut slow = TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    for s in [silent, slow] {
+        let answer = read_until_closed(s);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            answer.ends_with("no complete request head in time\n"),
+            "{answer}"
+        );
+    }
+    let mut garbage = TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect");
+    garbage
+        .write_all(b"\x16\x03\x01\x00\x05hello\r\n\r\n")
+        .expect("write");
+    let answer = read_until_closed(garbage);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(server.metric("xiaozhi_http_head_timeouts_total"), 2);
+    assert_eq!(server.metric("xiaozhi_http_bad_heads_total"), 1);
+}
+
+#[test]
+fn each_address_holds_at_most_its_connection_cap_and_trusted_balancers_are_exempt() {
+    let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    sets.extend(
+        [
+            "server.http.max_connections_per_address=3",
+            "server.http.head_timeout_ms=60000",
+            "server.trusted_proxies=[\"127.0.0.4\"]",
+            "runtime.shard_cores=[0]",
+        ]
+        .map(String::from),
+    );
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let port = server.http_port;
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| tcp_from("127.0.0.2", port).expect("connect"))
+        .collect();
+    wait_until(|| server.metric("xiaozhi_http_connections_waiting{shard=\"0\"}") == 3);
+    let answer = read_until_closed(tcp_from("127.0.0.2", port).expect("connect"));
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(
+        answer.ends_with("too many connections from 127.0.0.2; retry later\n"),
+        "{answer}"
+    );
+    // Another address is served; so is a trusted balancer holding many more.
+    let other = http_exchange(
+        tcp_from("127.0.0.3", port).expect("connect"),
+        port,
+        "GET",
+        "/xiaozhi/ota/",
+        &[],
+        b"",
+        None,
+    )
+    .expect("other");
+    assert_eq!(other.status, 200, "{}", other.body);
+    let pool: Vec<TcpStream> = (0..10)
+        .map(|_| tcp_from("127.0.0.4", port).expect("connect"))
+        .collect();
+    let balancer = http_exchange(
+        tcp_from("127.0.0.4", port).expect("connect"),
+        port,
+        "GET",
+        "/readyz",
+        &[],
+        b"",
+        None,
+    )
+    .expect("balancer");
+    assert_eq!(balancer.status, 200, "{}", balancer.body);
+    assert_eq!(server.metric("xiaozhi_http_refused_per_address_total"), 1);
+    // Closed connections give their address's places back (the one address left in the table
+    // is 127.0.0.1's, the /metrics request asking).
+    drop(idle);
+    wait_until(|| server.metric("xiaozhi_http_connection_addresses{shard=\"0\"}") == 1);
+    let again = http_exchange(
+        tcp_from("127.0.0.2", port).expect("connect"),
+        port,
+        "GET",
+        "/healthz",
+        &[],
+        b"",
+        None,
+    )
+    .expect("again");
+    assert_eq!(again.status, 200, "{}", again.body);
+    drop(pool);
 }
 
 #[test]
@@ -696,14 +931,19 @@ fn a_full_shard_hands_devices_to_a_shard_with_room() {
             let line = format!("xiaozhi_sessions{{shard=\"{shard}\"}} 4\n");
             assert!(metrics.body.contains(&line), "{}", metrics.body);
         }
-        // The access log names each device by its forwarded address, handed over or not.
-        let mut logged: Vec<String> = server
-            .log_text()
-            .lines()
-            .filter(|l| l.contains("device connected"))
-            .filter_map(|l| l.split("addr=").nth(1)?.split_whitespace().next())
-            .map(String::from)
-            .collect();
+        // The access log names each device by its forwarded address, handed over or not (the
+        // log thread writes a line a moment after the event: wait for all of them).
+        let logged_now = || -> Vec<String> {
+            server
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("device connected"))
+                .filter_map(|l| l.split("addr=").nth(1)?.split_whitespace().next())
+                .map(String::from)
+                .collect()
+        };
+        wait_until(|| logged_now().len() >= addrs.len());
+        let mut logged = logged_now();
         logged.sort();
         assert_eq!(logged, addrs);
         return;
@@ -727,4 +967,43 @@ fn drain_delay_keeps_accepting_while_not_ready_then_closes_everyone() {
         assert_eq!(expect_close(ws).0, 1001);
     }
     assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// Reads until a pong with `payload` arrives; returns how many other pongs came first.
+fn pongs_until(ws: &mut Ws, payload: &[u8]) -> usize {
+    let mut others = 0;
+    loop {
+        match ws.read().expect("read") {
+            Message::Pong(p) if p.as_ref() == payload => return others,
+            Message::Pong(_) => others += 1,
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_ping_flood_from_one_device_does_not_keep_another_device_waiting() {
+    let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    sets.push("runtime.shard_cores=[0]".into());
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let url = server.ws_url("/xiaozhi/v1/");
+    let mut a = connect(&url, &device_headers("aa:bb:cc:dd:ee:a1", "1"));
+    hello(&mut a, HELLO);
+    let mut b = connect(&url, &device_headers("aa:bb:cc:dd:ee:b1", "1"));
+    hello(&mut b, HELLO);
+    // A writes 20,000 masked, empty pings in one go, straight onto its socket.
+    const FLOOD: usize = 20_000;
+    let flood: Vec<u8> = [0x89u8, 0x80, 0, 0, 0, 0].repeat(FLOOD);
+    let mut raw = match a.get_ref() {
+        tungstenite::stream::MaybeTlsStream::Plain(s) => s.try_clone().expect("clone"),
+        _ => unreachable!("plain socket"),
+    };
+    let flooder = std::thread::spawn(move || raw.write_all(&flood).expect("flood"));
+    // B, on the same shard, is answered; and A's every ping is answered too, in order.
+    b.send(Message::Ping(b"b".to_vec().into())).expect("ping");
+    assert_eq!(pongs_until(&mut b, b"b"), 0);
+    flooder.join().expect("flooder");
+    a.send(Message::Ping(b"a".to_vec().into())).expect("ping");
+    assert_eq!(pongs_until(&mut a, b"a"), FLOOD);
+    assert!(server.metric("xiaozhi_read_budget_yields_total") > 0);
 }

@@ -11,7 +11,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,19 +93,6 @@ impl Drop for Haproxy {
     }
 }
 
-/// A TCP connection to 127.0.0.1:`port` from the loopback source address `src` (e.g. 127.0.0.2).
-fn tcp_from(src: &str, port: u16) -> std::io::Result<TcpStream> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    let local: SocketAddr = format!("{src}:0").parse().expect("src");
-    s.bind(&local.into())?;
-    let remote: SocketAddr = ([127, 0, 0, 1], port).into();
-    s.connect_timeout(&remote.into(), Duration::from_secs(5))?;
-    let t: TcpStream = s.into();
-    t.set_read_timeout(Some(Duration::from_secs(10)))?;
-    Ok(t)
-}
-
 /// Opens a WebSocket from source address `src`; `Err` carries the HTTP status and body of a
 /// refused upgrade.
 fn ws_from(
@@ -162,6 +149,28 @@ fn addrs_in_log(server: &Server, marker: &str) -> Vec<String> {
         .filter_map(|l| l.split("addr=").nth(1))
         .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string())
         .collect()
+}
+
+/// [`addrs_in_log`] once it holds at least `n` lines: the server's log lines are written by
+/// its log thread a moment after the event, so a test waits for them (up to 10 s).
+fn addrs_logged(server: &Server, marker: &str, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let addrs = addrs_in_log(server, marker);
+        if addrs.len() >= n || Instant::now() >= deadline {
+            return addrs;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to 10 s) until the server has logged a session from `addr`.
+fn wait_logged_session_from(server: &Server, addr: &str) {
+    wait_for(
+        &format!("a session from {addr} in the log"),
+        Duration::from_secs(10),
+        || logged_addrs(server).iter().any(|a| a == addr),
+    );
 }
 
 fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
@@ -221,7 +230,7 @@ fn proxy_protocol_v1_and_v2_give_each_session_the_device_address_and_only_from_t
         }
     }
     for server in [&a, &b] {
-        let mut addrs = logged_addrs(server);
+        let mut addrs = addrs_logged(server, "device connected", 4);
         addrs.sort();
         assert_eq!(
             addrs,
@@ -261,7 +270,7 @@ fn proxy_protocol_v1_and_v2_give_each_session_the_device_address_and_only_from_t
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     // The same untrusted peer without a header is a direct client, known by its TCP address.
     let _direct = device_from("127.0.0.4", a.ws_port, "aa:bb:cc:00:04:00", &[]);
-    assert!(logged_addrs(&a).contains(&"127.0.0.4".to_string()));
+    wait_logged_session_from(&a, "127.0.0.4");
     assert!(!a.log_text().contains("6.6.6.6"));
 
     // A trusted balancer's connection without a PROXY header is refused and counted.
@@ -387,7 +396,7 @@ fn ota_through_the_balancer_hands_out_its_url_and_any_instance_accepts_the_token
     }
     for server in [&a, &b] {
         assert_eq!(
-            logged_addrs(server),
+            addrs_logged(server, "device connected", 2),
             ["127.0.0.2", "127.0.0.2"],
             "the right-most untrusted X-Forwarded-For hop; haproxy log:\n{}",
             lb.log()
@@ -404,7 +413,7 @@ fn ota_through_the_balancer_hands_out_its_url_and_any_instance_accepts_the_token
         "aa:bb:cc:01:00:10",
         &[("Authorization", &token_c), ("X-Forwarded-For", "6.6.6.6")],
     );
-    assert_eq!(logged_addrs(&c), ["127.0.0.3"]);
+    assert_eq!(addrs_logged(&c, "device connected", 1), ["127.0.0.3"]);
 
     // Forwarded headers from a peer that is not a trusted balancer are ignored.
     let token_b = bearer(b.http_port, "aa:bb:cc:01:00:20");
@@ -418,7 +427,7 @@ fn ota_through_the_balancer_hands_out_its_url_and_any_instance_accepts_the_token
             ("X-Real-IP", "6.6.6.6"),
         ],
     );
-    assert!(logged_addrs(&a).contains(&"127.0.0.4".to_string()));
+    wait_logged_session_from(&a, "127.0.0.4");
     for server in [&a, &b, &c] {
         assert!(!server.log_text().contains("6.6.6.6"));
     }
@@ -535,7 +544,7 @@ fn ota_through_the_balancer_is_rate_limited_per_device_address_from_proxy_or_for
         let r = ota_from("127.0.0.3", port, "aa:bb:cc:03:00:02", &[]);
         assert_eq!(r.status, 200, "B via :{port}: {}", r.body);
         assert_eq!(
-            addrs_in_log(server, "ota request"),
+            addrs_logged(server, "ota request", 5),
             [
                 "127.0.0.2",
                 "127.0.0.2",

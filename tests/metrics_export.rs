@@ -254,3 +254,50 @@ fn assert_dump(dir: &Path, hellos: u64) {
     let hlog = std::fs::read(dir.join("connect_to_hello_us.hlog")).expect("hlog");
     assert_eq!(hlog_total(&hlog), hellos);
 }
+
+/// The metric names of a `/metrics` body, in order.
+fn metric_names(body: &str) -> Vec<String> {
+    body.lines()
+        .filter(|l| l.starts_with("# TYPE "))
+        .filter_map(|l| l.split_whitespace().nth(2).map(String::from))
+        .collect()
+}
+
+#[test]
+fn concurrent_scrapes_each_get_the_whole_text_while_health_answers() {
+    let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    sets.push("runtime.shard_cores=[0]".into());
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    let names = metric_names(&get(&server, "/metrics").body);
+    assert!(names.contains(&"xiaozhi_http_metrics_renders_total".to_string()));
+    // 50 scrapers at once (under the per-address connection cap of 64), and a health probe.
+    const SCRAPERS: usize = 50;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(SCRAPERS + 1));
+    let port = server.http_port;
+    let scrapers: Vec<_> = (0..SCRAPERS)
+        .map(|_| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                http_request(port, "GET", "/metrics", &[], "").expect("metrics")
+            })
+        })
+        .collect();
+    start.wait();
+    assert_eq!(get(&server, "/healthz").status, 200);
+    for s in scrapers {
+        let resp = s.join().expect("scraper");
+        assert_eq!(resp.status, 200);
+        assert_eq!(
+            metric_names(&resp.body),
+            names,
+            "a whole text for every scraper"
+        );
+    }
+    let last = get(&server, "/metrics").body;
+    let requests = metric_value(&last, "xiaozhi_http_metrics_requests_total");
+    let renders = metric_value(&last, "xiaozhi_http_metrics_renders_total");
+    // The first scrape, the 50, and this one; shared renders never exceed the requests.
+    assert_eq!(requests, SCRAPERS as u64 + 2);
+    assert!((1..=requests).contains(&renders), "{renders} renders");
+}

@@ -1022,3 +1022,119 @@ fn camera_tool_posts_the_photo_and_the_vision_answer_is_spoken_without_another_l
         "What is in front of you?"
     );
 }
+
+/// Connects `mac` (with `authorization`, if any), says hello with MCP and returns the socket
+/// and the server's `initialize` request.
+fn mcp_initialize(server: &Server, mac: &str, authorization: Option<&str>) -> (Ws, Value) {
+    let mut headers = device_headers(mac, "1");
+    if let Some(a) = authorization {
+        headers.push(("Authorization", a));
+    }
+    let mut ws = connect(&server.ws_url("/xiaozhi/v1/"), &headers);
+    hello(&mut ws, HELLO_MCP);
+    loop {
+        let v = next_json_skipping_audio(&mut ws);
+        if v["type"] == "mcp" && v["payload"]["method"] == "initialize" {
+            return (ws, v["payload"].clone());
+        }
+    }
+}
+
+/// The bearer token OTA hands `mac`.
+fn ota_bearer(server: &Server, mac: &str) -> String {
+    let ota = http_request(
+        server.http_port,
+        "POST",
+        "/xiaozhi/ota/",
+        &[
+            ("Device-Id", mac),
+            ("Client-Id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+        ],
+        "{}",
+    )
+    .expect("ota");
+    let token = json_body(&ota)["websocket"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    assert!(!token.is_empty(), "{}", ota.body);
+    format!("Bearer {token}")
+}
+
+#[test]
+fn with_auth_on_only_verified_sessions_get_vision_and_one_device_cannot_hold_every_slot() {
+    let llm = volume_mock();
+    let stalled = vision_mock("slow");
+    stalled.update(|s| s.stall = true);
+    let claimed = "aa:dd:00:00:00:20";
+    let (a, b) = ("aa:dd:00:00:00:21", "aa:dd:00:00:00:22");
+    let mut sets = vision_sets(&stalled.base_url());
+    sets.extend([
+        "server.auth.enabled=true".to_string(),
+        "server.auth.secrets=[\"vision-test\"]".to_string(),
+        format!("server.auth.allowed_devices=[\"{claimed}\"]"),
+        "server.auth.allowed_devices_skip_token=true".to_string(),
+        // One shard with three places: device A may hold two of them, not all three.
+        "runtime.shard_cores=[0]".to_string(),
+        "vision.max_in_flight=3".to_string(),
+        "vision.max_in_flight_per_device=2".to_string(),
+        "vision.openai.timeout_ms=3000".to_string(),
+    ]);
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let server = server(&llm, false, &refs);
+
+    // Let in by claiming an allowed id, without a token: no vision token for it.
+    let (_claimed_ws, init) = mcp_initialize(&server, claimed, None);
+    assert!(
+        init["params"]["capabilities"].get("vision").is_none(),
+        "{init}"
+    );
+    // Verified devices get theirs.
+    let vision_of = |mac: &str| {
+        let (ws, init) = mcp_initialize(&server, mac, Some(&ota_bearer(&server, mac)));
+        let caps = &init["params"]["capabilities"]["vision"];
+        let url = caps["url"].as_str().expect("vision url").to_string();
+        let token = caps["token"].as_str().expect("vision token").to_string();
+        (ws, url, token)
+    };
+    let (_a_ws, url, token_a) = vision_of(a);
+    let (_b_ws, _, token_b) = vision_of(b);
+
+    // A's two slow uploads are in the model's hands...
+    let post = |mac: &'static str, token: &str| {
+        let (url, token) = (url.clone(), token.to_string());
+        std::thread::spawn(move || post_photo(&url, mac, &token, "What is this?", &test_jpeg()))
+    };
+    let held: Vec<_> = (0..2).map(|_| post(a, &token_a)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stalled.stats().requests < 2 {
+        assert!(Instant::now() < deadline, "the model was never asked");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // ...its third is refused at once...
+    let third = post_photo(&url, a, &token_a, "And this?", &test_jpeg());
+    assert_eq!(third.status, 429, "{}", third.body);
+    assert!(
+        json_body(&third)["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("this device has 2 photos"),
+        "{}",
+        third.body
+    );
+    // ...and B still gets the shard's last place.
+    let b_post = post(b, &token_b);
+    while stalled.stats().requests < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "B's photo never reached the model"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for t in held.into_iter().chain([b_post]) {
+        let resp = t.join().expect("post");
+        assert_eq!(json_body(&resp)["success"], false, "{}", resp.body);
+    }
+    assert_eq!(vision_count(&server, "rate_limited"), 1);
+    assert_eq!(vision_count(&server, "busy"), 0);
+}

@@ -15,6 +15,7 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::Message;
 
 use super::handshake::{read_head_after, write_upgrade, HeadError, RequestHead};
+use super::settings::LetIn;
 use super::{websocket, ConnectionContext, Count, Refusal};
 use crate::front_door::{proxy, write_plain};
 use crate::protocol::identify;
@@ -238,22 +239,34 @@ async fn admit_and_serve(
             return;
         }
     };
+    // Off: every session counts as authenticated (the reference). On: only a verified token
+    // does, and only such a session gets a vision token.
+    let mut authenticated = true;
     if let Some(auth) = &settings.auth {
-        if let Err(e) = auth.check(&identity) {
-            ctx.host.count(Count::AuthFailure);
-            // Device-controlled text is logged escaped (Debug), so it cannot forge a log line.
-            tracing::info!(device = ?identity.device_id, error = %e, "authentication failed");
-            refuse(
-                &mut ws,
-                REF_AUTH_FAILED,
-                &format!("authentication failed: {e}"),
-            )
-            .await;
-            return;
+        match auth.check(&identity) {
+            Ok(how) => authenticated = how == LetIn::Token,
+            Err(e) => {
+                ctx.host.count(Count::AuthFailure);
+                // Device-controlled text is logged escaped (Debug), so it cannot forge a log line.
+                tracing::info!(device = ?identity.device_id, error = %e, "authentication failed");
+                refuse(
+                    &mut ws,
+                    REF_AUTH_FAILED,
+                    &format!("authentication failed: {e}"),
+                )
+                .await;
+                return;
+            }
         }
     }
 
-    let session = settings.new_session(admission.key, identity, host.as_deref(), local_ip);
+    let session = settings.new_session(
+        admission.key,
+        identity,
+        host.as_deref(),
+        local_ip,
+        authenticated,
+    );
     // The device's address as the balancer reported it (PROXY header or trusted forwarded
     // headers), else the TCP peer: what an operator greps for.
     tracing::info!(

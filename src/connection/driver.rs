@@ -5,15 +5,21 @@
 //! device, how what arrived becomes session input, and how it frames and writes text, audio
 //! and the close. The WebSocket ([`super::websocket`]) and MQTT + UDP ([`super::mqtt`])
 //! drivers are two links over this one loop, so the session is driven the same way on both.
+//! After `server.read_budget_messages` wake-ups in a row that were ready at once the loop
+//! yields ([`ReadBudget`]), so a flooding device shares its core.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::effects::Runner;
-use super::{ConnectionContext, End, Outcome};
+use super::read_budget::ReadBudget;
+use super::{ConnectionContext, Count, End, Outcome};
 use crate::session::{CloseCause, Effects, Outgoing, Session, SessionEvent};
 
 /// What a link made of one input from the device.
+// Returned once per input and consumed at once by the loop: boxing the effects would cost an
+// allocation per frame to save a move.
+#[allow(clippy::large_enum_variant)]
 pub enum Handled {
     /// Effects for the driver to carry out (empty for a ping or a packet with no meaning).
     Effects(Effects),
@@ -91,6 +97,7 @@ pub async fn drive<L: Link>(
     let mut runner = Runner::new(ctx.shard, ctx.providers.clone(), mailbox.clone());
     let write_timeout = Duration::from_millis(server.write_timeout_ms);
     let max_queue = server.outbound_queue_messages;
+    let mut budget = ReadBudget::new(server.read_budget_messages);
     loop {
         let fx = runner.settle(&mut session, std::mem::take(&mut pending), Instant::now());
         if !fx.samples.is_empty() {
@@ -139,7 +146,16 @@ pub async fn drive<L: Link>(
                 }
                 Wake::Timer
             };
-            futures_lite::future::or(input, futures_lite::future::or(event, timer)).await
+            let (wake, yielded) = budget
+                .next(futures_lite::future::or(
+                    input,
+                    futures_lite::future::or(event, timer),
+                ))
+                .await;
+            if yielded {
+                ctx.host.count(Count::ReadBudgetYield);
+            }
+            wake
         };
         let now = Instant::now();
         pending = match wake {

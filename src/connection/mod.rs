@@ -12,6 +12,8 @@
 //! - [`mqtt`] (with [`udp`]): the MQTT + UDP transport: CONNECT and its credentials, one
 //!   session per hello on a long-lived MQTT connection, PUBLISHes for text, the shard's own
 //!   UDP socket for encrypted audio;
+//! - [`read_budget`]: how many ready wake-ups in a row the loop handles before it yields, so
+//!   one flooding device cannot keep the shard to itself;
 //! - [`effects`]: carries out what a session asks for on this shard's [`Providers`] (jobs for
 //!   the inference cores, remote calls, the LLM stream and its cancellation);
 //! - [`settings`]: the session and connection settings, built once per shard from the config.
@@ -25,6 +27,7 @@ pub mod driver;
 pub mod effects;
 pub mod handshake;
 pub mod mqtt;
+pub mod read_budget;
 pub mod settings;
 pub mod udp;
 pub mod websocket;
@@ -124,6 +127,8 @@ pub enum Count {
     AuthFailure,
     /// Refused because the shard was full and no other shard took it.
     RefusedFull,
+    /// A connection spent its read budget and let the shard's other tasks run.
+    ReadBudgetYield,
 }
 
 /// How a session ended.
@@ -157,6 +162,7 @@ impl Outcome {
     /// The outcome of `session`, ended by `end`.
     pub fn of(session: &Session, end: End) -> Outcome {
         tracing::debug!(session = %session.id, ?end, "session ended");
+        session.log_suppressed();
         Outcome {
             end,
             counters: session.counters(),

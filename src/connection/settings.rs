@@ -46,21 +46,26 @@ pub struct ConnectionSettings {
 pub struct DeviceAuth {
     /// Verifies device tokens (every configured secret is accepted: rotation).
     pub signer: TokenSigner,
-    /// Devices let in without a token.
-    pub allowed_devices: Vec<String>,
+    /// Devices let in without a token (`allowed_devices` when `allowed_devices_skip_token`).
+    pub skip_token: Vec<String>,
     /// Token lifetime, seconds (0 = never expires).
     pub expire_seconds: u64,
 }
 
+/// How a device was let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LetIn {
+    /// Its token verified for its id: the device is who it says.
+    Token,
+    /// It claimed an id that needs no token (`allowed_devices_skip_token`): unverified.
+    Claimed,
+}
+
 impl DeviceAuth {
     /// Checks a device's token; `Err` says why it was refused.
-    pub fn check(&self, identity: &crate::protocol::DeviceIdentity) -> Result<(), String> {
-        if self
-            .allowed_devices
-            .iter()
-            .any(|d| d == &identity.device_id)
-        {
-            return Ok(());
+    pub fn check(&self, identity: &crate::protocol::DeviceIdentity) -> Result<LetIn, String> {
+        if self.skip_token.iter().any(|d| d == &identity.device_id) {
+            return Ok(LetIn::Claimed);
         }
         let client_id = identity
             .client_id
@@ -74,6 +79,7 @@ impl DeviceAuth {
                 crate::clock::unix_now(),
                 self.expire_seconds,
             )
+            .map(|()| LetIn::Token)
             .map_err(|e| e.to_string())
     }
 }
@@ -198,7 +204,11 @@ impl ConnectionSettings {
             trusted: parts.trusted,
             auth: parts.signer.map(|signer| DeviceAuth {
                 signer,
-                allowed_devices: s.auth.allowed_devices.clone(),
+                skip_token: if s.auth.allowed_devices_skip_token {
+                    s.auth.allowed_devices.clone()
+                } else {
+                    Vec::new()
+                },
                 expire_seconds: s.auth.expire_seconds,
             }),
             session,
@@ -225,8 +235,13 @@ impl ConnectionSettings {
         identity: crate::protocol::DeviceIdentity,
         host: Option<&str>,
         local_ip: Option<IpAddr>,
+        authenticated: bool,
     ) -> crate::session::Session {
-        let vision = self.vision.capability(&identity.device_id, host, local_ip);
+        // Vision tokens go only to sessions whose identity was verified (see `LetIn`).
+        let vision = self
+            .vision
+            .capability(&identity.device_id, host, local_ip)
+            .filter(|_| authenticated);
         crate::session::Session::new(
             uuid::Uuid::new_v4().to_string(),
             key,
@@ -341,7 +356,7 @@ mod tests {
     fn auth(allowed: &[&str]) -> DeviceAuth {
         DeviceAuth {
             signer: TokenSigner::new("old").also_accepting("new"),
-            allowed_devices: allowed.iter().map(|d| d.to_string()).collect(),
+            skip_token: allowed.iter().map(|d| d.to_string()).collect(),
             expire_seconds: 3600,
         }
     }
@@ -354,11 +369,11 @@ mod tests {
         let new = TokenSigner::new("new").sign("client-1", "aa:bb", now);
         assert_eq!(
             a.check(&identity("aa:bb", Some(format!("Bearer {old}")))),
-            Ok(())
+            Ok(LetIn::Token)
         );
         assert_eq!(
             a.check(&identity("aa:bb", Some(format!("Bearer {new}")))),
-            Ok(())
+            Ok(LetIn::Token)
         );
     }
 
@@ -378,8 +393,11 @@ mod tests {
     }
 
     #[test]
-    fn allowed_devices_skip_the_token_check() {
-        assert_eq!(auth(&["aa:bb"]).check(&identity("aa:bb", None)), Ok(()));
+    fn devices_that_skip_the_token_are_let_in_as_claimed_not_verified() {
+        assert_eq!(
+            auth(&["aa:bb"]).check(&identity("aa:bb", None)),
+            Ok(LetIn::Claimed)
+        );
         assert!(auth(&["aa:bb"]).check(&identity("cc:dd", None)).is_err());
     }
 

@@ -7,6 +7,7 @@
 //! `burst × shards` at once and `rate × shards` per second across the instance.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -17,20 +18,23 @@ struct Bucket {
     updated: Instant,
 }
 
-/// Token buckets by address, bounded.
+/// Token buckets by key (a client address; a device id for the vision endpoint), bounded.
 #[derive(Debug)]
-pub struct AddressRateLimiter {
+pub struct RateLimiter<K> {
     per_second: f64,
     burst: f64,
     max_addresses: usize,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<K, Bucket>,
     evictions: u64,
 }
 
-impl AddressRateLimiter {
+/// Token buckets by client address.
+pub type AddressRateLimiter = RateLimiter<IpAddr>;
+
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// `per_second` refill, `burst` capacity, at most `max_addresses` tracked (≥ 1).
     pub fn new(per_second: f64, burst: u32, max_addresses: usize) -> Self {
-        AddressRateLimiter {
+        RateLimiter {
             per_second,
             burst: f64::from(burst.max(1)),
             max_addresses: max_addresses.max(1),
@@ -39,13 +43,14 @@ impl AddressRateLimiter {
         }
     }
 
-    /// Takes one token for `ip` at `now`; false means the connection or request is over the rate.
-    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        if !self.buckets.contains_key(&ip) && self.buckets.len() >= self.max_addresses {
+    /// Takes one token for `key` at `now`; false means the connection or request is over the
+    /// rate.
+    pub fn allow(&mut self, key: K, now: Instant) -> bool {
+        if !self.buckets.contains_key(&key) && self.buckets.len() >= self.max_addresses {
             self.evict(now);
         }
         let (rate, burst) = (self.per_second, self.burst);
-        let b = self.buckets.entry(ip).or_insert(Bucket {
+        let b = self.buckets.entry(key).or_insert(Bucket {
             tokens: burst,
             updated: now,
         });
@@ -73,7 +78,7 @@ impl AddressRateLimiter {
                 .buckets
                 .iter()
                 .min_by_key(|(_, b)| b.updated)
-                .map(|(ip, _)| *ip)
+                .map(|(key, _)| key.clone())
             {
                 self.buckets.remove(&oldest);
             }

@@ -6,13 +6,20 @@
 //! address found that way — the device's — is what the access log shows and what the request
 //! rate is keyed on (`server.http.rate_limit`, 429). Requests whose address is itself a
 //! trusted balancer (its health checks, which carry no device) are never rate-limited, so a
-//! busy fleet cannot fail the balancer's probes. Open connections are bounded per shard
-//! (`server.http.max_connections_per_shard`, 503).
+//! busy fleet cannot fail the balancer's probes.
+//!
+//! Connections are bounded three ways, so that idle sockets cannot take the port from anyone
+//! else: each client address holds at most `server.http.max_connections_per_address` open
+//! (waiting or served; 429 at accept; balancer addresses exempt), a connection waits at most
+//! `server.http.head_timeout_ms` for its first complete request head (408), and only then
+//! takes one of the shard's `server.http.max_connections_per_shard` places (503). Health and
+//! readiness probes are answered even when no place is free (see [`super::serve_connection`]).
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::HeaderMap;
 
@@ -31,12 +38,30 @@ crate::metrics::counters::counters! {
         /// Most HTTP connections this shard holds (gauge).
         connection_limit: PerShard Gauge "xiaozhi_http_connection_limit"
             "Most HTTP connections a shard holds (server.http.max_connections_per_shard).",
+        /// Connections that have not yet sent a complete first request head (gauge).
+        connections_waiting: PerShard Gauge "xiaozhi_http_connections_waiting"
+            "HTTP connections on a shard still waiting for their first complete request head (they take no place yet).",
+        /// Client addresses holding connections now (gauge).
+        connection_addresses: PerShard Gauge "xiaozhi_http_connection_addresses"
+            "Client addresses with open HTTP connections on a shard (the per-address cap's table).",
         /// Addresses in the request-rate table (gauge).
         rate_limit_addresses: PerShard Gauge "xiaozhi_http_rate_limit_addresses"
             "Client addresses in a shard's HTTP request-rate table (bounded by http.rate_limit.max_addresses).",
         /// Connections answered 503 because the shard held its maximum.
         refused_full: Sum Counter "xiaozhi_http_refused_full_total"
             "HTTP connections refused because a shard held server.http.max_connections_per_shard (HTTP 503).",
+        /// Connections answered 429 at accept: their address held its maximum of connections.
+        refused_per_address: Sum Counter "xiaozhi_http_refused_per_address_total"
+            "HTTP connections refused because their address held server.http.max_connections_per_address (HTTP 429).",
+        /// Connections closed without a complete first head in time (408).
+        head_timeouts: Sum Counter "xiaozhi_http_head_timeouts_total"
+            "HTTP connections closed because no complete request head came within server.http.head_timeout_ms (HTTP 408).",
+        /// First request heads that were malformed or too large (400 / 431).
+        bad_heads: Sum Counter "xiaozhi_http_bad_heads_total"
+            "HTTP connections whose first request head was malformed or too large (HTTP 400/431).",
+        /// Health or readiness probes answered while the shard held its maximum.
+        health_over_budget: Sum Counter "xiaozhi_http_health_over_budget_total"
+            "GET /healthz or /readyz answered while a shard held its maximum of HTTP connections (answered, then closed).",
         /// Requests answered 429 by the per-address rate.
         refused_rate_limited: Sum Counter "xiaozhi_http_refused_rate_limited_total"
             "HTTP requests refused by the per-address request rate (HTTP 429).",
@@ -46,6 +71,12 @@ crate::metrics::counters::counters! {
         /// Request-rate buckets forgotten because the table was full.
         rate_limit_evictions: Sum Counter "xiaozhi_http_rate_limit_evictions_total"
             "HTTP request-rate buckets forgotten because a shard's table was full.",
+        /// `GET /metrics` requests answered.
+        metrics_requests: Sum Counter "xiaozhi_http_metrics_requests_total"
+            "GET /metrics requests answered (each shares a render that started after it asked).",
+        /// `/metrics` texts rendered (one at a time per shard, shared by waiting requests).
+        metrics_renders: Sum Counter "xiaozhi_http_metrics_renders_total"
+            "/metrics texts rendered; concurrent scrapes share one, so this grows slower than the requests under load.",
     }
 }
 
@@ -58,8 +89,45 @@ pub struct HttpAdmission {
     limiter: RefCell<Option<AddressRateLimiter>>,
     retry_after_s: u64,
     max_connections: usize,
+    max_per_address: usize,
+    head_timeout: Duration,
     open: Cell<usize>,
+    waiting: Cell<usize>,
+    /// Open connections (waiting or served) per client address; an entry goes at zero, so the
+    /// table is never larger than the number of open sockets.
+    per_address: RefCell<HashMap<IpAddr, usize>>,
     counters: Cell<HttpCounters>,
+}
+
+/// A connection's hold on its client address's share of the shard; dropping it frees it.
+/// Balancer addresses hold an empty one (they are not capped).
+#[derive(Debug)]
+pub struct AddressSlot {
+    admission: Rc<HttpAdmission>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let Some(ip) = self.ip else { return };
+        let mut table = self.admission.per_address.borrow_mut();
+        if let Some(n) = table.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                table.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A connection waiting for its first complete request head (counted in a gauge).
+#[derive(Debug)]
+pub struct WaitingForHead(Rc<HttpAdmission>);
+
+impl Drop for WaitingForHead {
+    fn drop(&mut self) {
+        self.0.waiting.set(self.0.waiting.get().saturating_sub(1));
+    }
 }
 
 /// An open connection's place in its shard's budget; dropping it frees the place.
@@ -89,7 +157,11 @@ impl HttpAdmission {
                 1
             },
             max_connections: s.http.max_connections_per_shard.max(1),
+            max_per_address: s.http.max_connections_per_address,
+            head_timeout: Duration::from_millis(s.http.head_timeout_ms),
             open: Cell::new(0),
+            waiting: Cell::new(0),
+            per_address: RefCell::new(HashMap::new()),
             counters: Cell::new(HttpCounters::default()),
         }
     }
@@ -100,14 +172,69 @@ impl HttpAdmission {
         self.counters.set(c);
     }
 
-    /// A place for a new connection, or `None` (counted) when the shard holds its maximum.
+    /// A place for a connection that has sent its first request head, or `None` when the
+    /// shard holds its maximum (not counted here: the caller says which answer it gave, a
+    /// refusal or a health probe answered anyway).
     pub fn open_connection(self: &Rc<Self>) -> Option<HttpConnectionSlot> {
         if self.open.get() >= self.max_connections {
-            self.count(|c| c.refused_full += 1);
             return None;
         }
         self.open.set(self.open.get() + 1);
         Some(HttpConnectionSlot(self.clone()))
+    }
+
+    /// Counts a request refused (503) because the shard held its maximum.
+    pub fn refused_full(&self) {
+        self.count(|c| c.refused_full += 1);
+    }
+
+    /// Counts a health or readiness probe answered although the shard held its maximum.
+    pub fn health_over_budget(&self) {
+        self.count(|c| c.health_over_budget += 1);
+    }
+
+    /// A share of `client`'s connections for a new one, or `None` (counted) when that address
+    /// already holds `server.http.max_connections_per_address`. Trusted balancers are exempt.
+    pub fn open_from(self: &Rc<Self>, client: IpAddr) -> Option<AddressSlot> {
+        if self.max_per_address == 0 || self.trusted.contains(client) {
+            return Some(AddressSlot {
+                admission: self.clone(),
+                ip: None,
+            });
+        }
+        let mut table = self.per_address.borrow_mut();
+        let n = table.entry(client).or_insert(0);
+        if *n >= self.max_per_address {
+            drop(table);
+            self.count(|c| c.refused_per_address += 1);
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            admission: self.clone(),
+            ip: Some(client),
+        })
+    }
+
+    /// Marks a connection as waiting for its first request head until the guard drops.
+    pub fn waiting_for_head(self: &Rc<Self>) -> WaitingForHead {
+        self.waiting.set(self.waiting.get() + 1);
+        WaitingForHead(self.clone())
+    }
+
+    /// Counts a connection closed for sending no complete head in time.
+    pub fn head_timed_out(&self) {
+        self.count(|c| c.head_timeouts += 1);
+    }
+
+    /// Counts a connection whose first head was malformed or too large.
+    pub fn bad_head(&self) {
+        self.count(|c| c.bad_heads += 1);
+    }
+
+    /// Time a new connection has to send its first complete head (and a PROXY header).
+    pub fn head_timeout(&self) -> Duration {
+        self.head_timeout
     }
 
     /// Most connections this shard holds.
@@ -174,6 +301,8 @@ impl HttpAdmission {
         let mut c = self.counters.get();
         c.connections = self.open.get() as u64;
         c.connection_limit = self.max_connections as u64;
+        c.connections_waiting = self.waiting.get() as u64;
+        c.connection_addresses = self.per_address.borrow().len() as u64;
         if let Some(l) = self.limiter.borrow().as_ref() {
             c.rate_limit_addresses = l.len() as u64;
             c.rate_limit_evictions = l.evictions();
@@ -198,6 +327,8 @@ mod tests {
             http: HttpPortConfig {
                 proxy_protocol: ProxyProtocol::V2,
                 max_connections_per_shard: 2,
+                max_connections_per_address: 2,
+                head_timeout_ms: 1000,
                 rate_limit: RateLimitConfig {
                     per_address_per_s: 0.5,
                     burst: 2,
@@ -255,7 +386,34 @@ mod tests {
         assert_eq!(a.counters().connections, 2);
         drop(first);
         assert!(a.open_connection().is_some());
+        assert_eq!(a.counters().connection_limit, 2);
+    }
+
+    #[test]
+    fn each_address_holds_at_most_its_cap_and_the_balancer_is_exempt() {
+        let a = admission(ForwardedHeader::Off);
+        let (dev_a, dev_b) = (ip("203.0.113.5"), ip("203.0.113.6"));
+        let held: Vec<_> = (0..2).map(|_| a.open_from(dev_a)).collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(a.open_from(dev_a).is_none());
+        assert!(a.open_from(dev_b).is_some());
+        let balancer: Vec<_> = (0..10).map(|_| a.open_from(ip("10.0.0.9"))).collect();
+        assert!(balancer.iter().all(Option::is_some));
         let c = a.counters();
-        assert_eq!((c.refused_full, c.connection_limit), (1, 2));
+        assert_eq!((c.refused_per_address, c.connection_addresses), (1, 1));
+        drop(held);
+        // Freed places leave no entry behind: the table is bounded by the open sockets.
+        assert_eq!(a.counters().connection_addresses, 0);
+        assert!(a.open_from(dev_a).is_some());
+    }
+
+    #[test]
+    fn waiting_connections_are_a_gauge_not_a_place() {
+        let a = admission(ForwardedHeader::Off);
+        let waiting: Vec<_> = (0..5).map(|_| a.waiting_for_head()).collect();
+        assert_eq!(a.counters().connections_waiting, 5);
+        assert!(a.open_connection().is_some());
+        drop(waiting);
+        assert_eq!(a.counters().connections_waiting, 0);
     }
 }

@@ -5,11 +5,16 @@
 //!
 //! Before the routes, [`admission`] finds each request's real client address behind a
 //! balancer (PROXY header, forwarded header) and applies the port's limits (connections per
-//! shard, requests per address).
+//! address, time to the first head, connections per shard, requests per address); [`head`]
+//! reads the first request head before a connection takes a place, so idle sockets take none
+//! and health probes are answered even when every place is taken.
 
 pub mod admission;
+pub mod head;
 pub mod ota;
+pub mod shared_render;
 pub mod vision;
+pub mod vision_quota;
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -22,10 +27,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 
 pub use admission::{HttpAdmission, HttpCounters};
+use head::{FirstHead, Probe};
 pub use ota::{OtaRequest, OtaSettings};
 
 use crate::front_door::rewind::Rewind;
@@ -33,12 +39,9 @@ use crate::front_door::{proxy, write_plain};
 
 /// Largest request body accepted (the OTA system-info JSON is ~2 KiB).
 const MAX_BODY: usize = 64 * 1024;
-/// An HTTP connection is closed after this long, keep-alive or not (bounds slow clients).
+/// An HTTP connection is closed after this long, keep-alive or not (bounds slow clients
+/// after their first request; the first head has `server.http.head_timeout_ms`).
 const MAX_CONNECTION_TIME: Duration = Duration::from_secs(60);
-/// Time a trusted balancer has to send its PROXY header.
-const PROXY_HEADER_TIME: Duration = Duration::from_secs(5);
-/// A connection refused because its shard is full is answered and closed within this time.
-const REFUSED_CONNECTION_TIME: Duration = Duration::from_secs(5);
 
 /// Produces the `/metrics` text (may ask other shards).
 pub type MetricsSource = Rc<dyn Fn() -> Pin<Box<dyn Future<Output = String>>>>;
@@ -58,8 +61,12 @@ pub struct HttpContext {
     pub admission: Rc<HttpAdmission>,
     /// `/metrics` text.
     pub metrics: MetricsSource,
+    /// One `/metrics` render at a time on this shard, shared by the requests that waited.
+    pub metrics_render: Rc<shared_render::SharedRender>,
     /// `/histograms` and `/histograms/<stage>[.hgrm|.hlog]`.
     pub histograms: HistogramSource,
+    /// One `/histograms` render at a time on this shard (the others wait their turn).
+    pub histogram_renders: Rc<glommio::sync::Semaphore>,
     /// `/mcp/vision/explain`.
     pub vision: vision::VisionEndpoint,
 }
@@ -70,22 +77,23 @@ pub struct HttpContext {
 pub struct ClientAddr(pub IpAddr);
 
 /// Serves one HTTP connection until the client closes it or the time limit passes.
+///
+/// In order: the client address's connection cap (429), a trusted balancer's PROXY header,
+/// the first complete request head within `server.http.head_timeout_ms` (408), and only then
+/// a place in the shard's budget — without one, a health or readiness probe is still answered
+/// and anything else gets 503; either way the connection is then closed.
 pub async fn serve_connection(mut stream: glommio::net::TcpStream, ctx: Rc<HttpContext>) {
     let Ok(peer) = stream.peer_addr() else {
         return;
     };
     let local_ip = stream.local_addr().ok().map(|a| a.ip());
-    // Taken before anything is read: a full shard answers 503 whatever the client sends.
-    let slot = ctx.admission.open_connection();
+    let waiting = ctx.admission.waiting_for_head();
+    let deadline = Instant::now() + ctx.admission.head_timeout();
     let mut client = peer.ip();
     let mut already = Vec::new();
     if let Some(accept) = ctx.admission.proxy_header_from(peer.ip()) {
         let read = async { Some(proxy::read_header(&mut stream, accept).await) };
-        let timeout = async {
-            glommio::timer::sleep(PROXY_HEADER_TIME).await;
-            None
-        };
-        let error = match futures_lite::future::or(read, timeout).await {
+        let error = match futures_lite::future::or(read, none_at(deadline)).await {
             Some(Ok((header, rest))) => {
                 client = header.source.map_or(client, |a| a.ip());
                 already = rest;
@@ -102,34 +110,92 @@ pub async fn serve_connection(mut stream: glommio::net::TcpStream, ctx: Rc<HttpC
             return;
         }
     }
-    let io = smol_hyper::rt::FuturesIo::new(Rewind::new(already, stream));
-    let full = slot.is_none().then(|| ctx.admission.max_connections());
+    let Some(_address) = ctx.admission.open_from(client) else {
+        let _ = write_plain(
+            &mut stream,
+            "429 Too Many Requests",
+            "Retry-After: 1\r\n",
+            &format!("too many connections from {client}; retry later\n"),
+        )
+        .await;
+        return;
+    };
+    let read = async { Some(head::read_first_head(&mut stream, already).await) };
+    let (bytes, probe) = match futures_lite::future::or(read, none_at(deadline)).await {
+        Some(FirstHead::Complete { bytes, probe }) => (bytes, probe),
+        Some(FirstHead::Closed) => return,
+        Some(bad @ (FirstHead::Invalid | FirstHead::TooLarge)) => {
+            ctx.admission.bad_head();
+            let (status, what) = match bad {
+                FirstHead::Invalid => ("400 Bad Request", "malformed HTTP request head"),
+                _ => (
+                    "431 Request Header Fields Too Large",
+                    "request head too large",
+                ),
+            };
+            let _ = write_plain(&mut stream, status, "", &format!("{what}\n")).await;
+            return;
+        }
+        None => {
+            ctx.admission.head_timed_out();
+            let _ = write_plain(
+                &mut stream,
+                "408 Request Timeout",
+                "",
+                "no complete request head in time\n",
+            )
+            .await;
+            return;
+        }
+    };
+    drop(waiting);
+    let Some(slot) = ctx.admission.open_connection() else {
+        let _ = match probe {
+            Some(probe) => {
+                ctx.admission.health_over_budget();
+                let (status, body) = probe.answer(ctx.ready.get());
+                let line = match status {
+                    200 => "200 OK",
+                    _ => "503 Service Unavailable",
+                };
+                write_plain(&mut stream, line, "", body).await
+            }
+            None => {
+                ctx.admission.refused_full();
+                write_plain(
+                    &mut stream,
+                    "503 Service Unavailable",
+                    "Retry-After: 1\r\n",
+                    &shard_full_text(ctx.admission.max_connections()),
+                )
+                .await
+            }
+        };
+        return;
+    };
+    let io = smol_hyper::rt::FuturesIo::new(Rewind::new(bytes, stream));
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        async move {
-            Ok::<_, Infallible>(match full {
-                Some(max) => shard_full(max),
-                None => admit(req, &ctx, client, local_ip).await,
-            })
-        }
+        async move { Ok::<_, Infallible>(admit(req, &ctx, client, local_ip).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
-        .max_buf_size(16 * 1024)
+        .max_buf_size(head::MAX_HEAD_BYTES)
         .serve_connection(io, service);
     let limit = async {
-        let time = if full.is_some() {
-            REFUSED_CONNECTION_TIME
-        } else {
-            MAX_CONNECTION_TIME
-        };
-        glommio::timer::sleep(time).await;
+        glommio::timer::sleep(MAX_CONNECTION_TIME).await;
         Ok(())
     };
     if let Err(e) = futures_lite::future::or(conn, limit).await {
         tracing::debug!(error = %e, "http connection ended with an error");
     }
     drop(slot);
+}
+
+/// `None` at `deadline` (the losing side of a read raced against it).
+async fn none_at<T>(deadline: Instant) -> Option<T> {
+    glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+    None
 }
 
 /// Resolves the request's client address, applies its rate limit, routes it, and writes the
@@ -170,18 +236,9 @@ async fn admit(
     resp
 }
 
-/// The answer on a connection over the shard's HTTP connection limit (then closed).
-fn shard_full(max: usize) -> Response<Full<Bytes>> {
-    let mut r = text(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &format!(
-            "server busy: this shard holds its maximum of {max} HTTP connections; retry later\n"
-        ),
-    );
-    let h = r.headers_mut();
-    h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    h.insert(CONNECTION, HeaderValue::from_static("close"));
-    r
+/// The body of the 503 a request gets when the shard holds its maximum of connections.
+fn shard_full_text(max: usize) -> String {
+    format!("server busy: this shard holds its maximum of {max} HTTP connections; retry later\n")
 }
 
 async fn route(
@@ -191,18 +248,13 @@ async fn route(
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    let probe = Probe::of(method.as_str(), &path);
     let mut resp = match (method.clone(), path.trim_end_matches('/')) {
         (Method::OPTIONS, _) => text(StatusCode::OK, ""),
-        (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (Method::GET, "/readyz") => {
-            if ctx.ready.get() {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            }
-        }
+        (_, _) if probe.is_some() => probe_response(probe, ctx.ready.get()),
         (Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, &(ctx.metrics)().await);
+            let body = ctx.metrics_render.get(|| (ctx.metrics)()).await;
+            let mut r = text(StatusCode::OK, &body);
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -211,6 +263,8 @@ async fn route(
         }
         (Method::GET, p) if p == "/histograms" || p.starts_with("/histograms/") => {
             let rest = p.trim_start_matches("/histograms").trim_start_matches('/');
+            // Never closed, so acquiring cannot fail (and would only mean no bound).
+            let _turn = ctx.histogram_renders.acquire_permit(1).await.ok();
             match (ctx.histograms)(rest.to_string()).await {
                 Ok((content_type, body)) => {
                     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -303,6 +357,17 @@ fn header(req: &Request<Incoming>, name: &str) -> Option<String> {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(|s| s.trim().to_string())
+}
+
+/// The answer to a health or readiness probe (`None`: not one, 404).
+fn probe_response(probe: Option<Probe>, ready: bool) -> Response<Full<Bytes>> {
+    match probe.map(|p| p.answer(ready)) {
+        Some((status, body)) => text(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            body,
+        ),
+        None => text(StatusCode::NOT_FOUND, "not a probe\n"),
+    }
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -8,6 +8,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::config::MqttConfig;
+use crate::config::OtaTokens;
 use crate::mqtt::credentials::{IssueRequest, SignatureKeys};
 use crate::protocol::token::TokenSigner;
 
@@ -35,8 +36,12 @@ pub struct OtaSettings {
     pub firmware_url: String,
     /// Token signer when auth is on.
     pub signer: Option<TokenSigner>,
-    /// Devices that need no token.
+    /// `server.auth.allowed_devices`.
     pub allowed_devices: Vec<String>,
+    /// Allowed devices connect without a token (then OTA gives them none, as the reference).
+    pub allowed_devices_skip_token: bool,
+    /// Which devices get a token.
+    pub ota_tokens: OtaTokens,
     /// MQTT credentials for the devices `mqtt.ota_transport` sends to MQTT (`None`: MQTT off).
     pub mqtt: Option<OtaMqtt>,
 }
@@ -100,7 +105,7 @@ impl OtaSettings {
             });
         }
         let token = match &self.signer {
-            Some(signer) if !self.allowed_devices.iter().any(|d| d == device_id) => {
+            Some(signer) if self.issues_token_to(device_id) => {
                 signer.sign(client_id, device_id, now_unix_ms / 1000)
             }
             _ => String::new(),
@@ -120,6 +125,26 @@ impl OtaSettings {
 }
 
 impl OtaSettings {
+    /// Whether `server.auth.ota_tokens` lets OTA hand this device credentials at all (a device
+    /// token, or MQTT credentials when auth is on).
+    fn may_issue_to(&self, device_id: &str) -> bool {
+        match self.ota_tokens {
+            OtaTokens::Any => true,
+            OtaTokens::AllowedDevices => self.allowed_devices.iter().any(|d| d == device_id),
+            OtaTokens::None => false,
+        }
+    }
+
+    /// Whether a device gets a token (with auth on): per `server.auth.ota_tokens`, except an
+    /// allowed device that needs none.
+    pub fn issues_token_to(&self, device_id: &str) -> bool {
+        let allowed = self.allowed_devices.iter().any(|d| d == device_id);
+        if allowed && self.allowed_devices_skip_token {
+            return false;
+        }
+        self.may_issue_to(device_id)
+    }
+
     /// The `mqtt` section for this device when it should use MQTT + UDP; `None` for WebSocket
     /// (also when its MAC or board name cannot go into a `client_id`).
     fn mqtt_section(
@@ -131,6 +156,10 @@ impl OtaSettings {
     ) -> Option<Value> {
         let mqtt = self.mqtt.as_ref()?;
         if !mqtt.config.ota_uses_mqtt(device_id) {
+            return None;
+        }
+        // With auth on, MQTT credentials are a way in like a token: the same policy decides.
+        if self.signer.is_some() && !self.may_issue_to(device_id) {
             return None;
         }
         let endpoint = if mqtt.config.public_endpoint.is_empty() {
@@ -235,6 +264,8 @@ mod tests {
             firmware_url: String::new(),
             signer: None,
             allowed_devices: vec![],
+            allowed_devices_skip_token: false,
+            ota_tokens: OtaTokens::Any,
             mqtt: None,
         }
     }
@@ -353,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn auth_on_issues_a_token_that_verifies_except_for_allowed_devices() {
+    fn auth_on_issues_a_token_that_verifies_except_for_allowed_devices_that_skip_it() {
         let mut s = settings();
         s.signer = Some(TokenSigner::new("secret"));
         let v = s.answer(&req(b"{}"), 1_700_000_000_000);
@@ -371,6 +402,27 @@ mod tests {
             )
             .is_ok());
         s.allowed_devices = vec!["aa:bb:cc:dd:ee:ff".into()];
+        assert_ne!(s.answer(&req(b"{}"), 0)["websocket"]["token"], "");
+        s.allowed_devices_skip_token = true;
+        assert_eq!(s.answer(&req(b"{}"), 0)["websocket"]["token"], "");
+    }
+
+    #[test]
+    fn ota_tokens_policy_decides_who_gets_one() {
+        let mut s = settings();
+        s.allowed_devices = vec!["fleet-1".into()];
+        let cases = [
+            (OtaTokens::Any, [true, true]),
+            (OtaTokens::AllowedDevices, [true, false]),
+            (OtaTokens::None, [false, false]),
+        ];
+        for (policy, [fleet, stranger]) in cases {
+            s.ota_tokens = policy;
+            assert_eq!(s.issues_token_to("fleet-1"), fleet, "{policy:?}");
+            assert_eq!(s.issues_token_to("victim"), stranger, "{policy:?}");
+        }
+        // Without a signer (auth off) nobody gets one, whatever the policy.
+        s.ota_tokens = OtaTokens::Any;
         assert_eq!(s.answer(&req(b"{}"), 0)["websocket"]["token"], "");
     }
 

@@ -13,7 +13,8 @@
 //! 400 for a malformed request or a file that is not an image; 413 for a body over the limit;
 //! 503 when no vision model is configured, or when this shard already has
 //! `vision.max_in_flight` photos in hand (each holds up to `max_body_bytes` plus its base64
-//! copy, so this bounds the endpoint's memory per shard). A model failure or timeout is answered
+//! copy, so this bounds the endpoint's memory per shard); 429 when the device has its share of
+//! those in hand or is over its request rate ([`super::vision_quota`]). A model failure or timeout is answered
 //! `{"success":false,"message":…}` with **200**, as the reference does: the firmware hands a
 //! 200 body to the LLM as the tool result (so it can say what went wrong), while any other
 //! status only makes it report "Failed to upload photo". Every outcome is counted
@@ -30,6 +31,7 @@ use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 
+use super::vision_quota::{QuotaRefusal, VisionQuota};
 use crate::protocol::token::TokenSigner;
 use crate::providers::http_client::HttpClient;
 use crate::providers::vision::{explain, ImageKind, OpenAiVisionSettings};
@@ -54,6 +56,8 @@ pub enum VisionOutcome {
     NotConfigured,
     /// The shard already had `vision.max_in_flight` requests in hand.
     Busy,
+    /// The device had its share in hand, or was over its request rate.
+    RateLimited,
 }
 
 crate::metrics::counters::counters! {
@@ -81,6 +85,9 @@ crate::metrics::counters::counters! {
         /// Refused with 503 (too many in flight on the shard).
         busy: Sum Counter "xiaozhi_vision_requests_total" {result = "busy"}
             "Requests to /mcp/vision/explain by result.",
+        /// Refused with 429 (the device's in-flight share or request rate).
+        rate_limited: Sum Counter "xiaozhi_vision_requests_total" {result = "rate_limited"}
+            "Requests to /mcp/vision/explain by result.",
     }
 }
 
@@ -95,6 +102,7 @@ impl VisionCounters {
             VisionOutcome::UpstreamError => &mut self.upstream_error,
             VisionOutcome::NotConfigured => &mut self.not_configured,
             VisionOutcome::Busy => &mut self.busy,
+            VisionOutcome::RateLimited => &mut self.rate_limited,
         };
         *n += 1;
     }
@@ -110,6 +118,8 @@ pub struct VisionEndpoint {
     pub max_in_flight: usize,
     /// Requests past authentication now.
     pub in_flight: Rc<Cell<usize>>,
+    /// Each device's share of the places and its request rate.
+    pub quota: Rc<VisionQuota>,
     /// Verifies the tokens handed out in MCP initialize.
     pub tokens: Option<TokenSigner>,
     /// This shard's HTTP client (keep-alive pool).
@@ -173,11 +183,15 @@ impl VisionEndpoint {
         *r.status_mut() = status;
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if matches!(outcome, VisionOutcome::TooLarge | VisionOutcome::Busy) {
+        let refused_unread = matches!(
+            outcome,
+            VisionOutcome::TooLarge | VisionOutcome::Busy | VisionOutcome::RateLimited
+        );
+        if refused_unread {
             // The rest of the body is not read: the connection cannot be reused.
             h.insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        if outcome == VisionOutcome::Busy {
+        if matches!(outcome, VisionOutcome::Busy | VisionOutcome::RateLimited) {
             h.insert("retry-after", HeaderValue::from_static("1"));
         }
         r
@@ -218,6 +232,20 @@ impl VisionEndpoint {
                 format!("invalid vision token: {e}"),
             ));
         }
+        let _device_slot = self
+            .quota
+            .take(&device_id, std::time::Instant::now())
+            .map_err(|why| {
+                let message = match why {
+                    QuotaRefusal::InFlight(n) => {
+                        format!("this device has {n} photos being explained already; retry shortly")
+                    }
+                    QuotaRefusal::Rate => {
+                        "this device asks about photos too often; retry later".to_string()
+                    }
+                };
+                Refusal::new(O::RateLimited, S::TOO_MANY_REQUESTS, message)
+            })?;
         let Some(_slot) = InFlight::take(&self.in_flight, self.max_in_flight) else {
             return Err(Refusal::new(
                 O::Busy,
@@ -273,11 +301,11 @@ impl VisionEndpoint {
                 "the file is not a JPEG, PNG, GIF, BMP, TIFF or WEBP image",
             ));
         };
-        tracing::info!(device = %device_id, bytes = image.len(), ?kind, "vision question");
+        tracing::info!(device = ?device_id, bytes = image.len(), ?kind, "vision question");
         explain(&self.client, model, &question, &image, kind)
             .await
             .map_err(|e| {
-                tracing::warn!(device = %device_id, error = %e, "vision model failed");
+                tracing::warn!(device = ?device_id, error = %e, "vision model failed");
                 Refusal::new(
                     O::UpstreamError,
                     S::OK,

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::dialogue::Output;
+use super::repeated::{Repeated, Shown};
 use super::{segmenter_mode, CloseCause, HeldTurn, Outgoing, Session, SessionState};
 use crate::metrics::Stage;
 use crate::protocol::{
@@ -164,7 +165,11 @@ impl Session {
                 self.last_activity = now;
                 let Some(client) = self.mcp_client.as_mut() else {
                     self.counters.mcp.ignored += 1;
-                    tracing::info!(session = %self.id, "mcp message without an MCP session ignored");
+                    let shown = self.repeated.note(Repeated::StrayMcp);
+                    if shown.logged() {
+                        let last = shown == Shown::Last;
+                        tracing::info!(session = %self.id, last, "mcp message without an MCP session ignored");
+                    }
                     return;
                 };
                 let (mut sends, mut events) = (Vec::new(), Vec::new());
@@ -205,9 +210,14 @@ impl Session {
                 self.counters.unknown += 1;
                 // The type is the device's text: logged escaped (Debug) and cut, never verbatim
                 // (a 12 MB type would be a 12 MB log line; a newline would forge one).
-                let mut shown = kind.clone();
-                crate::tools::truncate_utf8(&mut shown, 64);
-                tracing::info!(session = %self.id, kind = ?shown, "unknown message type ignored");
+                let shown = self.repeated.note(Repeated::UnknownType);
+                if shown.logged() {
+                    let mut kind = kind.clone();
+                    crate::tools::truncate_utf8(&mut kind, 64);
+                    // `last`: further ones are counted, and summed up when the session ends.
+                    let last = shown == Shown::Last;
+                    tracing::info!(session = %self.id, kind = ?kind, last, "unknown message type ignored");
+                }
             }
         }
     }

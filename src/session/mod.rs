@@ -21,6 +21,7 @@ mod audio;
 mod counters;
 pub mod dialogue;
 mod messages;
+pub mod repeated;
 mod settings;
 mod tools;
 
@@ -224,6 +225,8 @@ pub struct Session {
     toolset: Rc<ToolSet>,
     /// Counters of what this session saw.
     pub counters: SessionCounters,
+    /// Device-caused log lines written so far, by kind (the rest are only counted).
+    repeated: repeated::RepeatedLines,
 }
 
 impl Session {
@@ -279,6 +282,15 @@ impl Session {
             iot: IotThings::default(),
             toolset,
             counters: SessionCounters::default(),
+            repeated: repeated::RepeatedLines::default(),
+        }
+    }
+
+    /// Writes one line per kind of device-caused line that was counted but not logged (call
+    /// once, when the session ends).
+    pub fn log_suppressed(&self) {
+        for (kind, n) in self.repeated.suppressed() {
+            tracing::info!(session = %self.id, suppressed = n, "{} not logged", kind.what());
         }
     }
 

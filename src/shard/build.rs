@@ -94,6 +94,7 @@ impl Shard {
             connection_limit,
             rate_limiter: RefCell::new(rate_limiter),
             http_admission: Rc::new(HttpAdmission::new(s)),
+            metrics_render: Rc::default(),
             sessions: RefCell::new(HashMap::new()),
             ended_mailbox_refusals: Cell::new(0),
             peer_sessions: RefCell::new(vec![0; shards]),
@@ -132,6 +133,8 @@ impl Shard {
                 firmware_url: server.firmware.url.clone(),
                 signer: self.signer.clone(),
                 allowed_devices: server.auth.allowed_devices.clone(),
+                allowed_devices_skip_token: server.auth.allowed_devices_skip_token,
+                ota_tokens: server.auth.ota_tokens,
                 mqtt: self.ota_mqtt(),
             },
             ready: self.drain.ready_flag(),
@@ -140,9 +143,18 @@ impl Shard {
                 let shard = self.clone();
                 Rc::new(move || {
                     let shard = shard.clone();
-                    Box::pin(async move { stats::render_snapshots(&shard.collect_stats().await) })
+                    Box::pin(async move {
+                        // Snapshots travel by message; formatting them runs on glommio's
+                        // blocking pool, never on the executor the devices share.
+                        let snapshots = shard.collect_stats().await;
+                        glommio::executor()
+                            .spawn_blocking(move || stats::render_snapshots(&snapshots))
+                            .await
+                    })
                 })
             },
+            metrics_render: self.metrics_render.clone(),
+            histogram_renders: Rc::new(glommio::sync::Semaphore::new(1)),
             histograms: {
                 let shard = self.clone();
                 Rc::new(move |path: String| {
@@ -190,6 +202,11 @@ fn vision_endpoint(shard: &Rc<Shard>) -> crate::http::vision::VisionEndpoint {
         max_body_bytes: v.max_body_bytes,
         max_in_flight: v.max_in_flight,
         in_flight: Rc::new(Cell::new(0)),
+        quota: Rc::new(crate::http::vision_quota::VisionQuota::new(
+            v.max_in_flight_per_device,
+            v.per_device_per_minute,
+            v.per_device_burst,
+        )),
         tokens: shard.vision_signer.clone(),
         client: shard.http.clone(),
         record: Rc::new(move |outcome| counted.stats.borrow_mut().vision.count(outcome)),

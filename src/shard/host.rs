@@ -71,6 +71,7 @@ impl Host for ShardHost {
             Count::IdentityError => stats.identity_errors += 1,
             Count::AuthFailure => stats.auth_failures += 1,
             Count::RefusedFull => stats.refused_full += 1,
+            Count::ReadBudgetYield => stats.read_budget_yields += 1,
         }
     }
 

@@ -41,6 +41,7 @@ use crate::connection::settings::ConnectionSettings;
 use crate::connection::{Refusal, Upgrade};
 use crate::front_door::peer::TrustedProxies;
 use crate::front_door::rate_limit::AddressRateLimiter;
+use crate::http::shared_render::SharedRender;
 use crate::http::HttpAdmission;
 use crate::inference::{InferenceQueues, ShardReplies};
 use crate::metrics::intervals::{IntervalLog, IntervalLogCopy};
@@ -137,6 +138,8 @@ pub struct Shard {
     rate_limiter: RefCell<Option<AddressRateLimiter>>,
     /// The HTTP port's client addresses and limits (shared with its `HttpContext`).
     http_admission: Rc<HttpAdmission>,
+    /// `/metrics` renders on this shard, one at a time and shared (shared with its `HttpContext`).
+    metrics_render: Rc<SharedRender>,
     sessions: RefCell<HashMap<u64, Rc<Mailbox<SessionEvent>>>>,
     /// Mailbox refusals of sessions that have ended (open ones are read at snapshot time).
     ended_mailbox_refusals: Cell<u64>,
@@ -243,7 +246,10 @@ impl Shard {
             s.rate_limit_evictions = l.evictions();
         }
         s.http = self.http_admission.counters();
+        s.http.metrics_requests = self.metrics_render.requests();
+        s.http.metrics_renders = self.metrics_render.renders();
         s.sessions = self.session_count() as u64;
+        s.log_lines_dropped = crate::log_writer::dropped_lines();
         if let Some(mqtt) = self.mqtt.borrow().as_ref() {
             s.mqtt = crate::connection::mqtt::stats::MqttStats::of(mqtt);
         }

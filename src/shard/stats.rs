@@ -49,9 +49,15 @@ counters! {
         /// Rate-limit buckets forgotten because the table was full.
         rate_limit_evictions: Sum Counter "xiaozhi_rate_limit_evictions_total"
             "Connection-rate buckets forgotten because a shard's table was full.",
+        /// Log lines dropped because the log writer's queue was full (process-wide).
+        log_lines_dropped: Max Counter "xiaozhi_log_lines_dropped_total"
+            "Log lines dropped because stderr was read too slowly and log.buffered_lines were queued.",
         /// Connections that failed before or during the HTTP handshake.
         handshake_errors: Sum Counter "xiaozhi_handshake_errors_total"
             "Connections that failed in the HTTP handshake.",
+        /// Times a connection spent its read budget and yielded to the shard's other tasks.
+        read_budget_yields: Sum Counter "xiaozhi_read_budget_yields_total"
+            "Times a WebSocket connection handled server.read_budget_messages ready messages in a row and let the other devices on its shard run.",
         /// Plain HTTP requests answered on the WebSocket port.
         plain_http: Sum Counter "xiaozhi_plain_http_total"
             "Plain HTTP requests answered on the WebSocket port.",

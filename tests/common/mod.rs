@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
@@ -291,6 +291,19 @@ fn dechunk(mut body: &str) -> String {
         body = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the loopback source address `src` (e.g. 127.0.0.2).
+pub fn tcp_from(src: &str, port: u16) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let local: SocketAddr = format!("{src}:0").parse().expect("src");
+    s.bind(&local.into())?;
+    let remote: SocketAddr = ([127, 0, 0, 1], port).into();
+    s.connect_timeout(&remote.into(), Duration::from_secs(5))?;
+    let t: TcpStream = s.into();
+    t.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(t)
 }
 
 /// Opens a WebSocket with the given extra headers.

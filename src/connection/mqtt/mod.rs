@@ -211,9 +211,11 @@ pub async fn serve(mut stream: TcpStream, ctx: ConnectionContext, mqtt: Rc<MqttE
         mqtt.packets.borrow_mut().count_refusal(code);
         code
     };
-    let verdict = if mqtt.draining.get() || mqtt.connections() >= mqtt.limit {
-        Err(refuse(ConnackCode::ServerUnavailable))
-    } else if !ctx.host.allow_connection_from(client.ip()) {
+    // Draining, full, or over the address's connection rate (checked last: it spends a token).
+    let unavailable = mqtt.draining.get()
+        || mqtt.connections() >= mqtt.limit
+        || !ctx.host.allow_connection_from(client.ip());
+    let verdict = if unavailable {
         Err(refuse(ConnackCode::ServerUnavailable))
     } else {
         check_connect(&connect)
@@ -305,7 +307,8 @@ async fn serve_sessions(
         };
         let mut session = ctx
             .settings
-            .new_session(admission.key, identity, None, local_ip);
+            // Its CONNECT credentials were verified with the signature keys.
+            .new_session(admission.key, identity, None, local_ip, true);
         tracing::info!(session = %session.id, device = ?session.identity.device_id, "MQTT session");
         let first = link.open_session(&mut session, ctx, &hello, Instant::now());
         let outcome = driver::drive(link, session, &admission.mailbox, ctx, first).await;
