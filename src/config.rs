@@ -777,6 +777,9 @@ pub struct TtsConfig {
     pub espeak_voice_zh: String,
     /// A segment not synthesised within this time is skipped, ms.
     pub timeout_ms: u64,
+    /// Longest text of one synthesis job, characters (a digit counts as eight); longer
+    /// sentences are cut at spaces or commas (between characters in Chinese).
+    pub max_segment_chars: usize,
     /// Remote OpenAI-compatible speech.
     pub openai: RemoteTtsConfig,
     /// Local Kokoro voices.
@@ -791,6 +794,7 @@ impl Default for TtsConfig {
             espeak_voice: "en-us".into(),
             espeak_voice_zh: "cmn".into(),
             timeout_ms: 10_000,
+            max_segment_chars: crate::pipeline::sentences::DEFAULT_MAX_SEGMENT_CHARS,
             openai: RemoteTtsConfig::default(),
             kokoro: KokoroTtsConfig::default(),
         }
@@ -1101,6 +1105,9 @@ impl Config {
         }
         if !(0..=10).contains(&self.audio_out.complexity) {
             return bad("audio_out.complexity", "must be between 0 and 10");
+        }
+        if !(10..=1000).contains(&self.tts.max_segment_chars) {
+            return bad("tts.max_segment_chars", "must be between 10 and 1000");
         }
         let kokoro = &self.tts.kokoro;
         if !(0.5..=2.0).contains(&kokoro.speed) {

@@ -165,6 +165,7 @@ impl ConnectionSettings {
                 stop_guard: Duration::from_millis(c.audio_out.stop_guard_ms),
                 asr_timeout: Duration::from_millis(c.asr.timeout_ms),
                 tts_timeout: Duration::from_millis(c.tts.timeout_ms),
+                max_segment_chars: c.tts.max_segment_chars,
                 tz_offset_minutes: (s.timezone_offset_hours * 60.0).round() as i64,
                 emotions: true,
                 max_tool_rounds: t.max_rounds,

@@ -62,6 +62,8 @@ pub struct DialogueSettings {
     pub asr_timeout: Duration,
     /// Synthesis timeout per segment.
     pub tts_timeout: Duration,
+    /// Longest text of one synthesis job (see `crate::pipeline::sentences`).
+    pub max_segment_chars: usize,
     /// Minutes east of UTC (offline responder's clock).
     pub tz_offset_minutes: i64,
     /// Send `llm` emotion messages.
@@ -240,7 +242,7 @@ impl Dialogue {
         let id = self.begin_turn(now, None, out);
         out.text(&self.session_id, ServerMessage::TtsStart);
         if let Some(t) = self.turn.as_mut() {
-            t.start_answer();
+            t.start_answer(self.settings.max_segment_chars);
         }
         self.on_llm_text(id, text, now, out);
         self.on_llm_done(id, Ok(Vec::new()), now, out);
@@ -336,7 +338,7 @@ impl Dialogue {
         }
         out.text(&sid, ServerMessage::Stt { text: &text });
         out.text(&sid, ServerMessage::TtsStart);
-        t.start_answer();
+        t.start_answer(self.settings.max_segment_chars);
         t.user_text = text.clone();
         let zh = intents::is_chinese(&text);
         if self.settings.intents.is_exit(&text) {

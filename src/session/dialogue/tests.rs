@@ -18,6 +18,7 @@ pub(crate) fn settings(offline_llm: bool) -> DialogueSettings {
         stop_guard: Duration::from_millis(100),
         asr_timeout: Duration::from_secs(5),
         tts_timeout: Duration::from_secs(5),
+        max_segment_chars: 100,
         tz_offset_minutes: 0,
         emotions: true,
         max_tool_rounds: 2,
@@ -431,4 +432,29 @@ fn history_keeps_the_aborted_and_the_finished_turns() {
             "Second question"
         ]
     );
+}
+
+#[test]
+fn a_long_echo_of_digits_is_synthesised_in_bounded_segments() {
+    use crate::pipeline::sentences::segment_weight;
+    let t0 = Instant::now();
+    let mut d = Dialogue::new(settings(true), "sid".into());
+    let mut out = Output::default();
+    let said = "999999999999999 ".repeat(6);
+    d.on_text_turn(&said, t0, &mut out);
+    let mut texts = Vec::new();
+    for step in 0..100u64 {
+        let Some((turn, seq, text)) = tts_requests(&out).pop() else {
+            break;
+        };
+        texts.push(text);
+        out = Output::default();
+        d.on_tts(turn, seq, Ok((pcm(1), 24_000)), t0 + ms(step), &mut out);
+    }
+    assert!(texts.len() > 1, "{texts:?}");
+    for text in &texts {
+        assert!(segment_weight(text) <= 100, "{text:?}");
+    }
+    let spoken: String = texts.concat().chars().filter(char::is_ascii_digit).collect();
+    assert_eq!(spoken.len(), 90, "every digit of the echo is spoken once");
 }

@@ -123,10 +123,13 @@ impl Turn {
         !matches!(self.phase, Phase::Recognizing { .. })
     }
 
-    /// Starts answering (after `tts start`).
-    pub(super) fn start_answer(&mut self) {
+    /// Starts answering (after `tts start`); segments are cut at `max_segment_chars`.
+    pub(super) fn start_answer(&mut self, max_segment_chars: usize) {
         self.phase = Phase::Answering {
-            answer: Box::default(),
+            answer: Box::new(Answer {
+                splitter: SentenceSplitter::with_max_chars(max_segment_chars),
+                ..Answer::default()
+            }),
             speech: Speech::default(),
         };
     }
