@@ -26,6 +26,12 @@ pub struct SessionCounters {
     pub shed_frames: u64,
     /// IoT state updates refused because the thing's state would pass its bound.
     pub iot_states_refused: u64,
+    /// Recognition or synthesis jobs that waited because the session's quota was in use.
+    pub jobs_held: u64,
+    /// Sentences not spoken because a turn's segment queue was full.
+    pub segments_dropped: u64,
+    /// Remote recognition or synthesis calls dropped because their turn ended.
+    pub remote_calls_cancelled: u64,
     /// Uplink pipeline counters (folded in when the pipeline is released).
     pub audio: AudioInCounters,
     /// Device tool (MCP) counters.
@@ -45,6 +51,9 @@ impl SessionCounters {
         self.vad_queue_full += o.vad_queue_full;
         self.shed_frames += o.shed_frames;
         self.iot_states_refused += o.iot_states_refused;
+        self.jobs_held += o.jobs_held;
+        self.segments_dropped += o.segments_dropped;
+        self.remote_calls_cancelled += o.remote_calls_cancelled;
         let (a, b) = (&mut self.audio, &o.audio);
         a.decoded += b.decoded;
         a.garbage += b.garbage;

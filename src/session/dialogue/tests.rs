@@ -292,7 +292,11 @@ fn abort_while_recognising_sends_no_tts_stop() {
     d.on_utterance(vec![0; 1600], t0, &mut out);
     let mut out = Output::default();
     d.abort(t0 + ms(10), &mut out);
-    assert!(out.items.is_empty() && out.requests.is_empty(), "{out:?}");
+    assert!(out.items.is_empty(), "{out:?}");
+    assert!(
+        matches!(out.requests.as_slice(), [Request::CancelJobs { up_to_turn: 1 }]),
+        "the queued recognition is cancelled: {out:?}"
+    );
     d.on_asr(1, Ok("hello".into()), t0 + ms(20), &mut out);
     assert!(out.items.is_empty(), "the stale transcript is dropped");
 }
@@ -457,4 +461,65 @@ fn a_long_echo_of_digits_is_synthesised_in_bounded_segments() {
     }
     let spoken: String = texts.concat().chars().filter(char::is_ascii_digit).collect();
     assert_eq!(spoken.len(), 90, "every digit of the echo is spoken once");
+}
+
+#[test]
+fn a_turn_flood_keeps_at_most_the_quota_outstanding_and_cancels_stale_jobs() {
+    let t0 = Instant::now();
+    let mut d = Dialogue::new(settings(true), "sid".into());
+    let cancels = |out: &Output| -> Vec<u32> {
+        out.requests
+            .iter()
+            .filter_map(|r| match r {
+                Request::CancelJobs { up_to_turn } => Some(*up_to_turn),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut out = Output::default();
+    d.on_text_turn("the first long question", t0, &mut out);
+    assert_eq!(tts_requests(&out).len(), 1);
+    let mut out = Output::default();
+    d.on_text_turn("the second long question", t0 + ms(20), &mut out);
+    assert_eq!(cancels(&out), [1], "turn 1's job is cancelled");
+    assert_eq!(tts_requests(&out).len(), 1, "the quota has room for one more");
+    let mut out = Output::default();
+    d.on_text_turn("the third long question", t0 + ms(40), &mut out);
+    assert_eq!(cancels(&out), [2]);
+    assert!(tts_requests(&out).is_empty(), "turn 3 waits for the quota");
+    assert_eq!(d.counters.jobs_held, 1);
+    // Turn 2's job was skipped by the worker: its "cancelled" answer frees the slot.
+    let mut out = Output::default();
+    d.on_tts(2, 0, Err("cancelled".into()), t0 + ms(50), &mut out);
+    assert!(matches!(&tts_requests(&out)[..], [(3, 0, _)]), "{out:?}");
+    assert_eq!(d.counters.tts_failures, 0, "a stale answer is no failure");
+    // Turn 1's job ran anyway; its audio is dropped and turn 3 keeps one job in flight.
+    let mut out = Output::default();
+    d.on_tts(1, 0, Ok((pcm(5), 24_000)), t0 + ms(60), &mut out);
+    assert!(tts_requests(&out).is_empty() && frames(&out) == 0, "{out:?}");
+}
+
+#[test]
+fn a_held_utterance_is_recognised_when_the_quota_frees() {
+    let t0 = Instant::now();
+    let mut d = Dialogue::new(settings(false), "sid".into());
+    let asr = |out: &Output| -> Vec<u32> {
+        out.requests
+            .iter()
+            .filter_map(|r| match r {
+                Request::Asr { turn, .. } => Some(*turn),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut out = Output::default();
+    for i in 0..3 {
+        d.on_utterance(vec![0; 1600], t0 + ms(i * 10), &mut out);
+    }
+    assert_eq!(asr(&out), [1, 2], "two recognitions at most");
+    assert_eq!(d.counters.jobs_held, 1);
+    let mut out = Output::default();
+    d.on_asr(1, Err("cancelled".into()), t0 + ms(50), &mut out);
+    assert_eq!(asr(&out), [3], "turn 3's utterance goes out once a slot frees");
+    assert!(out.items.is_empty(), "no alert for a stale turn: {out:?}");
 }
