@@ -697,6 +697,8 @@ pub struct LlmConfig {
     pub system_prompt: String,
     /// Most messages of history kept per session (user + assistant).
     pub history_messages: usize,
+    /// Most bytes of history text kept per session (oldest messages dropped first).
+    pub history_max_bytes: usize,
     /// Remote OpenAI-compatible chat.
     pub openai: RemoteLlmConfig,
 }
@@ -707,6 +709,7 @@ impl Default for LlmConfig {
             provider: LlmProvider::Offline,
             system_prompt: "You are Xiaozhi, a friendly voice assistant on a small device. Answer in one to three short spoken sentences, without Markdown or lists, in the language the user speaks.".into(),
             history_messages: 20,
+            history_max_bytes: 16_384,
             openai: RemoteLlmConfig::default(),
         }
     }
@@ -1105,6 +1108,9 @@ impl Config {
         }
         if !(0..=10).contains(&self.audio_out.complexity) {
             return bad("audio_out.complexity", "must be between 0 and 10");
+        }
+        if !(256..=1_048_576).contains(&self.llm.history_max_bytes) {
+            return bad("llm.history_max_bytes", "must be between 256 and 1048576");
         }
         if !(10..=1000).contains(&self.tts.max_segment_chars) {
             return bad("tts.max_segment_chars", "must be between 10 and 1000");

@@ -159,6 +159,7 @@ impl ConnectionSettings {
                 offline_llm: parts.offline_llm,
                 system_prompt: c.llm.system_prompt.clone(),
                 history_messages: c.llm.history_messages,
+                history_max_bytes: c.llm.history_max_bytes,
                 out_rate: c.audio_out.sample_rate,
                 complexity: c.audio_out.complexity,
                 prebuffer_frames: c.audio_out.prebuffer_frames,

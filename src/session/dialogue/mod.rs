@@ -58,6 +58,8 @@ pub struct DialogueSettings {
     pub system_prompt: String,
     /// Most history messages kept.
     pub history_messages: usize,
+    /// Most bytes of history text kept (oldest messages dropped first).
+    pub history_max_bytes: usize,
     /// Downlink sample rate.
     pub out_rate: u32,
     /// Opus complexity.
@@ -640,8 +642,15 @@ impl Dialogue {
             self.history
                 .push_back(ChatMessage::assistant(t.reply.trim()));
         }
-        while self.history.len() > self.settings.history_messages {
-            self.history.pop_front();
+        let text_bytes = |m: &ChatMessage| m.content.as_ref().map_or(0, String::len);
+        let mut bytes: usize = self.history.iter().map(text_bytes).sum();
+        while self.history.len() > self.settings.history_messages
+            || bytes > self.settings.history_max_bytes
+        {
+            let Some(oldest) = self.history.pop_front() else {
+                break;
+            };
+            bytes -= text_bytes(&oldest);
         }
     }
 

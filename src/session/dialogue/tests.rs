@@ -12,6 +12,7 @@ pub(crate) fn settings(offline_llm: bool) -> DialogueSettings {
         offline_llm,
         system_prompt: "Be brief.".into(),
         history_messages: 10,
+        history_max_bytes: 1000,
         out_rate: 24_000,
         complexity: 5,
         prebuffer_frames: 5,
@@ -461,6 +462,41 @@ fn a_long_echo_of_digits_is_synthesised_in_bounded_segments() {
     }
     let spoken: String = texts.concat().chars().filter(char::is_ascii_digit).collect();
     assert_eq!(spoken.len(), 90, "every digit of the echo is spoken once");
+}
+
+#[test]
+fn history_is_bounded_by_bytes_dropping_the_oldest_first() {
+    let t0 = Instant::now();
+    let mut d = Dialogue::new(settings(false), "sid".into());
+    let mut turn = 0;
+    let mut ask = |d: &mut Dialogue, text: &str, answer: &str| {
+        turn += 1;
+        let mut out = Output::default();
+        d.on_text_turn(text, t0, &mut out);
+        d.on_llm_text(turn, answer, t0, &mut out);
+        d.abort(t0, &mut out);
+    };
+    ask(&mut d, &"a".repeat(300), "ok one");
+    ask(&mut d, &"b".repeat(300), "ok two");
+    ask(&mut d, "short", "ok three");
+    let texts: Vec<String> = d.history.iter().filter_map(|m| m.content.clone()).collect();
+    assert_eq!(texts.len(), 6, "within both bounds: {texts:?}");
+    ask(&mut d, &"c".repeat(500), "ok four");
+    let texts: Vec<String> = d.history.iter().filter_map(|m| m.content.clone()).collect();
+    let bytes: usize = texts.iter().map(String::len).sum();
+    assert!(bytes <= 1000, "{bytes}");
+    assert_eq!(
+        texts.iter().map(|t| &t[..1]).collect::<Vec<_>>(),
+        ["o", "b", "o", "s", "o", "c", "o"],
+        "the oldest message went first, until the text fits"
+    );
+    ask(&mut d, &"d".repeat(2000), "ok five");
+    assert!(
+        d.history.iter().all(|m| m.content.as_deref().is_some_and(|c| c.len() < 2000)),
+        "a message larger than the bound is not kept"
+    );
+    let bytes: usize = d.history.iter().filter_map(|m| m.content.as_ref()).map(String::len).sum();
+    assert!(bytes <= 1000, "{bytes}");
 }
 
 #[test]
