@@ -182,7 +182,8 @@ impl<J: Send + 'static> WorkerPool<J> {
             let (tx, rx) = flume::bounded::<Queued<J>>(config.queue_capacity.max(1));
             queues.push(tx);
             // Room for a cancellation per queued job and then some: one is sent per abort.
-            let (cancel_tx, cancel_rx) = flume::bounded::<Cancel>(config.queue_capacity.max(32) * 2);
+            let (cancel_tx, cancel_rx) =
+                flume::bounded::<Cancel>(config.queue_capacity.max(32) * 2);
             cancels.push(cancel_tx);
             let make = make.clone();
             let replies = replies.clone();
@@ -520,7 +521,11 @@ mod tests {
     impl BatchWorker for Gated {
         type Job = (u64, u64);
         type Output = (u64, u64, &'static str);
-        fn process(&mut self, jobs: &mut Vec<Routed<(u64, u64)>>, out: &mut Vec<Routed<Self::Output>>) {
+        fn process(
+            &mut self,
+            jobs: &mut Vec<Routed<(u64, u64)>>,
+            out: &mut Vec<Routed<Self::Output>>,
+        ) {
             for j in jobs.drain(..) {
                 let _ = self.started.send(j.item);
                 let _ = self.gate.recv();
@@ -571,7 +576,11 @@ mod tests {
             gate_tx.send(()).unwrap();
         }
         let got: Vec<_> = (0..5)
-            .map(|_| rx.recv_timeout(Duration::from_secs(5)).expect("a reply").item)
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(5))
+                    .expect("a reply")
+                    .item
+            })
             .collect();
         assert_eq!(
             got,

@@ -213,7 +213,11 @@ impl Runner {
 
     /// Runs `call` as a remote call of `job`, dropping the oldest of its kind first when the
     /// runner already holds [`JOBS_PER_KIND`] of them.
-    fn spawn_remote(&mut self, job: RemoteJob, call: impl std::future::Future<Output = ()> + 'static) {
+    fn spawn_remote(
+        &mut self,
+        job: RemoteJob,
+        call: impl std::future::Future<Output = ()> + 'static,
+    ) {
         let held = self.remote.iter().filter(|c| c.job.same_kind(job)).count();
         if held >= JOBS_PER_KIND {
             if let Some(i) = self.remote.iter().position(|c| c.job.same_kind(job)) {

@@ -735,7 +735,10 @@ mod tests {
             assert!(segment_weight(segment) <= 100, "{segment:?}");
         }
         assert_eq!(out.concat().replace(' ', ""), text.replace(' ', ""));
-        assert_eq!(out[0], "999999999999", "12 digits (96) fit, 13 (104) do not");
+        assert_eq!(
+            out[0], "999999999999",
+            "12 digits (96) fit, 13 (104) do not"
+        );
     }
 
     #[test]

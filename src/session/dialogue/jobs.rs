@@ -46,7 +46,11 @@ impl Outstanding {
 
     /// The job of `turn`/`seq` was answered (nothing if it had already expired).
     pub(super) fn finish(&mut self, turn: u32, seq: u32) {
-        if let Some(i) = self.jobs.iter().position(|j| j.turn == turn && j.seq == seq) {
+        if let Some(i) = self
+            .jobs
+            .iter()
+            .position(|j| j.turn == turn && j.seq == seq)
+        {
             self.jobs.swap_remove(i);
         }
     }
@@ -83,7 +87,10 @@ mod tests {
         o.start(2, 0, t0 + Duration::from_secs(5));
         assert!(!o.has_room(t0));
         assert_eq!(o.next_expiry(), Some(t0 + Duration::from_secs(2)));
-        assert!(o.has_room(t0 + Duration::from_secs(2)), "a lost answer stops counting");
+        assert!(
+            o.has_room(t0 + Duration::from_secs(2)),
+            "a lost answer stops counting"
+        );
         assert!(o.any());
     }
 }

@@ -45,8 +45,8 @@ pub(crate) mod tests;
 mod tools;
 mod turn;
 
-pub use jobs::JOBS_PER_KIND;
 use jobs::Outstanding;
+pub use jobs::JOBS_PER_KIND;
 use turn::{Phase, Turn};
 
 /// What the dialogue needs from config.
@@ -289,7 +289,10 @@ impl Dialogue {
         self.submit_waiting(now, out);
         let held = matches!(
             self.turn.as_ref().map(|t| &t.phase),
-            Some(Phase::Recognizing { waiting: Some(_), .. })
+            Some(Phase::Recognizing {
+                waiting: Some(_),
+                ..
+            })
         );
         if held {
             self.counters.jobs_held += 1;

@@ -295,7 +295,10 @@ fn abort_while_recognising_sends_no_tts_stop() {
     d.abort(t0 + ms(10), &mut out);
     assert!(out.items.is_empty(), "{out:?}");
     assert!(
-        matches!(out.requests.as_slice(), [Request::CancelJobs { up_to_turn: 1 }]),
+        matches!(
+            out.requests.as_slice(),
+            [Request::CancelJobs { up_to_turn: 1 }]
+        ),
         "the queued recognition is cancelled: {out:?}"
     );
     d.on_asr(1, Ok("hello".into()), t0 + ms(20), &mut out);
@@ -460,7 +463,11 @@ fn a_long_echo_of_digits_is_synthesised_in_bounded_segments() {
     for text in &texts {
         assert!(segment_weight(text) <= 100, "{text:?}");
     }
-    let spoken: String = texts.concat().chars().filter(char::is_ascii_digit).collect();
+    let spoken: String = texts
+        .concat()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
     assert_eq!(spoken.len(), 90, "every digit of the echo is spoken once");
 }
 
@@ -492,10 +499,17 @@ fn history_is_bounded_by_bytes_dropping_the_oldest_first() {
     );
     ask(&mut d, &"d".repeat(2000), "ok five");
     assert!(
-        d.history.iter().all(|m| m.content.as_deref().is_some_and(|c| c.len() < 2000)),
+        d.history
+            .iter()
+            .all(|m| m.content.as_deref().is_some_and(|c| c.len() < 2000)),
         "a message larger than the bound is not kept"
     );
-    let bytes: usize = d.history.iter().filter_map(|m| m.content.as_ref()).map(String::len).sum();
+    let bytes: usize = d
+        .history
+        .iter()
+        .filter_map(|m| m.content.as_ref())
+        .map(String::len)
+        .sum();
     assert!(bytes <= 1000, "{bytes}");
 }
 
@@ -518,7 +532,11 @@ fn a_turn_flood_keeps_at_most_the_quota_outstanding_and_cancels_stale_jobs() {
     let mut out = Output::default();
     d.on_text_turn("the second long question", t0 + ms(20), &mut out);
     assert_eq!(cancels(&out), [1], "turn 1's job is cancelled");
-    assert_eq!(tts_requests(&out).len(), 1, "the quota has room for one more");
+    assert_eq!(
+        tts_requests(&out).len(),
+        1,
+        "the quota has room for one more"
+    );
     let mut out = Output::default();
     d.on_text_turn("the third long question", t0 + ms(40), &mut out);
     assert_eq!(cancels(&out), [2]);
@@ -532,7 +550,10 @@ fn a_turn_flood_keeps_at_most_the_quota_outstanding_and_cancels_stale_jobs() {
     // Turn 1's job ran anyway; its audio is dropped and turn 3 keeps one job in flight.
     let mut out = Output::default();
     d.on_tts(1, 0, Ok((pcm(5), 24_000)), t0 + ms(60), &mut out);
-    assert!(tts_requests(&out).is_empty() && frames(&out) == 0, "{out:?}");
+    assert!(
+        tts_requests(&out).is_empty() && frames(&out) == 0,
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -556,6 +577,10 @@ fn a_held_utterance_is_recognised_when_the_quota_frees() {
     assert_eq!(d.counters.jobs_held, 1);
     let mut out = Output::default();
     d.on_asr(1, Err("cancelled".into()), t0 + ms(50), &mut out);
-    assert_eq!(asr(&out), [3], "turn 3's utterance goes out once a slot frees");
+    assert_eq!(
+        asr(&out),
+        [3],
+        "turn 3's utterance goes out once a slot frees"
+    );
     assert!(out.items.is_empty(), "no alert for a stale turn: {out:?}");
 }
