@@ -16,11 +16,15 @@ use xiaozhi_tpc::audio::resample::resample;
 use xiaozhi_tpc::providers::tts::{espeak, PiperVoice};
 
 const RUNS: usize = 5;
-const SENTENCES: [&str; 3] = [
+const SENTENCES: [&str; 5] = [
     "Hello! The kitchen lights are on.",
     "The weather today is sunny with a light breeze, and the high will be twenty two degrees.",
     "Okay, I have set a timer for ten minutes, and I will remind you to call your mother at \
      six o'clock this evening.",
+    // A segment at the default tts.max_segment_chars (100) ...
+    "the quick brown fox jumps over the lazy dog while the old cat sleeps on the warm mat by the door",
+    // ... and the heaviest one the splitter makes of digits (12 digits weigh 96).
+    "999999999999",
 ];
 const ESPEAK_TEXTS: [(&str, &str); 2] = [
     ("en-us", "The weather today is sunny with a light breeze."),

@@ -93,7 +93,11 @@ const SETTINGS: &[(&str, &str, Option<&str>)] = &[
     ("tiny.en (language=en)", "whisper-tiny.en", Some("en")),
     ("base, fixed en", "whisper-base", Some("en")),
     ("base, fixed zh (language=zh)", "whisper-base", Some("zh")),
-    ("base, zh or en (language=auto)", "whisper-base", Some("zh,en")),
+    (
+        "base, zh or en (language=auto)",
+        "whisper-base",
+        Some("zh,en"),
+    ),
 ];
 
 fn main() -> Result<(), BoxError> {

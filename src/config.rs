@@ -837,6 +837,8 @@ pub struct LlmConfig {
     pub system_prompt: String,
     /// Most messages of history kept per session (user + assistant).
     pub history_messages: usize,
+    /// Most bytes of history text kept per session (oldest messages dropped first).
+    pub history_max_bytes: usize,
     /// Remote OpenAI-compatible chat.
     pub openai: RemoteLlmConfig,
 }
@@ -847,6 +849,7 @@ impl Default for LlmConfig {
             provider: LlmProvider::Offline,
             system_prompt: "You are Xiaozhi, a friendly voice assistant on a small device. Answer in one to three short spoken sentences, without Markdown or lists, in the language the user speaks.".into(),
             history_messages: 20,
+            history_max_bytes: 16_384,
             openai: RemoteLlmConfig::default(),
         }
     }
@@ -922,6 +925,9 @@ pub struct TtsConfig {
     pub espeak_voice_zh: String,
     /// A segment not synthesised within this time is skipped, ms.
     pub timeout_ms: u64,
+    /// Longest text of one synthesis job, characters (a digit counts as eight); longer
+    /// sentences are cut at spaces or commas (between characters in Chinese).
+    pub max_segment_chars: usize,
     /// Remote OpenAI-compatible speech.
     pub openai: RemoteTtsConfig,
     /// Local Kokoro voices.
@@ -936,6 +942,7 @@ impl Default for TtsConfig {
             espeak_voice: "en-us".into(),
             espeak_voice_zh: "cmn".into(),
             timeout_ms: 10_000,
+            max_segment_chars: crate::pipeline::sentences::DEFAULT_MAX_SEGMENT_CHARS,
             openai: RemoteTtsConfig::default(),
             kokoro: KokoroTtsConfig::default(),
         }
@@ -1302,6 +1309,12 @@ impl Config {
         }
         if !(0..=10).contains(&self.audio_out.complexity) {
             return bad("audio_out.complexity", "must be between 0 and 10");
+        }
+        if !(256..=1_048_576).contains(&self.llm.history_max_bytes) {
+            return bad("llm.history_max_bytes", "must be between 256 and 1048576");
+        }
+        if !(10..=1000).contains(&self.tts.max_segment_chars) {
+            return bad("tts.max_segment_chars", "must be between 10 and 1000");
         }
         let kokoro = &self.tts.kokoro;
         if !(0.5..=2.0).contains(&kokoro.speed) {

@@ -9,7 +9,21 @@
 //! `max_batch`, waiting at most `batch_deadline` for more) and hands the batch to
 //! [`BatchWorker::process`] in one call. Keeping two items of one key out of one batch is the
 //! application's job (it submits a key's next chunk only after the previous result).
+//!
+//! Cancellation: a job may carry an *epoch* (e.g. the turn it belongs to); [`WorkerPool::cancel`]
+//! tells the worker that serves a key to skip that key's queued jobs up to an epoch. The worker
+//! skips them without running them ([`BatchWorker::skipped`] says what answer, if any, a skipped
+//! job gets) and counts them ([`WorkerPool::skipped`]).
+//!
+//! Why a channel and not a shared set: each worker has its own bounded cancellation channel
+//! next to its job queue, and only that worker reads it (before taking each batch), keeping
+//! what it learnt in a small map of its own. No lock is shared across cores and a shard never
+//! waits: a cancellation that does not fit is dropped (counted), and the job simply runs (its
+//! result is stale and the application drops it). The map is bounded, and emptied whenever the
+//! worker's queue is empty: a cancellation is sent after the jobs it covers were queued, so
+//! once the worker has read it and then finds its queue empty, no job it covers is left.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +45,13 @@ pub trait BatchWorker: 'static {
     type Output: Send + 'static;
     /// Processes `jobs` (drained by the caller afterwards) and pushes results to `out`.
     fn process(&mut self, jobs: &mut Vec<Routed<Self::Job>>, out: &mut Vec<Routed<Self::Output>>);
+
+    /// The answer a cancelled job gets instead of running (e.g. a "cancelled" error, so the
+    /// sender learns the job is over); `None` (the default) sends nothing.
+    fn skipped(&mut self, job: Routed<Self::Job>) -> Option<Routed<Self::Output>> {
+        drop(job);
+        None
+    }
 }
 
 /// Pool settings.
@@ -63,24 +84,80 @@ pub enum SubmitError {
 
 /// Handle for submitting jobs; `Clone + Send`, one per shard.
 pub struct WorkerPool<J> {
-    queues: Vec<flume::Sender<Routed<J>>>,
+    queues: Vec<flume::Sender<Queued<J>>>,
+    cancels: Vec<flume::Sender<Cancel>>,
     shed: Arc<PoolShed>,
 }
 
-/// What a pool turned away, counted where it happens (off the hot path: only a refusal or a
-/// dropped result touches these, so the atomics cost nothing while the pool keeps up).
+/// A job in a worker's queue: its key and epoch (for cancellation) and the routed job.
+struct Queued<J> {
+    key: u64,
+    epoch: u64,
+    job: Routed<J>,
+}
+
+/// "Skip the queued jobs of `key` (sent from `shard`) whose epoch is at most `up_to`."
+#[derive(Debug, Clone, Copy)]
+struct Cancel {
+    shard: usize,
+    key: u64,
+    up_to: u64,
+}
+
+/// Epoch of [`WorkerPool::cancel_all`]: every job of the key, skipped without an answer (the
+/// key's owner is gone).
+const ALL: u64 = u64::MAX;
+
+/// Most keys a worker remembers cancellations for; past it the oldest is forgotten (its
+/// jobs then run, and their results are dropped as stale).
+const CANCEL_MAP_CAPACITY: usize = 256;
+
+/// What a pool turned away, counted where it happens (off the hot path: only a refusal, a
+/// skip or a dropped result touches these, so the atomics cost nothing while the pool keeps
+/// up).
 #[derive(Debug, Default)]
 struct PoolShed {
     refused: AtomicU64,
     dropped_replies: AtomicU64,
+    skipped: AtomicU64,
+    cancels_dropped: AtomicU64,
 }
 
 impl<J> Clone for WorkerPool<J> {
     fn clone(&self) -> Self {
         WorkerPool {
             queues: self.queues.clone(),
+            cancels: self.cancels.clone(),
             shed: self.shed.clone(),
         }
+    }
+}
+
+/// A worker's memory of cancellations: (shard, key) → highest cancelled epoch, oldest first.
+#[derive(Default)]
+struct Cancelled {
+    entries: VecDeque<((usize, u64), u64)>,
+}
+
+impl Cancelled {
+    fn note(&mut self, c: Cancel) {
+        let id = (c.shard, c.key);
+        if let Some(e) = self.entries.iter_mut().find(|(k, _)| *k == id) {
+            e.1 = e.1.max(c.up_to);
+            return;
+        }
+        if self.entries.len() >= CANCEL_MAP_CAPACITY {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((id, c.up_to));
+    }
+
+    /// The cancelled epoch bound for the key, if any.
+    fn bound(&self, shard: usize, key: u64) -> Option<u64> {
+        self.entries
+            .iter()
+            .find(|(k, _)| *k == (shard, key))
+            .map(|(_, up_to)| *up_to)
     }
 }
 
@@ -98,11 +175,16 @@ impl<J: Send + 'static> WorkerPool<J> {
         E: std::fmt::Display,
     {
         let mut queues = Vec::new();
+        let mut cancels = Vec::new();
         let shed = Arc::new(PoolShed::default());
         let (ready_tx, ready_rx) = flume::bounded::<Result<(), String>>(config.cores.len());
         for (index, &core) in config.cores.iter().enumerate() {
-            let (tx, rx) = flume::bounded::<Routed<J>>(config.queue_capacity.max(1));
+            let (tx, rx) = flume::bounded::<Queued<J>>(config.queue_capacity.max(1));
             queues.push(tx);
+            // Room for a cancellation per queued job and then some: one is sent per abort.
+            let (cancel_tx, cancel_rx) =
+                flume::bounded::<Cancel>(config.queue_capacity.max(32) * 2);
+            cancels.push(cancel_tx);
             let make = make.clone();
             let replies = replies.clone();
             let cfg = config.clone();
@@ -125,7 +207,7 @@ impl<J: Send + 'static> WorkerPool<J> {
                         }
                     };
                     drop(ready);
-                    run_worker(worker, rx, replies, &cfg, &worker_shed);
+                    run_worker(worker, rx, cancel_rx, replies, &cfg, &worker_shed);
                 })?;
         }
         drop(ready_tx);
@@ -140,7 +222,11 @@ impl<J: Send + 'static> WorkerPool<J> {
                 }
             }
         }
-        Ok(WorkerPool { queues, shed })
+        Ok(WorkerPool {
+            queues,
+            cancels,
+            shed,
+        })
     }
 
     /// Number of workers.
@@ -155,17 +241,62 @@ impl<J: Send + 'static> WorkerPool<J> {
 
     /// Queues a job for `key`'s worker without blocking; a refused job is handed back.
     pub fn submit(&self, key: u64, shard: usize, job: J) -> Result<(), (SubmitError, J)> {
+        self.submit_in(key, 0, shard, job)
+    }
+
+    /// Queues a job of epoch `epoch` (which [`WorkerPool::cancel`] compares) for `key`'s
+    /// worker without blocking; a refused job is handed back.
+    pub fn submit_in(
+        &self,
+        key: u64,
+        epoch: u64,
+        shard: usize,
+        job: J,
+    ) -> Result<(), (SubmitError, J)> {
         let Some(q) = self.queues.get(self.worker_for(key)) else {
             return Err((SubmitError::Stopped, job));
         };
-        q.try_send(Routed { shard, item: job })
-            .map_err(|e| match e {
-                flume::TrySendError::Full(r) => {
-                    self.shed.refused.fetch_add(1, Ordering::Relaxed);
-                    (SubmitError::Full, r.item)
-                }
-                flume::TrySendError::Disconnected(r) => (SubmitError::Stopped, r.item),
-            })
+        let queued = Queued {
+            key,
+            epoch,
+            job: Routed { shard, item: job },
+        };
+        q.try_send(queued).map_err(|e| match e {
+            flume::TrySendError::Full(q) => {
+                self.shed.refused.fetch_add(1, Ordering::Relaxed);
+                (SubmitError::Full, q.job.item)
+            }
+            flume::TrySendError::Disconnected(q) => (SubmitError::Stopped, q.job.item),
+        })
+    }
+
+    /// Asks `key`'s worker to skip the key's jobs from `shard` of epoch `up_to` or lower that
+    /// are still queued (each gets the answer [`BatchWorker::skipped`] gives). Never blocks: a
+    /// cancellation that does not fit is dropped and counted ([`WorkerPool::cancels_dropped`]).
+    pub fn cancel(&self, key: u64, shard: usize, up_to: u64) {
+        self.send_cancel(Cancel {
+            shard,
+            key,
+            up_to: up_to.min(ALL - 1),
+        });
+    }
+
+    /// The key's owner is gone: skip all its queued jobs from `shard`, without answers.
+    pub fn cancel_all(&self, key: u64, shard: usize) {
+        self.send_cancel(Cancel {
+            shard,
+            key,
+            up_to: ALL,
+        });
+    }
+
+    fn send_cancel(&self, cancel: Cancel) {
+        let Some(tx) = self.cancels.get(self.worker_for(cancel.key)) else {
+            return;
+        };
+        if let Err(flume::TrySendError::Full(_)) = tx.try_send(cancel) {
+            self.shed.cancels_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Jobs waiting in the queue of `key`'s worker, and that queue's bound.
@@ -197,37 +328,80 @@ impl<J: Send + 'static> WorkerPool<J> {
     pub fn dropped_replies(&self) -> u64 {
         self.shed.dropped_replies.load(Ordering::Relaxed)
     }
+
+    /// Jobs skipped because they were cancelled while queued, since the pool started.
+    pub fn skipped(&self) -> u64 {
+        self.shed.skipped.load(Ordering::Relaxed)
+    }
+
+    /// Cancellations dropped because a worker's cancellation channel was full (their jobs
+    /// ran), since the pool started.
+    pub fn cancels_dropped(&self) -> u64 {
+        self.shed.cancels_dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Takes `queued` into the batch, or skips it (counted, its answer in `out`) when cancelled.
+fn take<W: BatchWorker>(
+    worker: &mut W,
+    queued: Queued<W::Job>,
+    cancelled: &Cancelled,
+    batch: &mut Vec<Routed<W::Job>>,
+    out: &mut Vec<Routed<W::Output>>,
+    shed: &PoolShed,
+) {
+    match cancelled.bound(queued.job.shard, queued.key) {
+        Some(up_to) if queued.epoch <= up_to => {
+            shed.skipped.fetch_add(1, Ordering::Relaxed);
+            if up_to != ALL {
+                out.extend(worker.skipped(queued.job));
+            }
+        }
+        _ => batch.push(queued.job),
+    }
 }
 
 fn run_worker<W: BatchWorker>(
     mut worker: W,
-    rx: flume::Receiver<Routed<W::Job>>,
+    rx: flume::Receiver<Queued<W::Job>>,
+    cancel_rx: flume::Receiver<Cancel>,
     replies: Vec<flume::Sender<Routed<W::Output>>>,
     cfg: &WorkerPoolConfig,
     shed: &PoolShed,
 ) {
     let mut batch = Vec::with_capacity(cfg.max_batch.max(1));
     let mut out = Vec::with_capacity(cfg.max_batch.max(1));
+    let mut cancelled = Cancelled::default();
     while let Ok(first) = rx.recv() {
-        batch.push(first);
+        for c in cancel_rx.try_iter() {
+            cancelled.note(c);
+        }
+        take(&mut worker, first, &cancelled, &mut batch, &mut out, shed);
         let deadline = Instant::now() + cfg.batch_deadline;
         while batch.len() < cfg.max_batch {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => take(&mut worker, job, &cancelled, &mut batch, &mut out, shed),
                 Err(flume::TryRecvError::Empty) => {
                     if cfg.batch_deadline.is_zero() {
                         break;
                     }
                     match rx.recv_deadline(deadline) {
-                        Ok(job) => batch.push(job),
+                        Ok(job) => take(&mut worker, job, &cancelled, &mut batch, &mut out, shed),
                         Err(_) => break,
                     }
                 }
                 Err(flume::TryRecvError::Disconnected) => break,
             }
         }
-        worker.process(&mut batch, &mut out);
-        batch.clear();
+        if !batch.is_empty() {
+            worker.process(&mut batch, &mut out);
+            batch.clear();
+        }
+        if rx.is_empty() {
+            // Every job a noted cancellation covers was queued before it was sent, so none
+            // is left (see the module doc).
+            cancelled.entries.clear();
+        }
         for r in out.drain(..) {
             if let Some(tx) = replies.get(r.shard) {
                 if tx.send_timeout(r, cfg.reply_timeout).is_err() {
@@ -335,5 +509,124 @@ mod tests {
         let refused = results.iter().filter(|r| r.is_err()).count() as u64;
         assert_eq!(pool.refused(), refused, "every refusal is counted");
         assert_eq!(pool.clone().refused(), refused, "clones share the count");
+    }
+
+    /// Runs jobs `(key, epoch)` one at a time, each when the test opens the gate; says when a
+    /// job starts so the test knows what is still queued.
+    struct Gated {
+        gate: flume::Receiver<()>,
+        started: flume::Sender<(u64, u64)>,
+    }
+
+    impl BatchWorker for Gated {
+        type Job = (u64, u64);
+        type Output = (u64, u64, &'static str);
+        fn process(
+            &mut self,
+            jobs: &mut Vec<Routed<(u64, u64)>>,
+            out: &mut Vec<Routed<Self::Output>>,
+        ) {
+            for j in jobs.drain(..) {
+                let _ = self.started.send(j.item);
+                let _ = self.gate.recv();
+                out.push(Routed {
+                    shard: j.shard,
+                    item: (j.item.0, j.item.1, "ran"),
+                });
+            }
+        }
+        fn skipped(&mut self, job: Routed<(u64, u64)>) -> Option<Routed<Self::Output>> {
+            Some(Routed {
+                shard: job.shard,
+                item: (job.item.0, job.item.1, "skipped"),
+            })
+        }
+    }
+
+    #[test]
+    fn cancelled_jobs_are_skipped_in_order_answered_and_counted() {
+        let (tx, rx) = flume::bounded(100);
+        let (gate_tx, gate_rx) = flume::unbounded();
+        let (started_tx, started_rx) = flume::unbounded();
+        let cfg = WorkerPoolConfig {
+            cores: vec![0],
+            queue_capacity: 16,
+            max_batch: 1,
+            batch_deadline: Duration::ZERO,
+            reply_timeout: Duration::from_secs(1),
+            name: "test-cancel".into(),
+        };
+        let make = move |_| {
+            Ok::<_, String>(Gated {
+                gate: gate_rx.clone(),
+                started: started_tx.clone(),
+            })
+        };
+        let pool = WorkerPool::spawn(&cfg, make, vec![tx]).unwrap();
+        // A job of key 1 that holds the worker while the rest queue up behind it.
+        pool.submit_in(1, 9, 0, (1, 9)).unwrap();
+        assert_eq!(started_rx.recv_timeout(Duration::from_secs(5)), Ok((1, 9)));
+        for (key, epoch) in [(1, 1), (2, 1), (1, 2), (3, 1), (1, 3), (3, 2)] {
+            pool.submit_in(key, epoch, 0, (key, epoch)).unwrap();
+        }
+        pool.cancel(1, 0, 2); // key 1's turns 1 and 2 are over
+        pool.cancel(2, 1, 5); // another shard's key 2: not this one
+        pool.cancel_all(3, 0); // key 3's owner is gone: skipped without answers
+        for _ in 0..10 {
+            gate_tx.send(()).unwrap();
+        }
+        let got: Vec<_> = (0..5)
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(5))
+                    .expect("a reply")
+                    .item
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, 9, "ran"),
+                (1, 1, "skipped"),
+                (2, 1, "ran"),
+                (1, 2, "skipped"),
+                (1, 3, "ran"),
+            ]
+        );
+        // Key 3's last job follows the last answer; wait (boundedly) until it is skipped too.
+        let until = Instant::now() + Duration::from_secs(5);
+        while pool.skipped() < 4 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(pool.skipped(), 4, "two of key 1, both of key 3");
+        assert_eq!(pool.cancels_dropped(), 0);
+        assert!(rx.try_recv().is_err(), "key 3's jobs got no answer");
+    }
+
+    #[test]
+    fn the_cancellation_memory_is_bounded_and_forgets_the_oldest_key() {
+        let mut c = Cancelled::default();
+        for key in 0..(CANCEL_MAP_CAPACITY as u64 + 10) {
+            c.note(Cancel {
+                shard: 0,
+                key,
+                up_to: 1,
+            });
+        }
+        assert_eq!(c.entries.len(), CANCEL_MAP_CAPACITY);
+        assert_eq!(c.bound(0, 0), None, "the oldest key was forgotten");
+        assert_eq!(c.bound(0, CANCEL_MAP_CAPACITY as u64 + 9), Some(1));
+        let last = CANCEL_MAP_CAPACITY as u64 + 9;
+        c.note(Cancel {
+            shard: 0,
+            key: last,
+            up_to: 4,
+        });
+        c.note(Cancel {
+            shard: 0,
+            key: last,
+            up_to: 3,
+        });
+        assert_eq!(c.bound(0, last), Some(4), "a key keeps its highest bound");
+        assert_eq!(c.entries.len(), CANCEL_MAP_CAPACITY);
     }
 }

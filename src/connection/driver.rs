@@ -93,8 +93,14 @@ pub async fn drive<L: Link>(
     mut pending: Effects,
 ) -> Outcome {
     let server = &ctx.settings.server;
-    // Dropping the runner cancels the LLM stream: on abort and whenever this function returns.
-    let mut runner = Runner::new(ctx.shard, ctx.providers.clone(), mailbox.clone());
+    // Dropping the runner cancels the LLM stream, the remote calls and the session's queued
+    // inference jobs: whenever this function returns.
+    let mut runner = Runner::new(
+        ctx.shard,
+        session.key,
+        ctx.providers.clone(),
+        mailbox.clone(),
+    );
     let write_timeout = Duration::from_millis(server.write_timeout_ms);
     let max_queue = server.outbound_queue_messages;
     let mut budget = ReadBudget::new(server.read_budget_messages);

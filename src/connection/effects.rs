@@ -6,6 +6,14 @@
 //! Remote calls run as tasks on the shard and post their result to the session's mailbox. The
 //! LLM stream writes into a small buffer and posts one coalesced notification at a time, so a
 //! fast stream cannot flood the mailbox; dropping the [`Runner`] cancels the stream.
+//!
+//! Cancellation ([`Request::CancelJobs`], sent when a turn ends with jobs outstanding): local
+//! jobs are cancelled on their worker pools (the workers skip them and answer "cancelled");
+//! remote recognition and synthesis calls of those turns are dropped here, and the runner
+//! answers them "cancelled" itself, so every request the session made gets one answer and its
+//! quota stays exact. The runner holds at most [`JOBS_PER_KIND`] remote calls of each kind
+//! (should the session ask for more, the oldest is dropped). Dropping the runner (the
+//! connection closed) drops every remote call and cancels the session's queued local jobs.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -18,25 +26,84 @@ use crate::providers::asr::wav::wav_bytes;
 use crate::providers::asr::AsrJob;
 use crate::providers::llm::openai::{stream_chat, LlmEvent};
 use crate::providers::llm::ToolCall;
+use crate::providers::reply::CANCELLED;
 use crate::providers::select::{Asr, Llm, Tts};
 use crate::providers::tts::openai::speech;
 use crate::providers::tts::TtsJob;
 use crate::providers::Providers;
-use crate::session::dialogue::Request;
+use crate::session::dialogue::{Request, JOBS_PER_KIND};
 use crate::session::{Effects, Session, SessionEvent};
 
-/// Runs one session's requests; owns its LLM stream (cancelled on drop).
+/// Runs one session's requests; owns its LLM stream and remote calls (cancelled on drop).
 pub struct Runner {
     shard: usize,
+    key: u64,
     providers: Rc<Providers>,
     mailbox: Rc<Mailbox<SessionEvent>>,
     llm: Rc<RefCell<LlmBuffer>>,
     llm_task: Option<glommio::task::JoinHandle<()>>,
+    /// Remote recognition and synthesis calls not yet answered, oldest first.
+    remote: Vec<RemoteCall>,
+    /// Remote calls dropped because their turn ended (added to the session's counters).
+    remote_cancelled: u64,
+}
+
+/// A remote call in progress: which job it is and its task.
+struct RemoteCall {
+    job: RemoteJob,
+    task: glommio::task::JoinHandle<()>,
+}
+
+/// Which answer a remote call owes the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RemoteJob {
+    Asr { turn: u32 },
+    Tts { turn: u32, seq: u32 },
+}
+
+impl RemoteJob {
+    fn turn(self) -> u32 {
+        match self {
+            RemoteJob::Asr { turn } | RemoteJob::Tts { turn, .. } => turn,
+        }
+    }
+
+    fn same_kind(self, other: RemoteJob) -> bool {
+        matches!(
+            (self, other),
+            (RemoteJob::Asr { .. }, RemoteJob::Asr { .. })
+                | (RemoteJob::Tts { .. }, RemoteJob::Tts { .. })
+        )
+    }
+
+    /// The "cancelled" answer of this job.
+    fn cancelled(self) -> SessionEvent {
+        match self {
+            RemoteJob::Asr { turn } => SessionEvent::Asr {
+                turn,
+                result: Err(CANCELLED.into()),
+            },
+            RemoteJob::Tts { turn, seq } => SessionEvent::Tts {
+                turn,
+                seq,
+                result: Err(CANCELLED.into()),
+            },
+        }
+    }
 }
 
 impl Drop for Runner {
     fn drop(&mut self) {
         self.cancel_llm();
+        for call in self.remote.drain(..) {
+            call.task.cancel();
+        }
+        if let Asr::Local(pool) = &self.providers.asr {
+            pool.cancel_all(self.key, self.shard);
+        }
+        if let Tts::Local { pool, .. } = &self.providers.tts {
+            pool.cancel_all(self.key, self.shard);
+        }
     }
 }
 
@@ -60,18 +127,22 @@ impl LlmBuffer {
 }
 
 impl Runner {
-    /// A runner for the session whose inbox is `mailbox`, on shard `shard`.
+    /// A runner for session `key`, whose inbox is `mailbox`, on shard `shard`.
     pub fn new(
         shard: usize,
+        key: u64,
         providers: Rc<Providers>,
         mailbox: Rc<Mailbox<SessionEvent>>,
     ) -> Runner {
         Runner {
             shard,
+            key,
             providers,
             mailbox,
             llm: Rc::new(RefCell::new(LlmBuffer::default())),
             llm_task: None,
+            remote: Vec::new(),
+            remote_cancelled: 0,
         }
     }
 
@@ -94,6 +165,7 @@ impl Runner {
                     fx.merge(refused.deliver(session, now));
                 }
             }
+            session.counters.remote_calls_cancelled += std::mem::take(&mut self.remote_cancelled);
             if fx.vad.is_none() && fx.requests.is_empty() {
                 done.merge(fx);
                 return done;
@@ -122,7 +194,63 @@ impl Runner {
                 };
                 session.on_llm(turn, &text, done, now)
             }
-            other => session.on_event(other, now),
+            other => {
+                let answered = match &other {
+                    SessionEvent::Asr { turn, .. } => Some(RemoteJob::Asr { turn: *turn }),
+                    SessionEvent::Tts { turn, seq, .. } => Some(RemoteJob::Tts {
+                        turn: *turn,
+                        seq: *seq,
+                    }),
+                    _ => None,
+                };
+                if let Some(job) = answered {
+                    self.remote.retain(|c| c.job != job);
+                }
+                session.on_event(other, now)
+            }
+        }
+    }
+
+    /// Runs `call` as a remote call of `job`, dropping the oldest of its kind first when the
+    /// runner already holds [`JOBS_PER_KIND`] of them.
+    fn spawn_remote(
+        &mut self,
+        job: RemoteJob,
+        call: impl std::future::Future<Output = ()> + 'static,
+    ) {
+        let held = self.remote.iter().filter(|c| c.job.same_kind(job)).count();
+        if held >= JOBS_PER_KIND {
+            if let Some(i) = self.remote.iter().position(|c| c.job.same_kind(job)) {
+                let oldest = self.remote.remove(i);
+                self.drop_remote(oldest);
+            }
+        }
+        let task = glommio::spawn_local(call).detach();
+        self.remote.push(RemoteCall { job, task });
+    }
+
+    /// Drops a remote call and answers it "cancelled" (so the session's quota slot frees).
+    fn drop_remote(&mut self, call: RemoteCall) {
+        call.task.cancel();
+        self.remote_cancelled += 1;
+        self.mailbox.push_control(call.job.cancelled());
+    }
+
+    /// Cancels this session's jobs of turns up to `up_to`: on the local pools, and the remote
+    /// calls held here.
+    fn cancel_jobs(&mut self, up_to: u32) {
+        if let Asr::Local(pool) = &self.providers.asr {
+            pool.cancel(self.key, self.shard, u64::from(up_to));
+        }
+        if let Tts::Local { pool, .. } = &self.providers.tts {
+            pool.cancel(self.key, self.shard, u64::from(up_to));
+        }
+        let (stale, live): (Vec<_>, Vec<_>) = std::mem::take(&mut self.remote)
+            .into_iter()
+            .partition(|c| c.job.turn() <= up_to);
+        self.remote = live;
+        for call in stale {
+            self.drop_remote(call);
         }
     }
 
@@ -143,21 +271,20 @@ impl Runner {
                         pcm,
                         submitted: now,
                     };
-                    pool.submit(key, self.shard, job)
+                    pool.submit_in(key, u64::from(turn), self.shard, job)
                         .err()
                         .map(|_| Refused::Asr { turn })
                 }
                 Asr::Remote(settings) => {
                     let (client, settings) = (self.providers.http.clone(), settings.clone());
                     let mailbox = self.mailbox.clone();
-                    glommio::spawn_local(async move {
+                    self.spawn_remote(RemoteJob::Asr { turn }, async move {
                         let wav = wav_bytes(&pcm, 16_000);
                         let result = transcribe(&client, &settings, wav)
                             .await
                             .map_err(|e| e.to_string());
                         mailbox.push_control(SessionEvent::Asr { turn, result });
-                    })
-                    .detach();
+                    });
                     None
                 }
             },
@@ -197,6 +324,10 @@ impl Runner {
                 self.cancel_llm();
                 None
             }
+            Request::CancelJobs { up_to_turn } => {
+                self.cancel_jobs(up_to_turn);
+                None
+            }
             Request::Tts { turn, seq, text } => match &self.providers.tts {
                 Tts::Local { pool, voices } => {
                     let job = TtsJob {
@@ -207,20 +338,19 @@ impl Runner {
                         text,
                         submitted: now,
                     };
-                    pool.submit(key, self.shard, job)
+                    pool.submit_in(key, u64::from(turn), self.shard, job)
                         .err()
                         .map(|_| Refused::Tts { turn, seq })
                 }
                 Tts::Remote(settings) => {
                     let (client, settings) = (self.providers.http.clone(), settings.clone());
                     let mailbox = self.mailbox.clone();
-                    glommio::spawn_local(async move {
+                    self.spawn_remote(RemoteJob::Tts { turn, seq }, async move {
                         let result = speech(&client, &settings, &text)
                             .await
                             .map_err(|e| e.to_string());
                         mailbox.push_control(SessionEvent::Tts { turn, seq, result });
-                    })
-                    .detach();
+                    });
                     None
                 }
             },

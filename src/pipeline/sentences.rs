@@ -28,14 +28,40 @@
 //!   the mark, so such a segment goes out one delta later.
 //! - **Newline** ends a segment (paragraphs, list items).
 //! - **Full-width `～`** is a first-segment cut like `~`.
-//! - **Long text without a boundary** is cut once it reaches `max_chars` characters (200 by
-//!   default): at the last space or comma in it, or right there when it has none.
+//! - **Long text without a boundary** is cut once it passes `max_chars` characters
+//!   ([`DEFAULT_MAX_SEGMENT_CHARS`] by default, `tts.max_segment_chars` in the config): at the
+//!   last space or comma in it, or right there (between two characters, as Chinese text has
+//!   no spaces) when it has none. This bounds the work of one synthesis job: TTS engines
+//!   synthesise a segment in one forward pass whose time and memory grow with its length.
+//! - **A digit counts as [`DIGIT_WEIGHT`] characters** towards that bound: digits are read as
+//!   words, so `999999999999999` is about nine seconds of speech (as long as ~150 letters of
+//!   ordinary text), and a bound on characters alone would let a short text of digits cost as
+//!   much as a page.
 //! - **Trailing punctuation is kept** (TTS engines read a question's `?` as intonation); leading
 //!   separators and closing quotes left over from the previous cut are dropped. The reference
 //!   strips both ends.
 
 /// Segments longer than this many characters without a boundary are cut (see the module docs).
-pub const DEFAULT_MAX_SEGMENT_CHARS: usize = 200;
+pub const DEFAULT_MAX_SEGMENT_CHARS: usize = 100;
+
+/// How many characters one digit counts as towards `max_chars`: espeak-ng reads a digit as
+/// about eight letters' worth of words ("2024" → "two thousand and twenty-four";
+/// `999999999999999` is 8.9 s of speech where 100 letters of English are 5.9 s).
+pub const DIGIT_WEIGHT: usize = 8;
+
+/// The weight of `c` towards a segment's bound: [`DIGIT_WEIGHT`] for a digit, else 1.
+fn weight(c: char) -> usize {
+    if c.is_ascii_digit() || ('０'..='９').contains(&c) {
+        DIGIT_WEIGHT
+    } else {
+        1
+    }
+}
+
+/// The weight of `text` towards a segment's bound (its characters, digits counted heavier).
+pub fn segment_weight(text: &str) -> usize {
+    text.chars().map(weight).sum()
+}
 
 /// Words that end with `.` without ending a sentence (compared lowercase, without the final `.`).
 pub const ABBREVIATIONS: &[&str] = &[
@@ -97,8 +123,8 @@ pub struct SentenceSplitter {
     seg_start: usize,
     /// Byte offset in `buf` of the next character to examine.
     scan: usize,
-    /// Characters in `buf[seg_start..scan]`.
-    seg_chars: usize,
+    /// Weight of `buf[seg_start..scan]` (characters, digits counted as [`DIGIT_WEIGHT`]).
+    seg_weight: usize,
     /// Whether a non-empty segment has been emitted this turn (ends the first-segment fast path).
     emitted_any: bool,
     max_chars: usize,
@@ -126,13 +152,14 @@ impl SentenceSplitter {
         Self::with_max_chars(DEFAULT_MAX_SEGMENT_CHARS)
     }
 
-    /// A splitter that cuts boundary-less text at `max_chars` characters (at least 1).
+    /// A splitter that cuts boundary-less text at `max_chars` characters (at least 1; a digit
+    /// counts as [`DIGIT_WEIGHT`]).
     pub fn with_max_chars(max_chars: usize) -> Self {
         Self {
             buf: String::new(),
             seg_start: 0,
             scan: 0,
-            seg_chars: 0,
+            seg_weight: 0,
             emitted_any: false,
             max_chars: max_chars.max(1),
         }
@@ -158,7 +185,7 @@ impl SentenceSplitter {
         self.buf.clear();
         self.seg_start = 0;
         self.scan = 0;
-        self.seg_chars = 0;
+        self.seg_weight = 0;
         self.emitted_any = false;
     }
 
@@ -175,12 +202,13 @@ impl SentenceSplitter {
                     self.emit(self.seg_start, end, out);
                     self.seg_start = end;
                     self.scan = end;
-                    self.seg_chars = 0;
+                    self.seg_weight = 0;
                 }
                 Decision::Continue => {
                     self.scan += c.len_utf8();
-                    self.seg_chars += 1;
-                    if self.seg_chars > self.max_chars {
+                    self.seg_weight += weight(c);
+                    // Each cut removes at least one character, so this ends.
+                    while self.seg_weight > self.max_chars {
                         self.cut_long_segment(out);
                     }
                 }
@@ -266,14 +294,20 @@ impl SentenceSplitter {
         !is_list_number
     }
 
-    /// The segment grew past `max_chars` without a boundary: emit its first `max_chars`
-    /// characters up to their last space or comma, or all of them when they have none.
+    /// The segment grew past `max_chars` without a boundary: emit its longest head within
+    /// `max_chars` up to the head's last space or comma, or the whole head when it has none
+    /// (at least one character).
     fn cut_long_segment(&mut self, out: &mut Vec<String>) {
         let seg = &self.buf[self.seg_start..self.scan];
-        let limit = seg
-            .char_indices()
-            .nth(self.max_chars)
-            .map_or(seg.len(), |(i, _)| i);
+        let mut limit = seg.len();
+        let mut total = 0;
+        for (i, ch) in seg.char_indices() {
+            total += weight(ch);
+            if total > self.max_chars {
+                limit = if i == 0 { ch.len_utf8() } else { i };
+                break;
+            }
+        }
         let head = &seg[..limit];
         let mut next: Option<char> = seg[limit..].chars().next();
         let mut break_after = None;
@@ -291,7 +325,7 @@ impl SentenceSplitter {
         let end = self.seg_start + break_after.unwrap_or(limit);
         self.emit(self.seg_start, end, out);
         self.seg_start = end;
-        self.seg_chars = self.buf[end..self.scan].chars().count();
+        self.seg_weight = segment_weight(&self.buf[end..self.scan]);
     }
 
     fn emit(&mut self, start: usize, end: usize, out: &mut Vec<String>) {
@@ -688,6 +722,45 @@ mod tests {
         for segment in &out {
             assert!(!segment.is_empty());
             assert!(segment.chars().count() <= 16, "{segment:?}");
+        }
+    }
+
+    #[test]
+    fn digits_count_heavier_so_a_run_of_numbers_is_cut_into_bounded_segments() {
+        // The offline responder's echo of the text: 95 characters, 90 of them digits.
+        let text = "999999999999999 ".repeat(6);
+        let out = split_char_by_char(text.trim_end(), 100);
+        assert!(out.len() >= 8, "{out:?}");
+        for segment in &out {
+            assert!(segment_weight(segment) <= 100, "{segment:?}");
+        }
+        assert_eq!(out.concat().replace(' ', ""), text.replace(' ', ""));
+        assert_eq!(
+            out[0], "999999999999",
+            "12 digits (96) fit, 13 (104) do not"
+        );
+    }
+
+    #[test]
+    fn ordinary_numbers_stay_whole_in_a_sentence() {
+        assert_eq!(
+            split_all("It was 2024 and it cost 3,000 dollars."),
+            ["It was 2024 and it cost 3,000 dollars."]
+        );
+    }
+
+    #[test]
+    fn no_segment_weighs_more_than_max_chars_even_with_digits() {
+        let text = "12 ".repeat(20) + &"7".repeat(40) + " a" + &"字３".repeat(30);
+        for max_chars in [1, 5, 8, 9, 30] {
+            let out = split_char_by_char(&text, max_chars);
+            for segment in &out {
+                let single = segment.chars().count() == 1;
+                assert!(
+                    segment_weight(segment) <= max_chars || single,
+                    "{max_chars}: {segment:?}"
+                );
+            }
         }
     }
 

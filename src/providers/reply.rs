@@ -48,3 +48,26 @@ pub struct Reply<T, E = String> {
     /// The payload, or why there is none.
     pub result: Result<T, E>,
 }
+
+/// The error of a job skipped because its turn was cancelled while it waited (it never ran).
+pub const CANCELLED: &str = "cancelled";
+
+impl<T> Reply<T, String> {
+    /// The answer to a job of `session`/`turn`/`seq`, queued at `submitted`, that a worker
+    /// skipped because it was cancelled: no compute, [`CANCELLED`] as the error.
+    pub fn cancelled(session: u64, turn: u32, seq: u64, submitted: Instant) -> Self {
+        let now = Instant::now();
+        Reply {
+            session,
+            turn,
+            seq,
+            timings: Timings::new(submitted, now, now),
+            result: Err(CANCELLED.to_string()),
+        }
+    }
+
+    /// Whether this is the answer to a skipped job.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(&self.result, Err(e) if e == CANCELLED)
+    }
+}

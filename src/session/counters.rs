@@ -28,6 +28,12 @@ pub struct SessionCounters {
     pub iot_states_refused: u64,
     /// Manual-mode turns ended because audio stopped arriving (no `listen stop`).
     pub manual_gap_ends: u64,
+    /// Recognition or synthesis jobs that waited because the session's quota was in use.
+    pub jobs_held: u64,
+    /// Sentences not spoken because a turn's segment queue was full.
+    pub segments_dropped: u64,
+    /// Remote recognition or synthesis calls dropped because their turn ended.
+    pub remote_calls_cancelled: u64,
     /// Uplink pipeline counters (folded in when the pipeline is released).
     pub audio: AudioInCounters,
     /// Device tool (MCP) counters.
@@ -48,6 +54,9 @@ impl SessionCounters {
         self.shed_frames += o.shed_frames;
         self.iot_states_refused += o.iot_states_refused;
         self.manual_gap_ends += o.manual_gap_ends;
+        self.jobs_held += o.jobs_held;
+        self.segments_dropped += o.segments_dropped;
+        self.remote_calls_cancelled += o.remote_calls_cancelled;
         let (a, b) = (&mut self.audio, &o.audio);
         a.decoded += b.decoded;
         a.garbage += b.garbage;

@@ -539,9 +539,15 @@ impl Session {
         out.push(Outgoing::Close { code, reason });
     }
 
-    /// Counters including the live uplink pipeline's.
+    /// Counters including the live uplink pipeline's and the dialogue's job limits.
     pub fn counters(&self) -> SessionCounters {
         let mut c = self.counters;
+        let d = self.dialogue.counters;
+        c.add(&SessionCounters {
+            jobs_held: d.jobs_held,
+            segments_dropped: d.segments_dropped,
+            ..Default::default()
+        });
         if let Some(m) = &self.mcp_client {
             c.add(&SessionCounters {
                 mcp: m.counters,

@@ -269,11 +269,15 @@ impl Shard {
         if let Some(asr) = &pools.asr {
             q.asr_jobs_queued = asr.depth() as u64;
             q.asr_jobs_refused = asr.refused();
+            q.asr_jobs_skipped = asr.skipped();
+            q.cancels_dropped += asr.cancels_dropped();
             q.replies_dropped += asr.dropped_replies();
         }
         if let Some(tts) = &pools.tts {
             q.tts_jobs_queued = tts.depth() as u64;
             q.tts_jobs_refused = tts.refused();
+            q.tts_jobs_skipped = tts.skipped();
+            q.cancels_dropped += tts.cancels_dropped();
             q.replies_dropped += tts.dropped_replies();
         }
         if let Some(r) = &self.replies {

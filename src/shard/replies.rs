@@ -24,7 +24,8 @@ pub trait RoutedReply: Sized {
     /// The reply's error type.
     type Error;
     /// Whether delivery respects the mailbox bound (refused, and counted, when full) or is a
-    /// control item (at most one in flight per kind and session, so it is bounded anyway).
+    /// control item (a session has at most its quota of ASR and TTS jobs outstanding, see
+    /// `crate::session::dialogue`, so these are bounded anyway).
     const BOUNDED: bool;
     /// Records what the reply tells about latency; `received` is when the shard took it.
     fn record(reply: &Reply<Self, Self::Error>, received: Instant, hist: &mut StageHistograms);
@@ -66,7 +67,9 @@ impl RoutedReply for AsrOutput {
     const BOUNDED: bool = false;
 
     fn record(reply: &Reply<Self>, _received: Instant, h: &mut StageHistograms) {
-        h.record(Stage::AsrCompute, reply.timings.compute.as_micros() as u64);
+        if !reply.is_cancelled() {
+            h.record(Stage::AsrCompute, reply.timings.compute.as_micros() as u64);
+        }
     }
 
     fn into_event(reply: Reply<Self>) -> SessionEvent {
@@ -82,7 +85,9 @@ impl RoutedReply for TtsAudio {
     const BOUNDED: bool = false;
 
     fn record(reply: &Reply<Self>, _received: Instant, h: &mut StageHistograms) {
-        h.record(Stage::TtsCompute, reply.timings.compute.as_micros() as u64);
+        if !reply.is_cancelled() {
+            h.record(Stage::TtsCompute, reply.timings.compute.as_micros() as u64);
+        }
     }
 
     fn into_event(reply: Reply<Self>) -> SessionEvent {

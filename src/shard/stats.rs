@@ -132,6 +132,15 @@ counters! {
         /// TTS jobs refused by a full worker queue.
         tts_jobs_refused: Max Counter "xiaozhi_tts_jobs_refused_total"
             "TTS jobs refused by a full worker queue (the sentence fails).",
+        /// ASR jobs skipped because their turn was cancelled while they waited.
+        asr_jobs_skipped: Max Counter "xiaozhi_inference_jobs_skipped_total" {kind = "asr"}
+            "Inference jobs skipped unrun because their session's turn ended while they waited.",
+        /// TTS jobs skipped because their turn was cancelled while they waited.
+        tts_jobs_skipped: Max Counter "xiaozhi_inference_jobs_skipped_total" {kind = "tts"}
+            "Inference jobs skipped unrun because their session's turn ended while they waited.",
+        /// Cancellations the inference workers' channels had no room for (the jobs ran).
+        cancels_dropped: Max Counter "xiaozhi_inference_cancels_dropped_total"
+            "Job cancellations dropped because a worker's cancellation channel was full (the jobs ran).",
         /// Results the inference workers dropped because a shard's reply channel stayed full.
         replies_dropped: Max Counter "xiaozhi_inference_replies_dropped_total"
             "Inference results dropped because a shard's reply channel stayed full past the workers' reply timeout.",
@@ -234,6 +243,21 @@ pub const SESSION_METRICS: &[Metric<SessionCounters>] = &[
         "xiaozhi_vad_queue_full_total",
         "VAD jobs refused by a full inference queue, retried (ended sessions).",
         |e| e.vad_queue_full,
+    ),
+    sum(
+        "xiaozhi_inference_jobs_held_total",
+        "Recognition or synthesis jobs a session held back because its quota of outstanding jobs was in use (ended sessions).",
+        |e| e.jobs_held,
+    ),
+    sum(
+        "xiaozhi_tts_segments_dropped_total",
+        "Sentences not spoken because a turn's segment queue was full (ended sessions).",
+        |e| e.segments_dropped,
+    ),
+    sum(
+        "xiaozhi_remote_calls_cancelled_total",
+        "Remote recognition or synthesis calls dropped because their turn ended (ended sessions).",
+        |e| e.remote_calls_cancelled,
     ),
     sum(
         "xiaozhi_device_tool_calls_total",

@@ -469,6 +469,14 @@ impl BatchWorker for WhisperWorker {
             });
         }
     }
+
+    fn skipped(&mut self, job: Routed<AsrJob>) -> Option<Routed<AsrReply>> {
+        let j = job.item;
+        Some(Routed {
+            shard: job.shard,
+            item: Reply::cancelled(j.session, j.turn, 0, j.submitted),
+        })
+    }
 }
 
 /// `"zh, EN"` → `["zh", "en"]`; `None`, `""` and `"auto"` → `[]` (any language).

@@ -269,6 +269,14 @@ impl BatchWorker for TtsWorker {
             });
         }
     }
+
+    fn skipped(&mut self, job: Routed<TtsJob>) -> Option<Routed<TtsReply>> {
+        let j = job.item;
+        Some(Routed {
+            shard: job.shard,
+            item: Reply::cancelled(j.session, j.turn, u64::from(j.seq), j.submitted),
+        })
+    }
 }
 
 #[cfg(test)]

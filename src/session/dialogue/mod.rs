@@ -15,6 +15,11 @@
 //! goes without tools). Text spoken before a call stays spoken. Exit phrases and the offline
 //! responder's device commands are decided here too (see `crate::tools::intents`).
 //!
+//! Jobs (`jobs.rs`): the session keeps at most a small quota of recognition and synthesis jobs
+//! outstanding across its turns; what does not fit waits in the session. A turn that ends
+//! with jobs outstanding (abort, new turn, timeout) asks for them to be cancelled
+//! ([`Request::CancelJobs`]); their "cancelled" answers free the quota.
+//!
 //! Speech (`speech.rs`): sentences are synthesised one at a time and queued for play-out. The
 //! play-out itself — the pre-buffer, real-time pacing by audio time, Opus encoding and when
 //! `tts stop` is due — is [`crate::pipeline::audio_out::Playout`]'s; the dialogue feeds it
@@ -33,12 +38,15 @@ use crate::providers::llm::openai::ChatMessage;
 use crate::providers::llm::ToolCall;
 use crate::tools::intents::{self, Intents};
 
+mod jobs;
 mod speech;
 #[cfg(test)]
 pub(crate) mod tests;
 mod tools;
 mod turn;
 
+use jobs::Outstanding;
+pub use jobs::JOBS_PER_KIND;
 use turn::{Phase, Turn};
 
 /// What the dialogue needs from config.
@@ -50,6 +58,8 @@ pub struct DialogueSettings {
     pub system_prompt: String,
     /// Most history messages kept.
     pub history_messages: usize,
+    /// Most bytes of history text kept (oldest messages dropped first).
+    pub history_max_bytes: usize,
     /// Downlink sample rate.
     pub out_rate: u32,
     /// Opus complexity.
@@ -62,6 +72,8 @@ pub struct DialogueSettings {
     pub asr_timeout: Duration,
     /// Synthesis timeout per segment.
     pub tts_timeout: Duration,
+    /// Longest text of one synthesis job (see `crate::pipeline::sentences`).
+    pub max_segment_chars: usize,
     /// Minutes east of UTC (offline responder's clock).
     pub tz_offset_minutes: i64,
     /// Send `llm` emotion messages.
@@ -100,6 +112,12 @@ pub enum Request {
     },
     /// Stop the running LLM stream (abort).
     CancelLlm,
+    /// Drop this session's recognition and synthesis jobs of turns up to `up_to_turn` that
+    /// have not run yet; each is answered with a "cancelled" error.
+    CancelJobs {
+        /// The last turn whose jobs are cancelled.
+        up_to_turn: u32,
+    },
     /// Synthesise one segment.
     Tts {
         /// Turn id.
@@ -170,6 +188,10 @@ pub struct DialogueCounters {
     pub frames_sent: u64,
     /// Tool calls requested (by the LLM or the offline responder).
     pub tool_calls: u64,
+    /// Jobs that waited in the session because its quota of outstanding jobs was in use.
+    pub jobs_held: u64,
+    /// Sentences not spoken because the turn's segment queue was full.
+    pub segments_dropped: u64,
 }
 
 /// The reply state of one session.
@@ -188,6 +210,10 @@ pub struct Dialogue {
     volume_tools: intents::VolumeTools,
     next_call: u64,
     close_requested: bool,
+    /// Recognition jobs outstanding (see `jobs.rs`).
+    asr_jobs: Outstanding,
+    /// Synthesis jobs outstanding.
+    tts_jobs: Outstanding,
     /// Counters.
     pub counters: DialogueCounters,
 }
@@ -214,6 +240,8 @@ impl Dialogue {
             volume_tools: intents::VolumeTools::default(),
             next_call: 1,
             close_requested: false,
+            asr_jobs: Outstanding::default(),
+            tts_jobs: Outstanding::default(),
             counters: DialogueCounters::default(),
         }
     }
@@ -244,7 +272,7 @@ impl Dialogue {
         let id = self.begin_turn(now, None, out);
         out.text(&self.session_id, ServerMessage::TtsStart);
         if let Some(t) = self.turn.as_mut() {
-            t.start_answer();
+            t.start_answer(self.settings.max_segment_chars);
         }
         self.on_llm_text(id, text, now, out);
         self.on_llm_done(id, Ok(Vec::new()), now, out);
@@ -255,10 +283,81 @@ impl Dialogue {
         self.turn.is_some()
     }
 
-    /// A complete utterance arrived: start recognising it (aborting an answer in progress).
+    /// A complete utterance arrived: start recognising it (aborting an answer in progress). The
+    /// job waits in the turn while the session's recognition quota is in use.
     pub fn on_utterance(&mut self, pcm: Vec<i16>, now: Instant, out: &mut Output) {
-        let id = self.begin_turn(now, Some(now + self.settings.asr_timeout), out);
-        out.requests.push(Request::Asr { turn: id, pcm });
+        self.begin_turn(now, Some(now + self.settings.asr_timeout), out);
+        if let Some(Phase::Recognizing { waiting, .. }) = self.turn.as_mut().map(|t| &mut t.phase) {
+            *waiting = Some(pcm);
+        }
+        self.submit_waiting(now, out);
+        let held = matches!(
+            self.turn.as_ref().map(|t| &t.phase),
+            Some(Phase::Recognizing {
+                waiting: Some(_),
+                ..
+            })
+        );
+        if held {
+            self.counters.jobs_held += 1;
+        }
+    }
+
+    /// Sends what waits for the quota: the utterance to recognise, the next sentence.
+    fn submit_waiting(&mut self, now: Instant, out: &mut Output) {
+        let timeout = self.settings.asr_timeout;
+        if let Some(t) = self.turn.as_mut() {
+            if let Phase::Recognizing {
+                asr_deadline,
+                waiting,
+            } = &mut t.phase
+            {
+                if waiting.is_some() && self.asr_jobs.has_room(now) {
+                    if let Some(pcm) = waiting.take() {
+                        let expires = asr_deadline.unwrap_or(now + timeout);
+                        self.asr_jobs.start(t.id, 0, expires);
+                        out.requests.push(Request::Asr { turn: t.id, pcm });
+                    }
+                }
+            }
+        }
+        self.request_tts(now, out);
+    }
+
+    /// A recognition job's answer (its result, a refusal or a cancellation): frees its quota
+    /// slot, then is handled like any recognition result.
+    pub fn on_asr(
+        &mut self,
+        turn: u32,
+        result: Result<String, String>,
+        now: Instant,
+        out: &mut Output,
+    ) {
+        self.asr_jobs.finish(turn, 0);
+        self.asr_done(turn, result, now, out);
+        self.submit_waiting(now, out);
+    }
+
+    /// A synthesis job's answer (its audio, a refusal or a cancellation): frees its quota slot,
+    /// then is handled like any synthesis result.
+    pub fn on_tts(
+        &mut self,
+        turn: u32,
+        seq: u32,
+        result: Result<(Vec<i16>, u32), String>,
+        now: Instant,
+        out: &mut Output,
+    ) {
+        self.tts_jobs.finish(turn, seq);
+        self.tts_done(turn, seq, result, now, out);
+        self.submit_waiting(now, out);
+    }
+
+    /// Turn `id` is over: jobs still outstanding are for nothing, so ask for them to be dropped.
+    fn cancel_jobs(&mut self, id: u32, out: &mut Output) {
+        if self.asr_jobs.any() || self.tts_jobs.any() {
+            out.requests.push(Request::CancelJobs { up_to_turn: id });
+        }
     }
 
     /// Aborts any turn in progress and starts a new one; returns its id.
@@ -276,7 +375,7 @@ impl Dialogue {
     /// A text turn (wake word or a client's typed text): answer it as if it had been spoken.
     pub fn on_text_turn(&mut self, text: &str, now: Instant, out: &mut Output) {
         let id = self.begin_turn(now, None, out);
-        self.on_asr(id, Ok(text.to_string()), now, out);
+        self.asr_done(id, Ok(text.to_string()), now, out);
     }
 
     /// Abort: stop the answer now (`tts stop` if speaking), cancel the LLM, drop queued audio.
@@ -291,12 +390,13 @@ impl Dialogue {
         if turn.speaking() {
             out.text(&self.session_id, ServerMessage::TtsStop);
         }
+        self.cancel_jobs(turn.id, out);
         self.remember(&turn);
         self.playout.clear();
     }
 
-    /// The recognition of turn `turn` finished.
-    pub fn on_asr(
+    /// The recognition of turn `turn` finished (an answer, a timeout, or a typed text).
+    fn asr_done(
         &mut self,
         turn: u32,
         result: Result<String, String>,
@@ -334,6 +434,7 @@ impl Dialogue {
                     },
                 );
                 self.turn = None;
+                self.cancel_jobs(turn, out);
                 return;
             }
         };
@@ -344,7 +445,7 @@ impl Dialogue {
         }
         out.text(&sid, ServerMessage::Stt { text: &text });
         out.text(&sid, ServerMessage::TtsStart);
-        t.start_answer();
+        t.start_answer(self.settings.max_segment_chars);
         t.user_text = text.clone();
         let zh = intents::is_chinese(&text);
         if self.settings.intents.is_exit(&text) {
@@ -412,7 +513,7 @@ impl Dialogue {
         t.reply.push_str(delta);
         let mut segs = Vec::new();
         answer.splitter.push(delta, &mut segs);
-        speech.segments.extend(segs);
+        self.counters.segments_dropped += speech.queue(segs);
         self.request_tts(now, out);
     }
 
@@ -436,7 +537,7 @@ impl Dialogue {
         }
         let mut segs = Vec::new();
         answer.splitter.finish(&mut segs);
-        speech.segments.extend(segs);
+        self.counters.segments_dropped += speech.queue(segs);
         let result = match result {
             Ok(calls)
                 if !calls.is_empty() && answer.tool_rounds < self.settings.max_tool_rounds =>
@@ -463,7 +564,7 @@ impl Dialogue {
                 } else {
                     "Sorry, I'm having trouble answering right now."
                 };
-                speech.segments.push_back(sorry.to_string());
+                self.counters.segments_dropped += speech.queue(vec![sorry.to_string()]);
                 t.reply.push_str(sorry);
                 if !answer.emotion_sent {
                     answer.emotion_sent = true;
@@ -488,9 +589,18 @@ impl Dialogue {
     pub fn next_deadline(&self) -> Option<Instant> {
         let t = self.turn.as_ref()?;
         let phase_deadline = match &t.phase {
-            Phase::Recognizing { asr_deadline } => *asr_deadline,
+            Phase::Recognizing {
+                asr_deadline,
+                waiting,
+            } => {
+                let expiry = waiting.as_ref().and(self.asr_jobs.next_expiry());
+                min_of(*asr_deadline, expiry)
+            }
             Phase::Answering { speech, .. } | Phase::Speaking { speech } => {
-                speech.in_flight.as_ref().map(|s| s.deadline)
+                let expiry = (speech.in_flight.is_none() && !speech.segments.is_empty())
+                    .then(|| self.tts_jobs.next_expiry())
+                    .flatten();
+                min_of(speech.in_flight.as_ref().map(|s| s.deadline), expiry)
             }
             Phase::Finishing { stop_at } => Some(*stop_at),
         };
@@ -503,7 +613,8 @@ impl Dialogue {
     /// Timers: recognition/synthesis timeouts, due frames, the final `tts stop`.
     pub fn on_timer(&mut self, now: Instant, out: &mut Output) {
         let Some(t) = self.turn.as_ref() else { return };
-        let asr_late = matches!(t.phase, Phase::Recognizing { asr_deadline: Some(d) } if now >= d);
+        let asr_late =
+            matches!(t.phase, Phase::Recognizing { asr_deadline: Some(d), .. } if now >= d);
         let tts_late = t
             .speech()
             .and_then(|s| s.in_flight.as_ref())
@@ -511,12 +622,14 @@ impl Dialogue {
             .map(|s| (t.id, s.seq));
         let id = t.id;
         if asr_late {
-            self.on_asr(id, Err("recognition timed out".into()), now, out);
+            self.asr_done(id, Err("recognition timed out".into()), now, out);
             return;
         }
         if let Some((id, seq)) = tts_late {
-            self.on_tts(id, seq, Err("synthesis timed out".into()), now, out);
+            self.tts_done(id, seq, Err("synthesis timed out".into()), now, out);
         }
+        // A slot whose answer never came may have expired.
+        self.submit_waiting(now, out);
         self.pump(now, out);
         self.maybe_finish(now);
         let stop_due = self
@@ -546,8 +659,15 @@ impl Dialogue {
             self.history
                 .push_back(ChatMessage::assistant(t.reply.trim()));
         }
-        while self.history.len() > self.settings.history_messages {
-            self.history.pop_front();
+        let text_bytes = |m: &ChatMessage| m.content.as_ref().map_or(0, String::len);
+        let mut bytes: usize = self.history.iter().map(text_bytes).sum();
+        while self.history.len() > self.settings.history_messages
+            || bytes > self.settings.history_max_bytes
+        {
+            let Some(oldest) = self.history.pop_front() else {
+                break;
+            };
+            bytes -= text_bytes(&oldest);
         }
     }
 
@@ -567,6 +687,14 @@ impl Dialogue {
     /// Id of the current turn, if any.
     pub fn current_turn(&self) -> Option<u32> {
         self.turn.as_ref().map(|t| t.id)
+    }
+}
+
+/// The earlier of two optional instants.
+fn min_of(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -14,8 +14,9 @@ use crate::pipeline::audio_out::Played;
 use crate::protocol::ServerMessage;
 
 impl Dialogue {
-    /// Synthesis of segment `seq` finished: queue its audio (resampled to the downlink rate).
-    pub fn on_tts(
+    /// Synthesis of segment `seq` finished (an answer or a timeout): queue its audio
+    /// (resampled to the downlink rate).
+    pub(super) fn tts_done(
         &mut self,
         turn: u32,
         seq: u32,
@@ -56,8 +57,9 @@ impl Dialogue {
         self.maybe_finish(now);
     }
 
-    /// Sends the next sentence to synthesis, if none is in flight (one at a time keeps the
-    /// audio in order and lets an abort waste at most one synthesis).
+    /// Sends the next sentence to synthesis, if none of the turn's is in flight (one at a time
+    /// keeps the audio in order and lets an abort waste at most one synthesis) and the
+    /// session's synthesis quota has room (else it waits for an answer, see `jobs.rs`).
     pub(super) fn request_tts(&mut self, now: Instant, out: &mut Output) {
         let timeout = self.settings.tts_timeout;
         let Some(t) = self.turn.as_mut() else { return };
@@ -66,24 +68,37 @@ impl Dialogue {
         if speech.in_flight.is_some() {
             return;
         }
-        while let Some(text) = speech.segments.pop_front() {
-            if text.trim().is_empty() {
-                continue;
-            }
-            let seq = speech.next_seq;
-            speech.next_seq += 1;
-            speech.in_flight = Some(Synthesis {
-                seq,
-                deadline: now + timeout,
-                text: text.clone(),
-            });
-            out.requests.push(Request::Tts {
-                turn: id,
-                seq,
-                text,
-            });
+        while speech.segments.front().is_some_and(|s| s.trim().is_empty()) {
+            speech.segments.pop_front();
+        }
+        if speech.segments.is_empty() {
             return;
         }
+        if !self.tts_jobs.has_room(now) {
+            if !speech.held {
+                speech.held = true;
+                self.counters.jobs_held += 1;
+            }
+            return;
+        }
+        let Some(text) = speech.segments.pop_front() else {
+            return;
+        };
+        speech.held = false;
+        let seq = speech.next_seq;
+        speech.next_seq += 1;
+        let deadline = now + timeout;
+        speech.in_flight = Some(Synthesis {
+            seq,
+            deadline,
+            text: text.clone(),
+        });
+        self.tts_jobs.start(id, seq, deadline);
+        out.requests.push(Request::Tts {
+            turn: id,
+            seq,
+            text,
+        });
     }
 
     /// Sends every frame that is due at `now`.

@@ -12,12 +12,14 @@ pub(crate) fn settings(offline_llm: bool) -> DialogueSettings {
         offline_llm,
         system_prompt: "Be brief.".into(),
         history_messages: 10,
+        history_max_bytes: 1000,
         out_rate: 24_000,
         complexity: 5,
         prebuffer_frames: 5,
         stop_guard: Duration::from_millis(100),
         asr_timeout: Duration::from_secs(5),
         tts_timeout: Duration::from_secs(5),
+        max_segment_chars: 100,
         tz_offset_minutes: 0,
         emotions: true,
         max_tool_rounds: 2,
@@ -292,7 +294,14 @@ fn abort_while_recognising_sends_no_tts_stop() {
     d.on_utterance(vec![0; 1600], t0, &mut out);
     let mut out = Output::default();
     d.abort(t0 + ms(10), &mut out);
-    assert!(out.items.is_empty() && out.requests.is_empty(), "{out:?}");
+    assert!(out.items.is_empty(), "{out:?}");
+    assert!(
+        matches!(
+            out.requests.as_slice(),
+            [Request::CancelJobs { up_to_turn: 1 }]
+        ),
+        "the queued recognition is cancelled: {out:?}"
+    );
     d.on_asr(1, Ok("hello".into()), t0 + ms(20), &mut out);
     assert!(out.items.is_empty(), "the stale transcript is dropped");
 }
@@ -432,4 +441,147 @@ fn history_keeps_the_aborted_and_the_finished_turns() {
             "Second question"
         ]
     );
+}
+
+#[test]
+fn a_long_echo_of_digits_is_synthesised_in_bounded_segments() {
+    use crate::pipeline::sentences::segment_weight;
+    let t0 = Instant::now();
+    let mut d = Dialogue::new(settings(true), "sid".into());
+    let mut out = Output::default();
+    let said = "999999999999999 ".repeat(6);
+    d.on_text_turn(&said, t0, &mut out);
+    let mut texts = Vec::new();
+    for step in 0..100u64 {
+        let Some((turn, seq, text)) = tts_requests(&out).pop() else {
+            break;
+        };
+        texts.push(text);
+        out = Output::default();
+        d.on_tts(turn, seq, Ok((pcm(1), 24_000)), t0 + ms(step), &mut out);
+    }
+    assert!(texts.len() > 1, "{texts:?}");
+    for text in &texts {
+        assert!(segment_weight(text) <= 100, "{text:?}");
+    }
+    let spoken: String = texts
+        .concat()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    assert_eq!(spoken.len(), 90, "every digit of the echo is spoken once");
+}
+
+#[test]
+fn history_is_bounded_by_bytes_dropping_the_oldest_first() {
+    let t0 = Instant::now();
+    let mut d = Dialogue::new(settings(false), "sid".into());
+    let mut turn = 0;
+    let mut ask = |d: &mut Dialogue, text: &str, answer: &str| {
+        turn += 1;
+        let mut out = Output::default();
+        d.on_text_turn(text, t0, &mut out);
+        d.on_llm_text(turn, answer, t0, &mut out);
+        d.abort(t0, &mut out);
+    };
+    ask(&mut d, &"a".repeat(300), "ok one");
+    ask(&mut d, &"b".repeat(300), "ok two");
+    ask(&mut d, "short", "ok three");
+    let texts: Vec<String> = d.history.iter().filter_map(|m| m.content.clone()).collect();
+    assert_eq!(texts.len(), 6, "within both bounds: {texts:?}");
+    ask(&mut d, &"c".repeat(500), "ok four");
+    let texts: Vec<String> = d.history.iter().filter_map(|m| m.content.clone()).collect();
+    let bytes: usize = texts.iter().map(String::len).sum();
+    assert!(bytes <= 1000, "{bytes}");
+    assert_eq!(
+        texts.iter().map(|t| &t[..1]).collect::<Vec<_>>(),
+        ["o", "b", "o", "s", "o", "c", "o"],
+        "the oldest message went first, until the text fits"
+    );
+    ask(&mut d, &"d".repeat(2000), "ok five");
+    assert!(
+        d.history
+            .iter()
+            .all(|m| m.content.as_deref().is_some_and(|c| c.len() < 2000)),
+        "a message larger than the bound is not kept"
+    );
+    let bytes: usize = d
+        .history
+        .iter()
+        .filter_map(|m| m.content.as_ref())
+        .map(String::len)
+        .sum();
+    assert!(bytes <= 1000, "{bytes}");
+}
+
+#[test]
+fn a_turn_flood_keeps_at_most_the_quota_outstanding_and_cancels_stale_jobs() {
+    let t0 = Instant::now();
+    let mut d = Dialogue::new(settings(true), "sid".into());
+    let cancels = |out: &Output| -> Vec<u32> {
+        out.requests
+            .iter()
+            .filter_map(|r| match r {
+                Request::CancelJobs { up_to_turn } => Some(*up_to_turn),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut out = Output::default();
+    d.on_text_turn("the first long question", t0, &mut out);
+    assert_eq!(tts_requests(&out).len(), 1);
+    let mut out = Output::default();
+    d.on_text_turn("the second long question", t0 + ms(20), &mut out);
+    assert_eq!(cancels(&out), [1], "turn 1's job is cancelled");
+    assert_eq!(
+        tts_requests(&out).len(),
+        1,
+        "the quota has room for one more"
+    );
+    let mut out = Output::default();
+    d.on_text_turn("the third long question", t0 + ms(40), &mut out);
+    assert_eq!(cancels(&out), [2]);
+    assert!(tts_requests(&out).is_empty(), "turn 3 waits for the quota");
+    assert_eq!(d.counters.jobs_held, 1);
+    // Turn 2's job was skipped by the worker: its "cancelled" answer frees the slot.
+    let mut out = Output::default();
+    d.on_tts(2, 0, Err("cancelled".into()), t0 + ms(50), &mut out);
+    assert!(matches!(&tts_requests(&out)[..], [(3, 0, _)]), "{out:?}");
+    assert_eq!(d.counters.tts_failures, 0, "a stale answer is no failure");
+    // Turn 1's job ran anyway; its audio is dropped and turn 3 keeps one job in flight.
+    let mut out = Output::default();
+    d.on_tts(1, 0, Ok((pcm(5), 24_000)), t0 + ms(60), &mut out);
+    assert!(
+        tts_requests(&out).is_empty() && frames(&out) == 0,
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_held_utterance_is_recognised_when_the_quota_frees() {
+    let t0 = Instant::now();
+    let mut d = Dialogue::new(settings(false), "sid".into());
+    let asr = |out: &Output| -> Vec<u32> {
+        out.requests
+            .iter()
+            .filter_map(|r| match r {
+                Request::Asr { turn, .. } => Some(*turn),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut out = Output::default();
+    for i in 0..3 {
+        d.on_utterance(vec![0; 1600], t0 + ms(i * 10), &mut out);
+    }
+    assert_eq!(asr(&out), [1, 2], "two recognitions at most");
+    assert_eq!(d.counters.jobs_held, 1);
+    let mut out = Output::default();
+    d.on_asr(1, Err("cancelled".into()), t0 + ms(50), &mut out);
+    assert_eq!(
+        asr(&out),
+        [3],
+        "turn 3's utterance goes out once a slot frees"
+    );
+    assert!(out.items.is_empty(), "no alert for a stale turn: {out:?}");
 }

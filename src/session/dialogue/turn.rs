@@ -1,7 +1,8 @@
 //! One turn of the dialogue as a phase enum whose variants carry only what that phase needs.
 //!
 //! The cut follows what the code reads and writes in each phase:
-//! - [`Phase::Recognizing`]: only the recognition deadline (`None` for a typed turn).
+//! - [`Phase::Recognizing`]: the recognition deadline (`None` for a typed turn), and the
+//!   utterance while it waits for the session's recognition quota (`jobs.rs`).
 //! - [`Phase::Answering`]: the text of the answer is still coming — from the LLM stream, the
 //!   offline responder, or a tool round ([`Answer`]: splitter, the conversation sent to the LLM,
 //!   calls awaited). Sentences are synthesised while the text streams, so the synthesis state
@@ -45,6 +46,8 @@ pub(super) enum Phase {
     Recognizing {
         /// When recognition times out (`None`: no recognition job, the text is given).
         asr_deadline: Option<Instant>,
+        /// The utterance, while it waits for the session's recognition quota.
+        waiting: Option<Vec<i16>>,
     },
     /// The answer's text is still coming; complete sentences are synthesised meanwhile.
     Answering {
@@ -93,6 +96,8 @@ pub(super) struct Speech {
     pub(super) in_flight: Option<Synthesis>,
     /// Number of the next segment.
     pub(super) next_seq: u32,
+    /// The next segment is waiting for the session's synthesis quota (counted once).
+    pub(super) held: bool,
 }
 
 /// A segment sent to synthesis.
@@ -114,7 +119,10 @@ impl Turn {
             user_text: String::new(),
             reply: String::new(),
             close_after: false,
-            phase: Phase::Recognizing { asr_deadline },
+            phase: Phase::Recognizing {
+                asr_deadline,
+                waiting: None,
+            },
         }
     }
 
@@ -123,17 +131,23 @@ impl Turn {
         !matches!(self.phase, Phase::Recognizing { .. })
     }
 
-    /// Starts answering (after `tts start`).
-    pub(super) fn start_answer(&mut self) {
+    /// Starts answering (after `tts start`); segments are cut at `max_segment_chars`.
+    pub(super) fn start_answer(&mut self, max_segment_chars: usize) {
         self.phase = Phase::Answering {
-            answer: Box::default(),
+            answer: Box::new(Answer {
+                splitter: SentenceSplitter::with_max_chars(max_segment_chars),
+                ..Answer::default()
+            }),
             speech: Speech::default(),
         };
     }
 
     /// The answer's text is complete: keep the synthesis, drop the LLM state.
     pub(super) fn end_answer(&mut self) {
-        let placeholder = Phase::Recognizing { asr_deadline: None };
+        let placeholder = Phase::Recognizing {
+            asr_deadline: None,
+            waiting: None,
+        };
         self.phase = match std::mem::replace(&mut self.phase, placeholder) {
             Phase::Answering { speech, .. } => Phase::Speaking { speech },
             other => other,
@@ -165,7 +179,25 @@ impl Turn {
     }
 }
 
+/// Most sentences a turn keeps waiting for synthesis (about six minutes of speech at the
+/// default segment length); later ones are dropped and counted.
+pub(super) const MAX_QUEUED_SEGMENTS: usize = 64;
+
 impl Speech {
+    /// Queues sentences for synthesis, up to [`MAX_QUEUED_SEGMENTS`]; returns how many were
+    /// dropped.
+    pub(super) fn queue(&mut self, segments: Vec<String>) -> u64 {
+        let mut dropped = 0;
+        for s in segments {
+            if self.segments.len() < MAX_QUEUED_SEGMENTS {
+                self.segments.push_back(s);
+            } else {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
     /// True when every sentence has been synthesised (or skipped).
     pub(super) fn drained(&self) -> bool {
         self.segments.is_empty() && self.in_flight.is_none()

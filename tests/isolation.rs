@@ -1,0 +1,192 @@
+//! One device cannot take inference time from the others on its shard (issue 12): a device
+//! that floods text turns has each aborted turn's queued synthesis skipped by the worker, holds
+//! at most its quota of jobs in the shared queue, and another device's question meanwhile gets
+//! its audio and a normal `tts stop`. Real server binary, real sockets on loopback; the
+//! assertions are on behaviour and on the server's own counters, never on timings.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+/// Words that make each flooded turn's text recognisable in its `sentence_start`.
+const MARKS: [&str; 15] = [
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+    "kilo", "lima", "mike", "november", "oscar",
+];
+
+/// A text turn of about 100 characters without punctuation (so the offline echo is one long
+/// sentence after its "You said:").
+fn long_text(mark: &str) -> String {
+    format!("{mark} the quick brown fox jumps over the lazy dog while the old cat sleeps on the warm mat by the door")
+}
+
+/// Reads until `tts stop`, counting audio frames; returns (text messages, frames).
+fn until_stop(ws: &mut Ws) -> (Vec<Value>, usize) {
+    let (mut texts, mut frames) = (Vec::new(), 0);
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).expect("json");
+                let stop = v["type"] == "tts" && v["state"] == "stop";
+                texts.push(v);
+                if stop {
+                    return (texts, frames);
+                }
+            }
+            Message::Binary(_) => frames += 1,
+            _ => {}
+        }
+    }
+}
+
+/// Value of `name` in `/metrics` (labels included in `name`), 0 when absent.
+fn metric_or_zero(server: &Server, name: &str) -> u64 {
+    let resp = http_request(server.http_port, "GET", "/metrics", &[], "").expect("metrics");
+    resp.body
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_text_turn_flood_has_its_stale_jobs_skipped_and_another_device_still_gets_its_answer() {
+    let server = Server::start(&[]);
+    let url = server.ws_url("/xiaozhi/v1/");
+    let mut a = connect(&url, &device_headers("aa:aa:aa:aa:aa:01", "1"));
+    hello(&mut a, HELLO);
+    let mut b = connect(&url, &device_headers("bb:bb:bb:bb:bb:02", "1"));
+    hello(&mut b, HELLO);
+
+    // Device A: 15 text turns 20 ms apart, each aborting the one before; then it listens to
+    // the last one to its end.
+    let flood = std::thread::spawn(move || {
+        for mark in MARKS {
+            let detect = json!({"type":"listen","state":"detect","text":long_text(mark)});
+            a.send(Message::text(detect.to_string())).expect("detect");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The last turn's `stt`, then everything up to its `tts stop`.
+        let last = MARKS[MARKS.len() - 1];
+        set_timeout(&a, Duration::from_secs(60));
+        loop {
+            if let Message::Text(t) = a.read().expect("read") {
+                let v: Value = serde_json::from_str(t.as_str()).expect("json");
+                if v["type"] == "stt" && v["text"].as_str().unwrap_or("").starts_with(last) {
+                    break;
+                }
+            }
+        }
+        let (texts, frames) = until_stop(&mut a);
+        let spoken_last = texts.iter().any(|v| {
+            v["state"] == "sentence_start" && v["text"].as_str().unwrap_or("").contains(last)
+        });
+        (a, spoken_last, frames)
+    });
+
+    // Device B asks its question while A floods.
+    std::thread::sleep(Duration::from_millis(100));
+    let ask = json!({"type":"listen","state":"detect","text":"hello there"});
+    b.send(Message::text(ask.to_string())).expect("ask");
+    set_timeout(&b, Duration::from_secs(60));
+    let (texts, frames) = until_stop(&mut b);
+    let kinds: Vec<String> = texts
+        .iter()
+        .map(|v| {
+            format!(
+                "{}.{}",
+                v["type"].as_str().unwrap_or("?"),
+                v["state"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("stt."), "{kinds:?}");
+    assert!(
+        kinds.contains(&"tts.sentence_start".to_string()),
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("tts.stop"),
+        "{kinds:?}"
+    );
+    assert!(!kinds.iter().any(|k| k.starts_with("alert")), "{kinds:?}");
+    assert!(frames > 0, "B got audio while A flooded");
+
+    let (mut a, spoken_last, a_frames) = flood.join().expect("device A");
+    assert!(spoken_last && a_frames > 0, "A's last turn was spoken");
+
+    let skipped = metric_or_zero(
+        &server,
+        r#"xiaozhi_inference_jobs_skipped_total{kind="tts"}"#,
+    );
+    assert!(
+        skipped > 0,
+        "A's aborted turns' queued syntheses were skipped"
+    );
+    assert_eq!(
+        server.metric("xiaozhi_tts_jobs_refused_total"),
+        0,
+        "nothing was refused"
+    );
+
+    // A's session counters reach the shard's totals when it ends.
+    let _ = a.close(None);
+    let _ = b.close(None);
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut held = 0;
+    while held == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        held = metric_or_zero(&server, "xiaozhi_inference_jobs_held_total");
+    }
+    assert!(
+        held > 0,
+        "A's turns waited for its quota instead of filling the queue"
+    );
+}
+
+#[test]
+fn a_closed_connection_has_its_queued_jobs_skipped() {
+    let server = Server::start(&[]);
+    let url = server.ws_url("/xiaozhi/v1/");
+    // Five devices ask for a long echo at once and hang up as soon as their answers start:
+    // the TTS worker is busy with one job and the others wait in its queue, to be skipped.
+    let mut devices: Vec<Ws> = (0..5)
+        .map(|i| {
+            let mut ws = connect(&url, &device_headers(&format!("cc:cc:cc:cc:cc:0{i}"), "1"));
+            hello(&mut ws, HELLO);
+            ws
+        })
+        .collect();
+    for (ws, mark) in devices.iter_mut().zip(MARKS) {
+        let detect = json!({"type":"listen","state":"detect","text":long_text(mark)});
+        ws.send(Message::text(detect.to_string())).expect("detect");
+    }
+    for ws in &mut devices {
+        // `tts start` goes out with the first synthesis job: it is queued.
+        loop {
+            let v = next_json(ws);
+            if v["type"] == "tts" && v["state"] == "start" {
+                break;
+            }
+        }
+    }
+    drop(devices);
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut skipped = 0;
+    while skipped == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        skipped = metric_or_zero(
+            &server,
+            r#"xiaozhi_inference_jobs_skipped_total{kind="tts"}"#,
+        );
+    }
+    assert!(
+        skipped > 0,
+        "the gone sessions' queued syntheses were skipped"
+    );
+}
