@@ -428,3 +428,83 @@ fn a_duplicate_client_id_replaces_the_older_connection_on_any_shard() {
     older.publish(r#"{"type":"ping"}"#).unwrap();
     assert!(older.wait_for("pong", WAIT).is_some());
 }
+
+/// A binary frame as the stock gateway sends it (spec §6.5): byte 0 = 1, the length at 2..4,
+/// a sequence at 4..8, the timestamp at 8..12, the length again at 12..16, then the Opus packet.
+fn gateway_frame(seq: u32, opus: &[u8]) -> Vec<u8> {
+    let mut f = vec![1, 0];
+    f.extend_from_slice(&(opus.len() as u16).to_be_bytes());
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.extend_from_slice(&(seq * 60).to_be_bytes());
+    f.extend_from_slice(&(opus.len() as u32).to_be_bytes());
+    f.extend_from_slice(opus);
+    f
+}
+
+#[test]
+fn a_stock_gateway_connection_speaks_its_own_framing_both_ways() {
+    use tungstenite::Message;
+    let frames = opus_frames(&speech_16k("What time is it now?", "en-us", 0.8));
+    let server = Server::start(&[]);
+    let mut ws = common::connect(
+        &server.ws_url("/xiaozhi/v1/?from=mqtt_gateway"),
+        &[
+            ("device-id", "aa:dd:00:00:00:0d"),
+            ("client-id", "7b94d69a-9808-4c59-9c9b-704333b38aff"),
+            ("protocol-version", "2"),
+            ("authorization", "Bearer test-token"),
+            ("x-forwarded-for", "192.0.2.7"),
+        ],
+    );
+    let reply = hello(
+        &mut ws,
+        r#"{"type":"hello","version":2,"transport":"websocket","features":{"mcp":false},"audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#,
+    );
+    assert_eq!(reply["transport"], "websocket");
+    ws.send(Message::text(
+        r#"{"type":"listen","state":"start","mode":"auto"}"#,
+    ))
+    .unwrap();
+    let silence = opus_frames(&vec![0i16; 960]).remove(0);
+    set_timeout(&ws, Duration::from_millis(20));
+    let t0 = Instant::now();
+    let (mut sent, mut stt, mut audio) = (0u32, None::<String>, Vec::new());
+    loop {
+        assert!(t0.elapsed() < Duration::from_secs(90), "no tts stop");
+        if Instant::now() >= t0 + Duration::from_millis(60) * sent && (stt.is_none()) {
+            let opus = frames.get(sent as usize).unwrap_or(&silence);
+            ws.send(Message::binary(gateway_frame(sent + 1, opus)))
+                .unwrap();
+            sent += 1;
+        }
+        match ws.read() {
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "stt" {
+                    stt = v["text"].as_str().map(str::to_lowercase);
+                }
+                if v["type"] == "tts" && v["state"] == "stop" {
+                    break;
+                }
+            }
+            Ok(Message::Binary(b)) => audio.push(b.to_vec()),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("connection failed: {e}"),
+        }
+    }
+    let stt = stt.expect("the gateway-framed speech was recognised");
+    assert!(stt.contains("time"), "{stt:?}");
+    assert!(!audio.is_empty());
+    let mut dec = opus::Decoder::new(24_000, opus::Channels::Mono).unwrap();
+    let mut pcm = vec![0i16; 2880];
+    for f in &audio {
+        // What the gateway reads: the length at 12..16, the Opus packet after 16 bytes.
+        let len = u32::from_be_bytes(f[12..16].try_into().unwrap()) as usize;
+        assert_eq!(len, f.len() - 16);
+        assert_eq!(
+            dec.decode(&f[16..], &mut pcm, false).expect("decodes"),
+            1440
+        );
+    }
+}

@@ -149,6 +149,21 @@ impl BinaryProtocol {
         }
     }
 
+    /// Decodes a frame from the stock MQTT gateway (`?from=mqtt_gateway`, spec §6.5, §15.5):
+    /// the timestamp at bytes 8..12, the Opus packet from byte 16 to the end, the rest of the
+    /// header not read, as the reference server reads it. (The server's frames back to the
+    /// gateway are v2, which puts the timestamp and the length where the gateway reads them.)
+    pub fn decode_gateway(frame: &[u8]) -> Result<AudioFrame<'_>, FrameError> {
+        let (header, body) = frame
+            .split_first_chunk::<V2_HEADER_LEN>()
+            .ok_or_else(|| BinaryProtocol::V2.truncated(frame))?;
+        let [_, _, _, _, _, _, _, _, s0, s1, s2, s3, _, _, _, _] = *header;
+        Ok(AudioFrame {
+            payload: body,
+            timestamp: u32::from_be_bytes([s0, s1, s2, s3]),
+        })
+    }
+
     /// Appends one framed Opus packet to `out` (v3 ignores `timestamp`); `out` is not cleared.
     pub fn encode_into(
         self,
@@ -373,6 +388,20 @@ mod tests {
                 available: 2
             })
         );
+    }
+
+    #[test]
+    fn gateway_frames_are_read_as_the_reference_reads_them() {
+        // The gateway's uplink header: byte 0 = 1, its own length fields, timestamp at 8.
+        let frame = [1, 0, 0, 2, 0, 0, 0, 9, 0, 0, 1, 0, 0, 0, 0, 2, 7, 8];
+        assert_eq!(
+            BinaryProtocol::decode_gateway(&frame),
+            Ok(AudioFrame {
+                payload: &[7, 8],
+                timestamp: 256,
+            })
+        );
+        assert!(BinaryProtocol::decode_gateway(&frame[..15]).is_err());
     }
 
     #[test]

@@ -7,17 +7,23 @@ use super::dialogue::Output;
 use super::{Effects, Outgoing, Session, SessionState, VAD_RETRY};
 use crate::pipeline::audio_in::{AudioIn, PacketOutcome};
 use crate::pipeline::segmenter::{Event, Mode};
-use crate::protocol::{ListenMode, ServerMessage};
+use crate::protocol::{BinaryProtocol, ListenMode, ServerMessage};
 use crate::providers::vad::{VadJob, VadResult};
 
 impl Session {
-    /// A binary WebSocket frame: unframed with the negotiated binary protocol (v1/v2/v3),
-    /// then handled as audio ([`Session::on_audio`]).
+    /// A binary WebSocket frame: unframed with the negotiated binary protocol (v1/v2/v3), or
+    /// the stock MQTT gateway's framing for a `?from=mqtt_gateway` connection, then handled as
+    /// audio ([`Session::on_audio`]).
     pub fn on_binary(&mut self, frame: &[u8], now: Instant) -> Effects {
         if !self.accepts_audio() {
             return Effects::default();
         }
-        match self.protocol.decode(frame) {
+        let decoded = if self.identity.from_mqtt_gateway {
+            BinaryProtocol::decode_gateway(frame)
+        } else {
+            self.protocol.decode(frame)
+        };
+        match decoded {
             Ok(audio) => self.on_audio(audio.payload, now),
             Err(e) => {
                 self.counters.bad_frames += 1;
