@@ -49,10 +49,18 @@ pub const DEFAULT_MAX_SEGMENT_CHARS: usize = 100;
 /// `999999999999999` is 8.9 s of speech where 100 letters of English are 5.9 s).
 pub const DIGIT_WEIGHT: usize = 8;
 
-/// The weight of `c` towards a segment's bound: [`DIGIT_WEIGHT`] for a digit, else 1.
+/// How many characters one Chinese character counts as: it is one spoken syllable, ~0.2–0.25 s
+/// of speech, where an English letter is ~0.06 s; so 100 weigh about as long as 100 letters
+/// (and a Kokoro job for Chinese stays near 5 s of speech, not 20).
+pub const HAN_WEIGHT: usize = 4;
+
+/// The weight of `c` towards a segment's bound: [`DIGIT_WEIGHT`] for a digit, [`HAN_WEIGHT`]
+/// for a Chinese character, else 1.
 fn weight(c: char) -> usize {
     if c.is_ascii_digit() || ('０'..='９').contains(&c) {
         DIGIT_WEIGHT
+    } else if crate::lang::is_cjk(c) {
+        HAN_WEIGHT
     } else {
         1
     }
@@ -606,7 +614,8 @@ mod tests {
 
     #[test]
     fn long_chinese_text_cut_at_last_comma_after_the_first_segment() {
-        let mut splitter = SentenceSplitter::with_max_chars(8);
+        // A Chinese character weighs HAN_WEIGHT (4): 32 is eight characters.
+        let mut splitter = SentenceSplitter::with_max_chars(32);
         let mut out = Vec::new();
         splitter.push("好。一二三，四五六七八九十", &mut out);
         splitter.finish(&mut out);
@@ -614,8 +623,28 @@ mod tests {
     }
 
     #[test]
+    fn chinese_segments_are_bounded_by_their_spoken_length() {
+        // 60 characters without punctuation: about 13 s of speech in one job before.
+        let text: String = "今天天气很好我们一起去公园散步吧"
+            .chars()
+            .cycle()
+            .take(60)
+            .collect();
+        let mut splitter = SentenceSplitter::new();
+        let mut out = Vec::new();
+        splitter.push(&text, &mut out);
+        splitter.finish(&mut out);
+        assert_eq!(out.concat(), text);
+        assert!(
+            out.iter()
+                .all(|s| s.chars().count() <= DEFAULT_MAX_SEGMENT_CHARS / HAN_WEIGHT),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn long_text_without_any_break_is_hard_cut() {
-        let mut splitter = SentenceSplitter::with_max_chars(5);
+        let mut splitter = SentenceSplitter::with_max_chars(5 * HAN_WEIGHT);
         let mut out = Vec::new();
         splitter.push("一二三四五六七八九十壹", &mut out);
         splitter.finish(&mut out);

@@ -381,10 +381,10 @@ pub fn expect_close(ws: &mut Ws) -> (u16, String) {
 pub fn speech_16k(text: &str, voice: &str, pad_s: f32) -> Vec<i16> {
     let dir = std::env::temp_dir().join(format!("xz-speech-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
-    let tag = format!(
-        "{:x}",
-        text.len() * 31 + voice.len() + (pad_s * 1000.0) as usize
-    );
+    // One file pair per call: tests of one binary run in parallel threads, and two of them
+    // asking for the same sentence must not read each other's half-written file.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let tag = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let raw = dir.join(format!("raw-{tag}.wav"));
     let out = dir.join(format!("out-{tag}.wav"));
     let ok = Command::new("espeak-ng")
@@ -406,10 +406,13 @@ pub fn speech_16k(text: &str, voice: &str, pad_s: f32) -> Vec<i16> {
         .expect("sox");
     assert!(ok.success(), "sox failed");
     let mut reader = hound::WavReader::open(&out).expect("wav");
-    reader
+    let pcm = reader
         .samples::<i16>()
         .map(|s| s.expect("sample"))
-        .collect()
+        .collect();
+    let _ = std::fs::remove_file(&raw);
+    let _ = std::fs::remove_file(&out);
+    pcm
 }
 
 /// Fails clearly when the sdk group (the `.venv` with `xiaozhi-sdk`) is not installed.
