@@ -15,6 +15,17 @@ pub fn has_cjk(text: &str) -> bool {
     text.chars().any(is_cjk)
 }
 
+/// `text` in simplified characters (OpenCC's traditional-to-simplified tables, loaded once per
+/// process and read-only after), so phrases match whichever script a recogniser wrote.
+pub fn simplified(text: &str) -> String {
+    use ferrous_opencc::{config::BuiltinConfig, OpenCC};
+    static T2S: std::sync::OnceLock<Option<OpenCC>> = std::sync::OnceLock::new();
+    match T2S.get_or_init(|| OpenCC::from_config(BuiltinConfig::T2s).ok()) {
+        Some(t2s) => t2s.convert(text),
+        None => text.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -28,5 +39,12 @@ mod tests {
         assert!(!has_cjk("hello, world"));
         assert!(!has_cjk("ひらがな"));
         assert!(!has_cjk(""));
+    }
+
+    #[test]
+    fn traditional_characters_read_as_simplified() {
+        assert_eq!(simplified("現在幾點了"), "现在几点了");
+        assert_eq!(simplified("现在几点了"), "现在几点了");
+        assert_eq!(simplified("hello"), "hello");
     }
 }

@@ -435,15 +435,10 @@ impl Session {
 
     /// Answers a held turn once the tools are known or the wait is over.
     fn release_held(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
-        let waited = |since: Instant| now >= since + self.settings.tools.discovery_wait;
-        if !self
-            .held
-            .as_ref()
-            .is_some_and(|(_, since)| !self.discovering_tools() || waited(*since))
-        {
-            return;
-        }
-        let Some((held, _)) = self.held.take() else {
+        let ready = self.held.as_ref().is_some_and(|(_, since)| {
+            !self.discovering_tools() || now >= *since + self.settings.tools.discovery_wait
+        });
+        let Some((held, _)) = self.held.take_if(|_| ready) else {
             return;
         };
         let mut d = Output::default();

@@ -172,34 +172,10 @@ fn intent_en(words: &str) -> Intent {
     }
 }
 
-/// Traditional forms of the characters in the Chinese phrases above, mapped to the simplified
-/// ones: Whisper writes either for the same Mandarin speech.
-const TRADITIONAL: &[(char, char)] = &[
-    ('幾', '几'),
-    ('點', '点'),
-    ('時', '时'),
-    ('間', '间'),
-    ('號', '号'),
-    ('禮', '礼'),
-    ('週', '周'),
-    ('誰', '谁'),
-    ('麼', '么'),
-    ('見', '见'),
-    ('現', '现'),
-    ('報', '报'),
-    ('囉', '喽'),
-];
-
 fn intent_zh(text: &str) -> Intent {
-    let text: String = text
-        .chars()
-        .map(|c| {
-            TRADITIONAL
-                .iter()
-                .find(|(t, _)| *t == c)
-                .map_or(c, |(_, s)| *s)
-        })
-        .collect();
+    // Whisper may write traditional characters (asr.whisper.chinese_script = "as_heard" or
+    // "traditional"); the phrases above are simplified.
+    let text = crate::lang::simplified(text);
     let text = text.as_str();
     let has = |phrases: &[&str]| phrases.iter().any(|p| text.contains(p));
     if has(WHO_ZH) {
