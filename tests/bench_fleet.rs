@@ -184,7 +184,12 @@ fn a_sweep_reports_latency_errors_and_server_cost_per_fleet_size() {
         // its shard threads and VAD worker used CPU for them.
         let roles = &step["server_cpu_ms_per_interaction_by_role"];
         assert_eq!(roles["interactions_counted_by_server"], devices, "{step}");
-        assert!(roles["shard"].as_f64().is_some_and(|v| v >= 0.0), "{step}");
+        for role in ["shard", "inference"] {
+            assert!(
+                roles[role].as_f64().is_some_and(|v| v > 0.0),
+                "{role}: {step}"
+            );
+        }
         assert!(
             step["server_cpu_ms_per_interaction"]
                 .as_f64()
