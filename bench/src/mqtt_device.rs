@@ -31,7 +31,7 @@ use serde_json::Value;
 type Aes128Ctr = ctr::Ctr128BE<aes::Aes128>;
 
 /// The OTA answer's `mqtt` section (spec §14.2).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct MqttCredentials {
     /// `host:port` of the MQTT listener.
     pub endpoint: String,
