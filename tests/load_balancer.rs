@@ -795,12 +795,12 @@ fn mqtt_through_the_balancer_takes_the_device_address_from_proxy_v2_for_its_sess
     ];
     let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
     let server = Server::start(&refs);
-    // The README's MQTT frontend and backend, one instance.
+    // The README's MQTT frontend and backend (one instance; checks every 100 ms, not 1 s).
     let cfg = format!(
-        "frontend devices_mqtt\n  mode tcp\n  bind 127.0.0.1:{lb_mqtt}\n  \
+        "frontend devices_mqtt\n  mode tcp\n  bind 127.0.0.1:{lb_mqtt}\n  timeout client 400s\n  \
          default_backend xiaozhi_mqtt\n\n\
-         backend xiaozhi_mqtt\n  mode tcp\n  balance leastconn\n  option httpchk GET /readyz\n  \
-         default-server inter 100ms fall 1 rise 2\n  \
+         backend xiaozhi_mqtt\n  mode tcp\n  balance leastconn\n  timeout server 400s\n  \
+         option httpchk GET /readyz\n  default-server inter 100ms fall 1 rise 2\n  \
          server a 127.0.0.1:{mqtt_port} send-proxy-v2 check port {}\n",
         server.http_port
     );
