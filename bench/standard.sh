@@ -5,8 +5,10 @@
 #
 #   make bench                                   # or: bench/standard.sh
 #   STEPS=1,20,50,100 INTERACTIONS=8 make bench
+#   TRANSPORT=mqtt bench/standard.sh             # the same over MQTT + UDP (credentials via OTA)
 #
 # Knobs (environment): STEPS (fleet sizes), INTERACTIONS (per device), OUT (folder),
+# TRANSPORT (websocket or mqtt),
 # BENCH_CPUS (CPUs for the bench executors, default the last one), SERVER_ARGS (extra --set
 # flags for the server), BUILD=0 (use the binaries already in target/release), BENCH_ARGS (extra
 # flags for the sweep, e.g. "--uplink-floor silence"), PERF_EVENTS (kernel events of the server
@@ -22,6 +24,7 @@ SERVER_ARGS=${SERVER_ARGS:-}
 BENCH_ARGS=${BENCH_ARGS:-}
 PERF_EVENTS=${PERF_EVENTS:-}
 BUILD=${BUILD:-1}
+TRANSPORT=${TRANSPORT:-websocket}
 ncpu=$(nproc)
 BENCH_CPUS=${BENCH_CPUS:-$((ncpu - 1))}
 
@@ -41,7 +44,18 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 MOCK_PORT=$(free_port)
 WS_PORT=$(free_port)
 HTTP_PORT=$(free_port)
+MQTT_PORT=$(free_port)
 mkdir -p "$OUT"
+
+# MQTT + UDP: the server hands every device MQTT credentials in its OTA answer; the bench's
+# devices ask OTA first, then CONNECT and speak over UDP (one port per shard, chosen freely).
+transport_server=()
+transport_bench=()
+if [ "$TRANSPORT" = mqtt ]; then
+  transport_server=(--set mqtt.enabled=true --set "mqtt.port=$MQTT_PORT" --set mqtt.udp_port_base=0
+    --set 'mqtt.signature_keys=["standard-bench-key"]' --set 'mqtt.ota_transport="mqtt"')
+  transport_bench=(--transport mqtt --ota-url "http://127.0.0.1:$HTTP_PORT/xiaozhi/ota/")
+fi
 
 pids=()
 cleanup() {
@@ -63,7 +77,7 @@ base="http://127.0.0.1:$MOCK_PORT/v1"
   --set 'llm.provider="openai"' --set "llm.openai.base_url=\"$base\"" \
   --set 'tts.provider="openai"' --set "tts.openai.base_url=\"$base\"" \
   --set "metrics.dump_dir=\"$OUT/server-histograms\"" \
-  $SERVER_ARGS >"$OUT/server.log" 2>&1 &
+  "${transport_server[@]}" $SERVER_ARGS >"$OUT/server.log" 2>&1 &
 server_pid=$!
 pids+=("$server_pid")
 
@@ -78,13 +92,13 @@ done
 healthy || { echo "the server did not become healthy; its log: $OUT/server.log" >&2; exit 1; }
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/{print $2}') GiB"
-echo "server pid $server_pid (ws :$WS_PORT, http :$HTTP_PORT); mock upstream :$MOCK_PORT; bench on CPU(s) $BENCH_CPUS"
+echo "server pid $server_pid (ws :$WS_PORT, http :$HTTP_PORT, transport $TRANSPORT); mock upstream :$MOCK_PORT; bench on CPU(s) $BENCH_CPUS"
 grep -m1 "core plan" "$OUT/server.log" || true
 
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
 "$BENCH" sweep --steps "$STEPS" --server-pid "$server_pid" \
   --metrics-url "http://127.0.0.1:$HTTP_PORT/metrics" \
-  --url "ws://127.0.0.1:$WS_PORT/xiaozhi/v1/" \
+  --url "ws://127.0.0.1:$WS_PORT/xiaozhi/v1/" "${transport_bench[@]}" \
   --interactions "$INTERACTIONS" --think-ms 500 --expected-reply-ms 2500 --ramp-s 3 \
   --cores "$(tr ',' '\n' <<<"$BENCH_CPUS" | wc -l)" --cpus "$BENCH_CPUS" \
   ${PERF_EVENTS:+--perf-events "$PERF_EVENTS"} \

@@ -11,15 +11,13 @@ use common::*;
 use xiaozhi_bench::mock_upstream::{self, MockSettings};
 
 fn remote_server(mock: &mock_upstream::MockHandle) -> Server {
-    let base = format!("\"{}\"", mock.base_url());
-    let sets = [
-        "asr.provider=\"openai\"".to_string(),
-        "llm.provider=\"openai\"".into(),
-        "tts.provider=\"openai\"".into(),
-        format!("asr.openai.base_url={base}"),
-        format!("llm.openai.base_url={base}"),
-        format!("tts.openai.base_url={base}"),
-    ];
+    remote_server_with(mock, &[])
+}
+
+/// [`remote_server`] with more `--set`s.
+fn remote_server_with(mock: &mock_upstream::MockHandle, extra: &[String]) -> Server {
+    let mut sets = remote_provider_sets(&mock.base_url());
+    sets.extend_from_slice(extra);
     let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
     Server::start(&refs)
 }
@@ -123,6 +121,67 @@ fn a_small_fleet_completes_without_errors_and_writes_every_file() {
     // The server saw the same turns: its own histogram counted one first audio per interaction.
     let first_audio = server.metric("xiaozhi_eos_to_first_audio_us_count");
     assert_eq!(first_audio, 8);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_small_mqtt_fleet_gets_credentials_from_ota_and_completes_over_mqtt_and_udp() {
+    let mock = mock();
+    let mqtt_port = free_port();
+    let server = remote_server_with(
+        &mock,
+        &[
+            "mqtt.enabled=true".into(),
+            format!("mqtt.port={mqtt_port}"),
+            "mqtt.udp_port_base=0".into(),
+            "mqtt.signature_keys=[\"bench-fleet-mqtt-key\"]".into(),
+            "mqtt.ota_transport=\"mqtt\"".into(),
+        ],
+    );
+    let out = out_dir("fleet-mqtt");
+    let ota = format!("http://127.0.0.1:{}/xiaozhi/ota/", server.http_port);
+    run_bench(
+        &[
+            "fleet",
+            "--transport",
+            "mqtt",
+            "--ota-url",
+            &ota,
+            "--devices",
+            "4",
+            "--interactions",
+            "2",
+            "--ramp-s",
+            "1",
+            "--no-pin",
+            "--interval-s",
+            "0.5",
+        ],
+        &out,
+        &server,
+    );
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(summary["config"]["transport"], "mqtt", "{summary}");
+    assert_eq!(summary["interactions"]["total"], 8, "{summary}");
+    assert_eq!(summary["interactions"]["ok"], 8, "{summary}");
+    assert_eq!(summary["connects"]["ok"], 4, "{summary}");
+    assert!(
+        summary["reply_frames"].as_u64().is_some_and(|f| f > 0),
+        "{summary}"
+    );
+    // The server saw them as MQTT sessions with UDP audio, not as WebSockets.
+    let turns = |t: &str| {
+        server.metric(&format!(
+            "xiaozhi_transport_turns_total{{transport=\"{t}\"}}"
+        ))
+    };
+    assert_eq!((turns("mqtt"), turns("websocket")), (8, 0));
+    assert_eq!(
+        server.metric("xiaozhi_mqtt_connects_total{result=\"accepted\"}"),
+        4
+    );
+    assert!(server.metric("xiaozhi_udp_datagrams_total{result=\"accepted\"}") > 0);
+    assert!(server.metric("xiaozhi_udp_downlink_total{result=\"sent\"}") > 0);
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -767,3 +767,132 @@ fn rolling_restart_behind_the_balancer_loses_no_interaction_but_those_the_drain_
     assert!(b.metric("xiaozhi_sessions_accepted_total") >= 1);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Waits (up to 10 s) until `/metrics` shows `series` at `want`.
+fn wait_metric(server: &Server, series: &str, want: u64) {
+    wait_for(
+        &format!("{series} = {want}"),
+        Duration::from_secs(10),
+        || server.metric(series) >= want,
+    );
+    assert_eq!(server.metric(series), want, "{series}");
+}
+
+#[test]
+fn mqtt_through_the_balancer_takes_the_device_address_from_proxy_v2_for_its_session_and_udp() {
+    use xiaozhi_bench::mqtt_device::{self, MqttDevice};
+    let (mqtt_port, lb_mqtt) = (free_port(), free_port());
+    let sets = [
+        "mqtt.enabled=true".to_string(),
+        format!("mqtt.port={mqtt_port}"),
+        "mqtt.udp_port_base=0".into(),
+        "mqtt.udp_public_host=\"127.0.0.1\"".into(),
+        format!("mqtt.public_endpoint=\"127.0.0.1:{lb_mqtt}\""),
+        "mqtt.signature_keys=[\"lb-mqtt-key\"]".into(),
+        "mqtt.ota_transport=\"mqtt\"".into(),
+        "server.proxy_protocol=\"v2\"".into(),
+        "server.trusted_proxies=[\"127.0.0.1/32\"]".into(),
+    ];
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let server = Server::start(&refs);
+    // The README's MQTT frontend and backend (one instance; checks every 100 ms, not 1 s).
+    let cfg = format!(
+        "frontend devices_mqtt\n  mode tcp\n  bind 127.0.0.1:{lb_mqtt}\n  timeout client 400s\n  \
+         default_backend xiaozhi_mqtt\n\n\
+         backend xiaozhi_mqtt\n  mode tcp\n  balance leastconn\n  timeout server 400s\n  \
+         option httpchk GET /readyz\n  default-server inter 100ms fall 1 rise 2\n  \
+         server a 127.0.0.1:{mqtt_port} send-proxy-v2 check port {}\n",
+        server.http_port
+    );
+    let Some(lb) = Haproxy::start(&cfg, &[lb_mqtt]) else {
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(400));
+
+    // OTA hands out the balancer's endpoint; the device reaches it from 127.0.0.5.
+    let creds = mqtt_device::ota_credentials(
+        &format!("127.0.0.1:{}", server.http_port),
+        "aa:ee:00:00:00:01",
+        "7b94d69a-9808-4c59-9c9b-704333b38aff",
+    )
+    .expect("OTA mqtt section");
+    assert_eq!(creds.endpoint, format!("127.0.0.1:{lb_mqtt}"));
+    let wait = Duration::from_secs(10);
+    let stream = tcp_from("127.0.0.5", lb_mqtt).expect("connect to the balancer");
+    let mut device = MqttDevice::over(stream, &creds, wait)
+        .unwrap_or_else(|e| panic!("{e}; haproxy log:\n{}", lb.log()));
+    let hello = device.hello(false, wait).expect("hello over the balancer");
+    assert_eq!(hello["udp"]["server"], "127.0.0.1");
+    // The session is the device's, as the PROXY header said, not the balancer's.
+    assert_eq!(
+        addrs_logged(&server, "MQTT device connected", 1),
+        ["127.0.0.5"],
+        "haproxy log:\n{}",
+        lb.log()
+    );
+
+    // UDP goes straight to the instance, from the device's address: accepted.
+    let silence = opus_frames(&vec![0i16; 960]).remove(0);
+    for _ in 0..3 {
+        device.send_audio(&silence).unwrap();
+    }
+    wait_metric(
+        &server,
+        "xiaozhi_udp_datagrams_total{result=\"accepted\"}",
+        3,
+    );
+    // The same session's key and a later sequence, but from the balancer's address (the TCP
+    // peer the server saw): not the device's, so dropped as forged.
+    let hex = |s: &str| -> [u8; 16] {
+        let v: Vec<u8> = (0..16)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect();
+        v.try_into().expect("16 bytes")
+    };
+    let key = hex(hello["udp"]["key"].as_str().expect("key"));
+    let nonce = hex(hello["udp"]["nonce"].as_str().expect("nonce"));
+    let from_balancer = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    from_balancer
+        .send_to(
+            &mqtt_device::seal(&key, &nonce, 100, &silence),
+            device.udp_server().expect("udp server"),
+        )
+        .expect("send");
+    wait_metric(
+        &server,
+        "xiaozhi_udp_datagrams_total{result=\"forged_source\"}",
+        1,
+    );
+    // …and it did not move the session's sequence: the device's next datagram is taken.
+    device.send_audio(&silence).unwrap();
+    wait_metric(
+        &server,
+        "xiaozhi_udp_datagrams_total{result=\"accepted\"}",
+        4,
+    );
+    assert_eq!(
+        server.metric("xiaozhi_transport_sessions_total{transport=\"mqtt\"}"),
+        1
+    );
+
+    // An untrusted peer's PROXY header is not read: it claims 6.6.6.6, and gets no session
+    // (the header is not MQTT, so the connection is closed without a CONNACK).
+    let mut s = tcp_from("127.0.0.6", mqtt_port).expect("connect");
+    let mut forged = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    forged.extend_from_slice(&[6, 6, 6, 6, 127, 0, 0, 1, 0x04, 0x57, 0x07, 0x5b]);
+    s.write_all(&forged).expect("write");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "no CONNACK: {answer:?}");
+    // A trusted balancer's connection without a PROXY header is refused and counted.
+    let before = server.metric("xiaozhi_proxy_header_errors_total");
+    let bare = tcp_from("127.0.0.1", mqtt_port).expect("connect");
+    assert!(MqttDevice::over(bare, &creds, wait).is_err());
+    wait_metric(&server, "xiaozhi_proxy_header_errors_total", before + 1);
+    assert_eq!(
+        server.metric("xiaozhi_mqtt_connects_total{result=\"accepted\"}"),
+        1
+    );
+    assert!(!server.log_text().contains("6.6.6.6"));
+    drop(device);
+}

@@ -105,12 +105,23 @@ fn ota_credentials_open_an_mqtt_session_whose_hello_announces_a_udp_channel() {
     );
 }
 
-#[test]
-fn mqtt_device_speaks_over_udp_and_hears_stt_and_paced_audio_back() {
-    let frames = opus_frames(&speech_16k("What time is it now?", "en-us", 0.8));
-    let (server, _) = mqtt_server(&[]);
-    let mut device = connect(&server, "aa:dd:00:00:00:02");
-    device.hello(false, WAIT).expect("hello");
+/// What a device heard during one spoken turn over MQTT + UDP.
+struct Turn {
+    /// The `stt` text, lower-cased.
+    stt: String,
+    /// Every message's `type.state`, in order, up to `tts.stop`.
+    kinds: Vec<String>,
+    /// The reply's Opus packets (they passed the firmware's checks).
+    audio: Vec<Vec<u8>>,
+    /// Uplink datagrams sent.
+    sent: u32,
+    /// When the device started speaking.
+    t0: Instant,
+}
+
+/// Says `frames` in real time after `listen start` (then silence until the server heard it)
+/// and collects what comes back up to `tts stop`.
+fn speak_one_turn(device: &mut MqttDevice, frames: &[Vec<u8>]) -> Turn {
     device
         .publish(r#"{"type":"listen","state":"start","mode":"auto"}"#)
         .unwrap();
@@ -157,12 +168,22 @@ fn mqtt_device_speaks_over_udp_and_hears_stt_and_paced_audio_back() {
             None => {}
         }
     }
-    let stt = stt.expect("stt");
-    assert!(stt.contains("time"), "transcript {stt:?}");
-    assert!(!audio.is_empty(), "reply audio over UDP");
+    Turn {
+        stt: stt.expect("stt"),
+        kinds,
+        audio,
+        sent,
+        t0,
+    }
+}
+
+/// Every packet is one 60 ms frame of 24 kHz Opus, none failed the firmware's checks, and the
+/// reply came no faster than it plays.
+fn assert_paced_opus(device: &MqttDevice, turn: &Turn) {
+    assert!(!turn.audio.is_empty(), "reply audio over UDP");
     let mut dec = opus::Decoder::new(24_000, opus::Channels::Mono).unwrap();
     let mut pcm = vec![0i16; 2880];
-    for f in &audio {
+    for f in &turn.audio {
         assert_eq!(dec.decode(f, &mut pcm, false).expect("decodes"), 1440);
     }
     assert_eq!(
@@ -173,21 +194,171 @@ fn mqtt_device_speaks_over_udp_and_hears_stt_and_paced_audio_back() {
         "every downlink datagram passed the firmware's checks"
     );
     // Paced like the WebSocket: the reply cannot arrive faster than it plays.
-    let played = Duration::from_millis(60) * audio.len() as u32;
+    let played = Duration::from_millis(60) * turn.audio.len() as u32;
     assert!(
-        t0.elapsed() >= played,
+        turn.t0.elapsed() >= played,
         "{played:?} of audio in {:?}",
-        t0.elapsed()
+        turn.t0.elapsed()
     );
+}
+
+/// The sum of every line of `name{…}` whose labels include `label` (all shards).
+fn summed(server: &Server, name: &str, label: &str) -> u64 {
+    let resp = http_request(server.http_port, "GET", "/metrics", &[], "").expect("metrics");
+    resp.body
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn mqtt_device_speaks_over_udp_and_hears_stt_and_paced_audio_back() {
+    let frames = opus_frames(&speech_16k("What time is it now?", "en-us", 0.8));
+    let (server, _) = mqtt_server(&[]);
+    let mut device = connect(&server, "aa:dd:00:00:00:02");
+    device.hello(false, WAIT).expect("hello");
+    let turn = speak_one_turn(&mut device, &frames);
+    assert!(turn.stt.contains("time"), "transcript {:?}", turn.stt);
+    assert_paced_opus(&device, &turn);
     wait_for_metric(
         &server,
         "xiaozhi_udp_datagrams_total{result=\"accepted\"}",
-        u64::from(sent),
+        u64::from(turn.sent),
     );
     assert_eq!(
         labelled(&server, "xiaozhi_udp_downlink_total{result=\"sent\"}"),
-        audio.len() as u64
+        turn.audio.len() as u64
     );
+    // The turn is counted under its transport, not under WebSocket's.
+    for (series, want) in [
+        ("xiaozhi_transport_turns_total{transport=\"mqtt\"}", 1),
+        ("xiaozhi_transport_turns_total{transport=\"websocket\"}", 0),
+        (
+            "xiaozhi_transport_eos_to_first_audio_us_count{transport=\"mqtt\"}",
+            1,
+        ),
+        (
+            "xiaozhi_transport_eos_to_first_audio_us_count{transport=\"websocket\"}",
+            0,
+        ),
+    ] {
+        assert_eq!(labelled(&server, series), want, "{series}");
+    }
+}
+
+#[test]
+fn mqtt_device_runs_a_turn_on_remote_providers() {
+    let mock = xiaozhi_bench::mock_upstream::serve(xiaozhi_bench::mock_upstream::MockSettings {
+        bind: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    })
+    .expect("mock upstream");
+    let remote = remote_provider_sets(&mock.base_url());
+    let extra: Vec<&str> = remote.iter().map(String::as_str).collect();
+    let (server, _) = mqtt_server(&extra);
+    let frames = opus_frames(&speech_16k("What time is it now?", "en-us", 0.8));
+    let mut device = connect(&server, "aa:dd:00:00:00:10");
+    device.hello(false, WAIT).expect("hello");
+    let turn = speak_one_turn(&mut device, &frames);
+    // The mock's transcript and reply, not the local models': the turn went upstream.
+    // (The server's `stt` drops the transcript's final question mark.)
+    assert_eq!(
+        turn.stt,
+        xiaozhi_bench::mock_upstream::DEFAULT_ASR_TEXT
+            .to_lowercase()
+            .trim_end_matches('?')
+    );
+    let position = |k: &str| turn.kinds.iter().position(|x| x == k);
+    let (stt, start, stop) = (
+        position("stt."),
+        position("tts.start"),
+        position("tts.stop"),
+    );
+    assert!(
+        stt < start && start < stop && stt.is_some(),
+        "{:?}",
+        turn.kinds
+    );
+    assert!(
+        turn.kinds.iter().any(|k| k == "llm."),
+        "llm emotion message: {:?}",
+        turn.kinds
+    );
+    assert!(
+        turn.kinds.iter().any(|k| k == "tts.sentence_start"),
+        "{:?}",
+        turn.kinds
+    );
+    assert_paced_opus(&device, &turn);
+    let stats = mock.stats();
+    assert_eq!(stats.transcription_requests, 1, "{stats:?}");
+    assert_eq!(stats.chat_requests, 1, "{stats:?}");
+    assert!(stats.speech_requests >= 1, "{stats:?}");
+    assert_eq!(
+        labelled(&server, "xiaozhi_transport_turns_total{transport=\"mqtt\"}"),
+        1
+    );
+}
+
+#[test]
+fn sessions_are_counted_under_their_own_transport() {
+    let (server, _) = mqtt_server(&[]);
+    let mut device = connect(&server, "aa:dd:00:00:00:11");
+    let reply = device.hello(false, WAIT).expect("hello");
+    let mut ws = common::connect(
+        &server.ws_url("/xiaozhi/v1/"),
+        &device_headers("aa:dd:00:00:00:12", "1"),
+    );
+    hello(&mut ws, HELLO);
+    let open = |t: &str| {
+        summed(
+            &server,
+            "xiaozhi_transport_sessions",
+            &format!("transport=\"{t}\""),
+        )
+    };
+    assert_eq!(
+        (open("mqtt"), open("websocket"), open("gateway")),
+        (1, 1, 0)
+    );
+    assert_eq!(
+        labelled(
+            &server,
+            "xiaozhi_transport_sessions_total{transport=\"mqtt\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        labelled(
+            &server,
+            "xiaozhi_transport_sessions_total{transport=\"websocket\"}"
+        ),
+        1
+    );
+    // The MQTT device says goodbye: its session ends, its connection and the WebSocket stay.
+    device
+        .publish(&format!(
+            r#"{{"type":"goodbye","session_id":"{}"}}"#,
+            reply["session_id"].as_str().unwrap()
+        ))
+        .unwrap();
+    assert!(device.wait_for("goodbye", WAIT).is_some());
+    let deadline = Instant::now() + WAIT;
+    while open("mqtt") != 0 {
+        assert!(Instant::now() < deadline, "the MQTT session stayed open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(open("websocket"), 1);
+    drop(ws);
+    let deadline = Instant::now() + WAIT;
+    while open("websocket") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the WebSocket session stayed open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -507,4 +678,12 @@ fn a_stock_gateway_connection_speaks_its_own_framing_both_ways() {
             1440
         );
     }
+    // Counted as the gateway's, apart from devices' own WebSockets.
+    let turns = |t: &str| {
+        labelled(
+            &server,
+            &format!("xiaozhi_transport_turns_total{{transport=\"{t}\"}}"),
+        )
+    };
+    assert_eq!((turns("gateway"), turns("websocket")), (1, 0));
 }

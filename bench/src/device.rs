@@ -20,16 +20,16 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_lite::StreamExt;
-use tungstenite::{Bytes, Message};
+use tungstenite::Bytes;
 use xiaozhi_protocol::{BinaryProtocol, TokenSigner};
 
 use crate::audio::{Uplink, FRAME_MS};
-use crate::connect::{close_kind, open, ConnectTimes, DeviceId, IdentityMode, HELLO_TIMEOUT};
+use crate::channel::{Channel, Incoming, Transport};
+use crate::connect::{open, ConnectTimes, DeviceId, IdentityMode, HELLO_TIMEOUT};
 use crate::inbound::{check_downlink, parse_server_text, ServerEvent};
 use crate::outcome::{classify, End, ErrorKind, Observed, Verdict};
 use crate::schedule::{Limit, Schedule};
-use crate::{mcp, ota};
+use crate::{mcp, mqtt_link, ota};
 
 const FRAME: Duration = Duration::from_millis(FRAME_MS);
 
@@ -57,13 +57,15 @@ impl Mode {
 
 /// What every device of a run shares.
 pub struct DeviceConfig {
+    /// WebSocket, or MQTT + UDP (credentials from the OTA answer).
+    pub transport: Transport,
     /// WebSocket URL (replaced by the OTA answer's when `ota_url` is set).
     pub ws_url: String,
     /// OTA endpoint to ask first, if any.
     pub ota_url: Option<String>,
     /// Headers or query string.
     pub identity: IdentityMode,
-    /// Binary framing version.
+    /// Binary framing version (WebSocket; UDP carries bare Opus).
     pub protocol: BinaryProtocol,
     /// Listening mode.
     pub mode: Mode,
@@ -185,15 +187,8 @@ pub async fn run(
         d.emit(o);
     }
     if let Some(mut chan) = d.chan.take() {
-        let _ = within_close(&mut chan.ws).await;
+        let _ = crate::connect::within(Duration::from_secs(1), chan.close()).await;
     }
-}
-
-async fn within_close(ws: &mut crate::connect::Ws) -> Option<()> {
-    crate::connect::within(Duration::from_secs(1), async {
-        let _ = ws.close(None).await;
-    })
-    .await
 }
 
 async fn sleep_until(t: Instant) {
@@ -232,6 +227,8 @@ impl Mic {
 enum Step {
     Server(ServerEvent, Instant),
     Audio(Bytes, Instant),
+    /// A downlink datagram the firmware's checks dropped.
+    BadAudio(Instant),
     BadText,
     SpeechDone(Instant),
     Deadline,
@@ -253,7 +250,7 @@ struct Device<'a> {
     id: DeviceId,
     report: &'a dyn Fn(Report),
     trace: Option<&'a RefCell<Trace>>,
-    chan: Option<crate::connect::Channel>,
+    chan: Option<Channel>,
     mic: Mic,
     /// `listen start` sent on this connection (realtime sends it once).
     listening: bool,
@@ -300,6 +297,7 @@ impl Device<'_> {
         let mut url = self.cfg.ws_url.clone();
         let mut token = self.token();
         let mut ota_time = None;
+        let mut mqtt = None;
         if let Some(ota_url) = &self.cfg.ota_url {
             match ota::check(ota_url, &self.id, HELLO_TIMEOUT).await {
                 Ok(answer) => {
@@ -312,38 +310,59 @@ impl Device<'_> {
                     if answer.token.is_some() {
                         token = answer.token;
                     }
+                    mqtt = answer.mqtt;
                 }
                 Err((kind, why)) => return Err(self.connect_failed(kind, None, why)),
             }
         }
         let ws_begin = Instant::now();
         let mut times = ConnectTimes::default();
-        let result = open(
-            &url,
-            &self.id,
-            self.cfg.identity,
-            self.cfg.protocol,
-            token.as_deref(),
-            &mut times,
-        )
-        .await;
-        if let Some(t) = times.tcp {
-            self.note(t, || format!("tcp connected to {url}"));
-        }
-        if let Some(t) = times.upgraded {
-            self.note(t, || "websocket upgraded; hello sent".into());
-        }
+        let result = match self.cfg.transport {
+            Transport::Websocket => {
+                let result = open(
+                    &url,
+                    &self.id,
+                    self.cfg.identity,
+                    self.cfg.protocol,
+                    token.as_deref(),
+                    &mut times,
+                )
+                .await;
+                if let Some(t) = times.tcp {
+                    self.note(t, || format!("tcp connected to {url}"));
+                }
+                if let Some(t) = times.upgraded {
+                    self.note(t, || "websocket upgraded; hello sent".into());
+                }
+                result.map(Channel::Ws)
+            }
+            Transport::Mqtt => {
+                let Some(creds) = mqtt else {
+                    let why = "the OTA answer has no mqtt section".to_owned();
+                    return Err(self.connect_failed(ErrorKind::ConnectFailed, ota_time, why));
+                };
+                let result = mqtt_link::open(&creds, &mut times).await;
+                if let Some(t) = times.tcp {
+                    self.note(t, || format!("tcp connected to {}", creds.endpoint));
+                }
+                if let Some(t) = times.upgraded {
+                    self.note(t, || "CONNACK; hello published".into());
+                }
+                result.map(Channel::Mqtt)
+            }
+        };
         match result {
             Ok(chan) => {
                 let at = times.hello.unwrap_or_else(Instant::now);
+                let (rate, frame_ms) = chan.downlink();
                 self.note(at, || {
                     format!(
-                        "hello: session {} downlink {} Hz {} ms",
-                        chan.session_id, chan.sample_rate, chan.frame_ms
+                        "hello: session {} downlink {rate} Hz {frame_ms} ms",
+                        chan.session_id()
                     )
                 });
                 if let Some(t) = self.trace {
-                    t.borrow_mut().sample_rate = chan.sample_rate;
+                    t.borrow_mut().sample_rate = rate;
                 }
                 (self.report)(Report::Connect {
                     at,
@@ -372,14 +391,11 @@ impl Device<'_> {
 
     async fn send_text(&mut self, text: String) -> Result<(), String> {
         let chan = self.chan.as_mut().ok_or("not connected")?;
-        chan.ws
-            .send(Message::text(text))
-            .await
-            .map_err(|e| e.to_string())
+        chan.send_text(text).await
     }
 
     fn listen(&self, state: &str) -> String {
-        let sid = self.chan.as_ref().map_or("", |c| c.session_id.as_str());
+        let sid = self.chan.as_ref().map_or("", |c| c.session_id());
         listen_text(sid, state, self.cfg.mode)
     }
 
@@ -401,10 +417,7 @@ impl Device<'_> {
             }
         };
         let chan = self.chan.as_mut().ok_or("not connected")?;
-        chan.ws
-            .send(Message::Binary(frame))
-            .await
-            .map_err(|e| e.to_string())?;
+        chan.send_audio(frame).await?;
         if done {
             self.mic = Mic::Off;
             return Ok(Some(Instant::now()));
@@ -436,22 +449,21 @@ impl Device<'_> {
                 sleep_until(wake).await;
                 continue;
             };
-            let got = futures_lite::future::or(async { Some(chan.ws.next().await) }, async {
+            let got = futures_lite::future::or(async { Some(chan.next().await) }, async {
                 sleep_until(wake).await;
                 None
             })
             .await;
             let at = Instant::now();
             match got {
-                None => continue,
-                Some(None) => return self.closed("closed".into()),
-                Some(Some(Err(e))) => return self.closed(e.to_string()),
-                Some(Some(Ok(Message::Text(text)))) => match parse_server_text(text.as_str()) {
+                None | Some(Incoming::Nothing) => continue,
+                Some(Incoming::Closed(kind, why)) => return self.closed_as(kind, why),
+                Some(Incoming::Text(text)) => match parse_server_text(&text) {
                     Some(ServerEvent::Mcp(payload)) => {
                         let method = payload["method"].as_str().unwrap_or("").to_owned();
                         let answered = match mcp::reply(&payload) {
                             Some(reply) => {
-                                let sid = chan.session_id.clone();
+                                let sid = chan.session_id().to_owned();
                                 let msg = serde_json::json!({"session_id": sid, "type": "mcp", "payload": reply});
                                 if let Err(e) = self.send_text(msg.to_string()).await {
                                     return self.closed(format!("send mcp: {e}"));
@@ -464,16 +476,12 @@ impl Device<'_> {
                     }
                     Some(event) => return Step::Server(event, at),
                     None => {
-                        self.note(at, || format!("bad text frame: {}", text.as_str()));
+                        self.note(at, || format!("bad text frame: {text}"));
                         return Step::BadText;
                     }
                 },
-                Some(Some(Ok(Message::Binary(b)))) => return Step::Audio(b, at),
-                Some(Some(Ok(Message::Close(frame)))) => {
-                    let (kind, why) = close_kind(frame.as_ref());
-                    return self.closed_as(kind, why);
-                }
-                Some(Some(Ok(_))) => continue,
+                Some(Incoming::Audio(b)) => return Step::Audio(b, at),
+                Some(Incoming::BadAudio) => return Step::BadAudio(at),
             }
         }
     }
@@ -482,24 +490,23 @@ impl Device<'_> {
         self.closed_as(ErrorKind::Disconnected, why)
     }
 
-    /// A send failed: the server may have closed the channel with a close frame we have not
-    /// read yet. Read for a moment; if a close frame is there, its code says how it ended.
+    /// A send failed: the server may have closed the channel with a close frame (or a
+    /// goodbye) we have not read yet. Read for a moment; if one is there, it says how it ended.
     async fn closed_after_send_error(&mut self, why: String) -> Step {
         if let Some(chan) = self.chan.as_mut() {
             let until = Instant::now() + Duration::from_millis(200);
             loop {
-                let got = futures_lite::future::or(async { Some(chan.ws.next().await) }, async {
+                let got = futures_lite::future::or(async { Some(chan.next().await) }, async {
                     sleep_until(until).await;
                     None
                 })
                 .await;
                 match got {
-                    Some(Some(Ok(Message::Close(frame)))) => {
-                        let (kind, reason) = close_kind(frame.as_ref());
+                    Some(Incoming::Closed(kind, reason)) if kind != ErrorKind::Disconnected => {
                         return self.closed_as(kind, format!("{why}; {reason}"));
                     }
-                    Some(Some(Ok(_))) => continue,
-                    _ => break,
+                    Some(Incoming::Closed(..)) | None => break,
+                    Some(_) => continue,
                 }
             }
         }
@@ -530,11 +537,11 @@ impl Device<'_> {
             o.violations.audio_before_start += 1;
             return;
         }
-        let (rate, frame_ms) = self
-            .chan
-            .as_ref()
-            .map_or((24000, 60), |c| (c.sample_rate, c.frame_ms));
-        match check_downlink(self.cfg.protocol, frame, rate, frame_ms) {
+        let (rate, frame_ms) = self.chan.as_ref().map_or((24000, 60), Channel::downlink);
+        let protocol = self.chan.as_ref().map_or(self.cfg.protocol, |c| {
+            c.downlink_protocol(self.cfg.protocol)
+        });
+        match check_downlink(protocol, frame, rate, frame_ms) {
             Ok(payload) => {
                 if let Some(t) = self.trace {
                     t.borrow_mut().reply.push(payload.to_vec());
@@ -638,6 +645,13 @@ impl Device<'_> {
                     last_event = at;
                     self.on_audio(&mut o, &frame, at);
                 }
+                Step::BadAudio(at) => {
+                    last_event = at;
+                    o.violations.bad_frames += 1;
+                    self.note(at, || {
+                        "downlink datagram dropped by the firmware's checks".into()
+                    });
+                }
                 Step::Server(event, at) => {
                     last_event = at;
                     self.note(at, || describe(&event));
@@ -705,6 +719,11 @@ impl Device<'_> {
                 Step::BadText => {
                     if let Some(o) = finished.as_deref_mut() {
                         o.violations.bad_messages += 1;
+                    }
+                }
+                Step::BadAudio(_) => {
+                    if let Some(o) = finished.as_deref_mut() {
+                        o.violations.bad_frames += 1;
                     }
                 }
                 Step::Server(event, at) => {

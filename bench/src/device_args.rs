@@ -8,12 +8,17 @@ use std::time::Duration;
 use xiaozhi_protocol::BinaryProtocol;
 
 use crate::audio;
+use crate::channel::Transport;
 use crate::connect::IdentityMode;
 use crate::device::{DeviceConfig, Mode};
 
 /// How a simulated device talks to the server.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct DeviceArgs {
+    /// websocket, or mqtt: MQTT for JSON with the credentials of each device's OTA answer
+    /// (needs --ota-url) and Opus over AES-128-CTR UDP (bare Opus: --protocol does not apply).
+    #[arg(long, value_enum, default_value = "websocket")]
+    pub transport: Transport,
     /// WebSocket URL of the server (replaced by the OTA answer's when --ota-url is given).
     #[arg(long, default_value = "ws://127.0.0.1:8000/xiaozhi/v1/")]
     pub url: String,
@@ -59,7 +64,17 @@ pub struct Prepared {
 impl DeviceArgs {
     /// Loads and encodes the utterance and builds the device configuration.
     pub fn prepare(&self, think: Duration, expected_reply: Duration) -> Result<Prepared, String> {
-        let protocol = BinaryProtocol::from_version(self.protocol).map_err(|e| e.to_string())?;
+        let protocol = match self.transport {
+            Transport::Websocket => {
+                BinaryProtocol::from_version(self.protocol).map_err(|e| e.to_string())?
+            }
+            Transport::Mqtt if self.ota_url.is_none() => return Err(
+                "--transport mqtt needs --ota-url (devices get their MQTT credentials from OTA)"
+                    .into(),
+            ),
+            // Datagrams carry bare Opus: the uplink is framed as version 1's.
+            Transport::Mqtt => BinaryProtocol::V1,
+        };
         let pcm = audio::utterance(self.wav.as_ref())?;
         if !(-90.0..=-20.0).contains(&self.noise_dbfs) {
             return Err(format!(
@@ -76,6 +91,7 @@ impl DeviceArgs {
             .map_err(|_| "--timeout-s must be a non-negative number")?;
         Ok(Prepared {
             config: DeviceConfig {
+                transport: self.transport,
                 ws_url: self.url.clone(),
                 ota_url: self.ota_url.clone(),
                 identity: self.identity,

@@ -174,10 +174,11 @@ pub fn run(args: &FleetArgs) -> Result<serde_json::Value, String> {
     }
     drop(tx);
     println!(
-        "fleet: {} devices on {} executor(s) {:?}, mode {:?}, protocol v{}, identity {:?}",
+        "fleet: {} devices on {} executor(s) {:?}, transport {:?}, mode {:?}, protocol v{}, identity {:?}",
         args.devices,
         cpus.len(),
         cpus,
+        args.device.transport,
         args.device.mode,
         args.device.protocol,
         args.device.identity

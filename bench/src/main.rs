@@ -11,6 +11,7 @@
 //! See `bench/README.md`.
 
 mod audio;
+mod channel;
 mod connect;
 mod device;
 mod device_args;
@@ -18,6 +19,7 @@ mod fleet;
 mod hold;
 mod inbound;
 mod mcp;
+mod mqtt_link;
 mod ota;
 mod outcome;
 mod plot;

@@ -31,7 +31,7 @@ use serde_json::Value;
 type Aes128Ctr = ctr::Ctr128BE<aes::Aes128>;
 
 /// The OTA answer's `mqtt` section (spec §14.2).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct MqttCredentials {
     /// `host:port` of the MQTT listener.
     pub endpoint: String,
@@ -100,11 +100,14 @@ pub struct MqttDevice {
     tx: Sender<Event>,
     pending: VecDeque<Event>,
     udp: Option<UdpUplink>,
+    /// The address the MQTT connection goes out from; UDP is sent from it too.
+    local_ip: std::net::IpAddr,
     /// Downlink datagrams the firmware's checks dropped (bad header, length, replayed seq).
     pub bad_downlink: Arc<AtomicU64>,
 }
 
-fn encode(packet: &impl Encodable) -> io::Result<Vec<u8>> {
+/// One MQTT packet's bytes.
+pub fn encode(packet: &impl Encodable) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     packet
         .encode(&mut out)
@@ -114,6 +117,87 @@ fn encode(packet: &impl Encodable) -> io::Result<Vec<u8>> {
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// The first whole packet at the start of `buf` and its length; `Ok(None)` while more bytes are
+/// needed (for a reader that cannot block on one packet, such as the bench's async device).
+pub fn split_packet(buf: &[u8]) -> io::Result<Option<(VariablePacket, usize)>> {
+    // Remaining length: up to 4 bytes of 7 bits after the type byte.
+    let mut len = 0usize;
+    let mut header = 1;
+    loop {
+        let Some(&b) = buf.get(header) else {
+            return Ok(None);
+        };
+        len |= usize::from(b & 0x7f) << (7 * (header - 1));
+        header += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if header > 4 {
+            return Err(invalid("remaining length over 4 bytes"));
+        }
+    }
+    let total = header + len;
+    let Some(whole) = buf.get(..total) else {
+        return Ok(None);
+    };
+    let mut slice = whole;
+    let packet = VariablePacket::decode(&mut slice).map_err(invalid)?;
+    Ok(Some((packet, total)))
+}
+
+/// The PUBLISH of `json` (QoS 0) to `topic`.
+pub fn publish_packet(topic: &str, json: &str) -> io::Result<Vec<u8>> {
+    let topic = TopicName::new(topic.to_string()).map_err(invalid)?;
+    encode(&PublishPacket::new(
+        topic,
+        QoSWithPacketIdentifier::Level0,
+        json.as_bytes().to_vec(),
+    ))
+}
+
+/// The CONNECT of `creds` (keepalive from the OTA answer, 240 s if it gave none).
+pub fn connect_packet(creds: &MqttCredentials) -> io::Result<Vec<u8>> {
+    let mut connect = ConnectPacket::new(creds.client_id.clone());
+    connect.set_user_name(Some(creds.username.clone()));
+    connect.set_password(Some(creds.password.clone()));
+    connect.set_keep_alive(if creds.keepalive == 0 {
+        240
+    } else {
+        creds.keepalive
+    });
+    connect.set_clean_session(true);
+    encode(&connect)
+}
+
+/// The UDP channel a hello reply announces: the server's `host`, `port`, `key` and `nonce`
+/// (checked as the firmware checks them).
+pub fn udp_channel(reply: &Value) -> io::Result<(String, u16, [u8; 16], [u8; 16])> {
+    let udp = &reply["udp"];
+    let server = udp["server"]
+        .as_str()
+        .ok_or_else(|| invalid("no udp.server"))?;
+    let port = udp["port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p > 0)
+        .ok_or_else(|| invalid("bad udp.port"))?;
+    let key = hex16(udp["key"].as_str().unwrap_or("")).ok_or_else(|| invalid("bad key"))?;
+    let nonce = hex16(udp["nonce"].as_str().unwrap_or("")).ok_or_else(|| invalid("bad nonce"))?;
+    Ok((server.to_string(), port, key, nonce))
+}
+
+/// The hello an MQTT device publishes (spec §15.2: transport udp, version 3).
+pub fn hello_text(mcp: bool) -> String {
+    serde_json::json!({
+        "type": "hello",
+        "version": 3,
+        "transport": "udp",
+        "features": {"mcp": mcp},
+        "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60},
+    })
+    .to_string()
 }
 
 /// Reads one whole packet (fixed header, then the announced rest) and decodes it.
@@ -153,22 +237,24 @@ impl MqttDevice {
             .map_err(ConnectError::Io)?
             .next()
             .ok_or_else(|| ConnectError::Io(invalid("no address")))?;
-        let mut stream = TcpStream::connect_timeout(&target, timeout).map_err(ConnectError::Io)?;
+        let stream = TcpStream::connect_timeout(&target, timeout).map_err(ConnectError::Io)?;
+        MqttDevice::over(stream, creds, timeout)
+    }
+
+    /// Speaks MQTT over an already connected `stream` (e.g. one bound to a chosen source
+    /// address): CONNECT with `creds`, waits for CONNACK and starts reading. The UDP channel
+    /// is later sent from the stream's local address, as a device's one interface would.
+    pub fn over(
+        mut stream: TcpStream,
+        creds: &MqttCredentials,
+        timeout: Duration,
+    ) -> Result<MqttDevice, ConnectError> {
         stream.set_nodelay(true).map_err(ConnectError::Io)?;
         stream
             .set_read_timeout(Some(timeout))
             .map_err(ConnectError::Io)?;
-        let mut connect = ConnectPacket::new(creds.client_id.clone());
-        connect.set_user_name(Some(creds.username.clone()));
-        connect.set_password(Some(creds.password.clone()));
-        connect.set_keep_alive(if creds.keepalive == 0 {
-            240
-        } else {
-            creds.keepalive
-        });
-        connect.set_clean_session(true);
         stream
-            .write_all(&encode(&connect).map_err(ConnectError::Io)?)
+            .write_all(&connect_packet(creds).map_err(ConnectError::Io)?)
             .map_err(ConnectError::Io)?;
         match read_packet(&mut stream).map_err(ConnectError::Io)? {
             VariablePacket::ConnackPacket(ack) => {
@@ -184,6 +270,7 @@ impl MqttDevice {
             }
         }
         stream.set_read_timeout(None).map_err(ConnectError::Io)?;
+        let local_ip = stream.local_addr().map_err(ConnectError::Io)?.ip();
         let (tx, events) = channel();
         let mut reader = stream.try_clone().map_err(ConnectError::Io)?;
         let to_test = tx.clone();
@@ -211,15 +298,15 @@ impl MqttDevice {
             tx,
             pending: VecDeque::new(),
             udp: None,
+            local_ip,
             bad_downlink: Arc::new(AtomicU64::new(0)),
         })
     }
 
     /// Publishes one JSON message (QoS 0) to the publish topic.
     pub fn publish(&mut self, json: &str) -> io::Result<()> {
-        let topic = TopicName::new(self.publish_topic.clone()).map_err(invalid)?;
-        let packet = PublishPacket::new(topic, QoSWithPacketIdentifier::Level0, json.as_bytes());
-        self.writer.write_all(&encode(&packet)?)
+        self.writer
+            .write_all(&publish_packet(&self.publish_topic, json)?)
     }
 
     /// Writes raw bytes on the MQTT connection (for malformed-input tests).
@@ -269,12 +356,7 @@ impl MqttDevice {
     /// Sends a firmware hello (`transport` "udp", version 3, 16 kHz 60 ms Opus) and opens the
     /// UDP channel the reply describes; returns the reply.
     pub fn hello(&mut self, mcp: bool, timeout: Duration) -> io::Result<Value> {
-        let hello = serde_json::json!({
-            "type": "hello", "version": 3, "transport": "udp",
-            "features": {"mcp": mcp},
-            "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60},
-        });
-        self.publish(&hello.to_string())?;
+        self.publish(&hello_text(mcp))?;
         let reply = self
             .wait_for("hello", timeout)
             .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "no hello reply"))?;
@@ -285,23 +367,12 @@ impl MqttDevice {
     /// Opens the UDP channel of a hello reply, as the firmware does: `server`, `port` in
     /// 1..65535, `key` and `nonce` 16 bytes each in hex; sequences start again at 0.
     pub fn open_udp(&mut self, reply: &Value) -> io::Result<()> {
-        let udp = &reply["udp"];
-        let server = udp["server"]
-            .as_str()
-            .ok_or_else(|| invalid("no udp.server"))?;
-        let port = udp["port"]
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p > 0)
-            .ok_or_else(|| invalid("bad udp.port"))?;
-        let key = hex16(udp["key"].as_str().unwrap_or("")).ok_or_else(|| invalid("bad key"))?;
-        let nonce =
-            hex16(udp["nonce"].as_str().unwrap_or("")).ok_or_else(|| invalid("bad nonce"))?;
+        let (server, port, key, nonce) = udp_channel(reply)?;
         if let Some(old) = self.udp.take() {
             old.stop.store(true, Ordering::Relaxed);
         }
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
-        socket.connect((server, port))?;
+        let socket = UdpSocket::bind((self.local_ip, 0))?;
+        socket.connect((server.as_str(), port))?;
         socket.set_read_timeout(Some(Duration::from_millis(50)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let reader = socket.try_clone()?;
@@ -368,6 +439,25 @@ pub fn seal(key: &[u8; 16], nonce: &[u8; 16], seq: u32, opus: &[u8]) -> Vec<u8> 
     datagram
 }
 
+/// Checks a downlink datagram as the firmware does (type 1, exact length, `seq` above
+/// `last_seq`) and decrypts it in place; the Opus packet and its sequence, or `None` to drop it.
+pub fn open_downlink<'a>(
+    key: &[u8; 16],
+    datagram: &'a mut [u8],
+    last_seq: &mut u32,
+) -> Option<(&'a [u8], u32)> {
+    let (header, payload) = datagram.split_first_chunk_mut::<16>()?;
+    let len = u16::from_be_bytes([header[2], header[3]]) as usize;
+    let seq = u32::from_be_bytes([header[12], header[13], header[14], header[15]]);
+    if header[0] != 1 || payload.len() != len || seq <= *last_seq {
+        return None;
+    }
+    let iv = *header;
+    Aes128Ctr::new(key.into(), (&iv).into()).apply_keystream(payload);
+    *last_seq = seq;
+    Some((payload, seq))
+}
+
 fn receive_downlink(
     socket: UdpSocket,
     key: [u8; 16],
@@ -390,23 +480,13 @@ fn receive_downlink(
             }
             Err(_) => return,
         };
-        let datagram = &mut buf[..n];
-        let Some((header, payload)) = datagram.split_first_chunk_mut::<16>() else {
+        let Some((opus, seq)) = open_downlink(&key, &mut buf[..n], &mut last_seq) else {
             bad.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let len = u16::from_be_bytes([header[2], header[3]]) as usize;
-        let seq = u32::from_be_bytes([header[12], header[13], header[14], header[15]]);
-        if header[0] != 1 || payload.len() != len || seq <= last_seq {
-            bad.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        let iv = *header;
-        Aes128Ctr::new((&key).into(), (&iv).into()).apply_keystream(payload);
-        last_seq = seq;
         if tx
             .send(Event::Audio {
-                opus: payload.to_vec(),
+                opus: opus.to_vec(),
                 seq,
             })
             .is_err()

@@ -1,5 +1,6 @@
 //! The device's OTA check (spec §14): `POST <ota-url>` with the firmware's headers and a small
-//! system-info body; the answer's `websocket{url, token}` says where to connect.
+//! system-info body; the answer's `websocket{url, token}` says where to connect, and its `mqtt`
+//! section (when the server hands out MQTT) the credentials of an MQTT + UDP device.
 //!
 //! A minimal HTTP/1.1 client over a glommio socket (`Connection: close`, read to the end,
 //! `Content-Length` or chunked bodies): one request per device connect does not need a pool.
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use serde_json::{json, Value};
+use xiaozhi_bench::mqtt_device::MqttCredentials;
 
 use crate::connect::{within, DeviceId};
 use crate::outcome::ErrorKind;
@@ -22,6 +24,8 @@ pub struct OtaAnswer {
     pub token: Option<String>,
     /// `websocket.version` (binary protocol), if present.
     pub version: Option<u8>,
+    /// The `mqtt` section, if present and complete.
+    pub mqtt: Option<MqttCredentials>,
 }
 
 /// An `http://host[:port]/path` URL, split.
@@ -189,10 +193,14 @@ pub fn parse_answer(body: &str) -> Result<OtaAnswer, String> {
             .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
             .and_then(|n| u8::try_from(n).ok())
     });
+    let mqtt = v
+        .get("mqtt")
+        .and_then(|m| serde_json::from_value(m.clone()).ok());
     Ok(OtaAnswer {
         websocket_url: field("url"),
         token: field("token"),
         version,
+        mqtt,
     })
 }
 
@@ -244,11 +252,18 @@ mod tests {
             OtaAnswer {
                 websocket_url: Some("ws://h:8000/xiaozhi/v1/".into()),
                 token: Some("abc.123".into()),
-                version: Some(3)
+                version: Some(3),
+                mqtt: None,
             }
         );
         let a = parse_answer(r#"{"websocket":{"url":"ws://h/","token":""}}"#).unwrap();
         assert_eq!(a.token, None);
         assert!(parse_answer("<html>").is_err());
+        let a = parse_answer(
+            r#"{"mqtt":{"endpoint":"h:1883","client_id":"GID_b@@@02_00@@@u","username":"e30=","password":"p","keepalive":240,"publish_topic":"device-server","subscribe_topic":"null"}}"#,
+        )
+        .unwrap();
+        let mqtt = a.mqtt.expect("mqtt section");
+        assert_eq!((mqtt.endpoint.as_str(), mqtt.keepalive), ("h:1883", 240));
     }
 }

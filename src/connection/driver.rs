@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use super::effects::Runner;
 use super::read_budget::ReadBudget;
-use super::{ConnectionContext, Count, End, Outcome};
+use super::{ConnectionContext, Count, End, Host, Outcome};
+use crate::metrics::Transport;
 use crate::session::{CloseCause, Effects, Outgoing, Session, SessionEvent};
 
 /// What a link made of one input from the device.
@@ -41,6 +42,9 @@ pub enum Handled {
 pub trait Link {
     /// Something that arrived from the device (or that its socket ended).
     type Input;
+
+    /// The transport `session` runs on (its label in `/metrics`).
+    fn transport(&self, session: &Session) -> Transport;
 
     /// Waits for the next input. Must be cancel-safe: the driver drops it when the mailbox or
     /// a timer wins the race.
@@ -92,6 +96,8 @@ pub async fn drive<L: Link>(
     ctx: &ConnectionContext,
     mut pending: Effects,
 ) -> Outcome {
+    let transport = link.transport(&session);
+    let _open = OpenSession::new(ctx.host.clone(), transport);
     let server = &ctx.settings.server;
     // Dropping the runner cancels the LLM stream, the remote calls and the session's queued
     // inference jobs: whenever this function returns.
@@ -107,7 +113,7 @@ pub async fn drive<L: Link>(
     loop {
         let fx = runner.settle(&mut session, std::mem::take(&mut pending), Instant::now());
         if !fx.samples.is_empty() {
-            ctx.host.record(&fx.samples);
+            ctx.host.record(transport, &fx.samples);
         }
         if fx.send.len() > max_queue {
             tracing::info!(session = %session.id, "device stopped reading; disconnecting");
@@ -181,6 +187,25 @@ pub async fn drive<L: Link>(
                 None => session.on_timer(now),
             },
         };
+    }
+}
+
+/// A session counted open on its transport until this is dropped (however the drive ends).
+struct OpenSession {
+    host: Rc<dyn Host>,
+    transport: Transport,
+}
+
+impl OpenSession {
+    fn new(host: Rc<dyn Host>, transport: Transport) -> OpenSession {
+        host.opened(transport);
+        OpenSession { host, transport }
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.host.closed(self.transport);
     }
 }
 

@@ -38,7 +38,7 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::metrics::Stage;
+use crate::metrics::{Stage, Transport};
 use crate::providers::Providers;
 use crate::session::{Session, SessionCounters, SessionEvent};
 
@@ -71,8 +71,12 @@ pub trait Host {
     fn drain_deadline(&self) -> Option<Instant>;
     /// Counts what happened to a connection.
     fn count(&self, what: Count);
-    /// Records latency samples in the shard's histograms.
-    fn record(&self, samples: &[(Stage, u64)]);
+    /// A session on `transport` started (the per-transport gauge and counter).
+    fn opened(&self, transport: Transport);
+    /// The session on `transport` that [`Host::opened`] announced ended.
+    fn closed(&self, transport: Transport);
+    /// Records latency samples of a session on `transport` in the shard's histograms.
+    fn record(&self, transport: Transport, samples: &[(Stage, u64)]);
     /// A session ended: count how, and add its counters to the shard's totals.
     fn ended(&self, outcome: &Outcome);
 }

@@ -16,6 +16,7 @@ use tungstenite::Message;
 
 use super::driver::{self, Handled, Link};
 use super::{ConnectionContext, End, Outcome};
+use crate::metrics::Transport;
 use crate::session::{Effects, Outgoing, Session, SessionEvent};
 
 /// Runs `session` over `ws` until it closes.
@@ -40,6 +41,14 @@ struct WsLink<'a> {
 
 impl Link for WsLink<'_> {
     type Input = Option<Result<Message, tungstenite::Error>>;
+
+    fn transport(&self, session: &Session) -> Transport {
+        if session.identity.from_mqtt_gateway {
+            Transport::Gateway
+        } else {
+            Transport::WebSocket
+        }
+    }
 
     async fn next(&mut self) -> Self::Input {
         self.ws.next().await

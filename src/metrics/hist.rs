@@ -107,22 +107,48 @@ impl Stage {
     }
 }
 
-/// One histogram per stage.
+/// How a session's device is connected: the label that tells transports apart in `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A device's own WebSocket.
+    WebSocket,
+    /// The MQTT + UDP transport terminated by this server.
+    Mqtt,
+    /// A WebSocket from the stock MQTT gateway (`?from=mqtt_gateway`).
+    Gateway,
+}
+
+impl Transport {
+    /// Every transport, in export order.
+    pub const ALL: [Transport; 3] = [Transport::WebSocket, Transport::Mqtt, Transport::Gateway];
+
+    /// The `transport` label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Mqtt => "mqtt",
+            Transport::Gateway => "gateway",
+        }
+    }
+}
+
+/// One histogram per stage, and end of speech → first audio once more per transport.
 #[derive(Clone)]
 pub struct StageHistograms {
     hists: Vec<Histogram<u64>>,
+    first_audio_by_transport: Vec<Histogram<u64>>,
+}
+
+fn microseconds() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
 impl Default for StageHistograms {
     fn default() -> Self {
         StageHistograms {
-            hists: Stage::ALL
-                .iter()
-                .map(|_| {
-                    Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
-                })
-                .collect(),
+            hists: Stage::ALL.iter().map(|_| microseconds()).collect(),
+            first_audio_by_transport: Transport::ALL.iter().map(|_| microseconds()).collect(),
         }
     }
 }
@@ -135,14 +161,37 @@ impl StageHistograms {
         }
     }
 
+    /// Records `value` for `stage` of a session on `transport`: in the stage's histogram and,
+    /// for [`Stage::EosToFirstAudio`], in that transport's own.
+    pub fn record_on(&mut self, transport: Transport, stage: Stage, value: u64) {
+        self.record(stage, value);
+        if stage == Stage::EosToFirstAudio {
+            if let Some(h) = self.first_audio_by_transport.get_mut(transport as usize) {
+                h.saturating_record(value.max(1));
+            }
+        }
+    }
+
     /// The histogram of `stage`.
     pub fn get(&self, stage: Stage) -> &Histogram<u64> {
         &self.hists[stage as usize]
     }
 
+    /// End of speech → first audio of the sessions on `transport`.
+    pub fn first_audio_on(&self, transport: Transport) -> &Histogram<u64> {
+        &self.first_audio_by_transport[transport as usize]
+    }
+
     /// Adds every histogram of `other` into this one.
     pub fn merge(&mut self, other: &StageHistograms) {
         for (a, b) in self.hists.iter_mut().zip(&other.hists) {
+            let _ = a.add(b);
+        }
+        for (a, b) in self
+            .first_audio_by_transport
+            .iter_mut()
+            .zip(&other.first_audio_by_transport)
+        {
             let _ = a.add(b);
         }
     }

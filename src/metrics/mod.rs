@@ -16,7 +16,7 @@ pub use xiaozhi_protocol::hdr_files as hdr_export;
 
 use std::fmt::Write;
 
-pub use hist::{Stage, StageHistograms};
+pub use hist::{Stage, StageHistograms, Transport};
 
 /// Renders stage histograms as Prometheus summaries (quantiles, sum, count).
 pub fn render_histograms(out: &mut String, h: &StageHistograms) {
@@ -36,5 +36,26 @@ pub fn render_histograms(out: &mut String, h: &StageHistograms) {
         let sum = (hist.mean() * hist.len() as f64).round() as u64;
         let _ = writeln!(out, "{name}_sum {sum}");
         let _ = writeln!(out, "{name}_count {}", hist.len());
+    }
+    let name = "xiaozhi_transport_eos_to_first_audio_us";
+    let _ = writeln!(
+        out,
+        "# HELP {name} End of speech decided -> first audio frame sent, microseconds, by transport."
+    );
+    let _ = writeln!(out, "# TYPE {name} summary");
+    for transport in Transport::ALL {
+        let hist = h.first_audio_on(transport);
+        let label = transport.name();
+        for q in [0.5, 0.9, 0.99, 0.999] {
+            let v = if hist.is_empty() {
+                0
+            } else {
+                hist.value_at_quantile(q)
+            };
+            let _ = writeln!(out, "{name}{{transport=\"{label}\",quantile=\"{q}\"}} {v}");
+        }
+        let sum = (hist.mean() * hist.len() as f64).round() as u64;
+        let _ = writeln!(out, "{name}_sum{{transport=\"{label}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{transport=\"{label}\"}} {}", hist.len());
     }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::connection::{
     Admission, ConnectionContext, Count, End, Host, Outcome, Refusal, Upgrade,
 };
-use crate::metrics::Stage;
+use crate::metrics::{Stage, Transport};
 
 use super::Shard;
 
@@ -75,10 +75,25 @@ impl Host for ShardHost {
         }
     }
 
-    fn record(&self, samples: &[(Stage, u64)]) {
+    fn opened(&self, transport: Transport) {
+        self.0.stats.borrow_mut().transports.opened(transport);
+    }
+
+    fn closed(&self, transport: Transport) {
+        self.0.stats.borrow_mut().transports.closed(transport);
+    }
+
+    fn record(&self, transport: Transport, samples: &[(Stage, u64)]) {
         let mut h = self.0.hist.borrow_mut();
         for &(stage, v) in samples {
-            h.record(stage, v);
+            h.record_on(transport, stage, v);
+            if stage == Stage::EosToTtsStop {
+                self.0
+                    .stats
+                    .borrow_mut()
+                    .transports
+                    .turn_answered(transport);
+            }
         }
     }
 

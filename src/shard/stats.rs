@@ -10,7 +10,7 @@ use crate::connection::mqtt::stats::MqttStats;
 use crate::http::vision::VisionCounters;
 use crate::http::HttpCounters;
 use crate::metrics::counters::{self, counters, Counters, Kind, Metric, Sample, Scope};
-use crate::metrics::{render_histograms, Stage, StageHistograms};
+use crate::metrics::{render_histograms, Stage, StageHistograms, Transport};
 use crate::session::SessionCounters;
 
 counters! {
@@ -105,6 +105,76 @@ counters! {
         vision: VisionCounters,
         /// The MQTT + UDP transport's connections, refusals and datagrams.
         mqtt: MqttStats,
+        /// Sessions and turns by transport (WebSocket, MQTT + UDP, the stock gateway).
+        transports: TransportStats,
+    }
+}
+
+counters! {
+    /// Sessions open and started and turns answered, by transport, so an operator can tell
+    /// WebSocket devices from MQTT + UDP ones (and from those behind the stock gateway). The
+    /// unlabelled `xiaozhi_sessions` and `xiaozhi_sessions_accepted_total` stay the totals.
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct TransportStats {
+        /// WebSocket sessions open now.
+        open_websocket: PerShard Gauge "xiaozhi_transport_sessions" {transport = "websocket"}
+            "Open device sessions per shard, by transport.",
+        /// MQTT + UDP sessions open now.
+        open_mqtt: PerShard Gauge "xiaozhi_transport_sessions" {transport = "mqtt"}
+            "Open device sessions per shard, by transport.",
+        /// Stock-gateway sessions open now.
+        open_gateway: PerShard Gauge "xiaozhi_transport_sessions" {transport = "gateway"}
+            "Open device sessions per shard, by transport.",
+        /// WebSocket sessions started.
+        started_websocket: Sum Counter "xiaozhi_transport_sessions_total" {transport = "websocket"}
+            "Sessions started, by transport.",
+        /// MQTT + UDP sessions started.
+        started_mqtt: Sum Counter "xiaozhi_transport_sessions_total" {transport = "mqtt"}
+            "Sessions started, by transport.",
+        /// Stock-gateway sessions started.
+        started_gateway: Sum Counter "xiaozhi_transport_sessions_total" {transport = "gateway"}
+            "Sessions started, by transport.",
+        /// WebSocket turns answered.
+        turns_websocket: Sum Counter "xiaozhi_transport_turns_total" {transport = "websocket"}
+            "Turns answered (tts stop sent after an end of speech), by transport.",
+        /// MQTT + UDP turns answered.
+        turns_mqtt: Sum Counter "xiaozhi_transport_turns_total" {transport = "mqtt"}
+            "Turns answered (tts stop sent after an end of speech), by transport.",
+        /// Stock-gateway turns answered.
+        turns_gateway: Sum Counter "xiaozhi_transport_turns_total" {transport = "gateway"}
+            "Turns answered (tts stop sent after an end of speech), by transport.",
+    }
+}
+
+impl TransportStats {
+    /// A session on `transport` started.
+    pub fn opened(&mut self, transport: Transport) {
+        let (open, started) = match transport {
+            Transport::WebSocket => (&mut self.open_websocket, &mut self.started_websocket),
+            Transport::Mqtt => (&mut self.open_mqtt, &mut self.started_mqtt),
+            Transport::Gateway => (&mut self.open_gateway, &mut self.started_gateway),
+        };
+        *open += 1;
+        *started += 1;
+    }
+
+    /// A session on `transport` ended.
+    pub fn closed(&mut self, transport: Transport) {
+        let open = match transport {
+            Transport::WebSocket => &mut self.open_websocket,
+            Transport::Mqtt => &mut self.open_mqtt,
+            Transport::Gateway => &mut self.open_gateway,
+        };
+        *open = open.saturating_sub(1);
+    }
+
+    /// A session on `transport` answered a turn.
+    pub fn turn_answered(&mut self, transport: Transport) {
+        match transport {
+            Transport::WebSocket => self.turns_websocket += 1,
+            Transport::Mqtt => self.turns_mqtt += 1,
+            Transport::Gateway => self.turns_gateway += 1,
+        }
     }
 }
 
@@ -420,6 +490,28 @@ mod tests {
             1,
             "one HELP line per name"
         );
+    }
+
+    #[test]
+    fn transports_are_labelled_apart() {
+        let mut a = ShardStats {
+            shard: 0,
+            ..Default::default()
+        };
+        a.transports.opened(Transport::Mqtt);
+        a.transports.opened(Transport::WebSocket);
+        a.transports.closed(Transport::WebSocket);
+        a.transports.turn_answered(Transport::Mqtt);
+        let text = render(&[a]);
+        for line in [
+            "xiaozhi_transport_sessions{shard=\"0\",transport=\"mqtt\"} 1\n",
+            "xiaozhi_transport_sessions{shard=\"0\",transport=\"websocket\"} 0\n",
+            "xiaozhi_transport_sessions_total{transport=\"websocket\"} 1\n",
+            "xiaozhi_transport_turns_total{transport=\"mqtt\"} 1\n",
+            "xiaozhi_transport_turns_total{transport=\"gateway\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line} missing in {text}");
+        }
     }
 
     #[test]

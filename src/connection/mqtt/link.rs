@@ -363,6 +363,10 @@ impl MqttLink {
 impl Link for MqttLink {
     type Input = Input;
 
+    fn transport(&self, _session: &Session) -> crate::metrics::Transport {
+        crate::metrics::Transport::Mqtt
+    }
+
     async fn next(&mut self) -> Input {
         if self.has_packet() {
             return Input::Buffered;
