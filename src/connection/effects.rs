@@ -95,6 +95,9 @@ impl RemoteJob {
 impl Drop for Runner {
     fn drop(&mut self) {
         self.cancel_llm();
+        // The session's VAD job, if still gathered for the next tick, is not sent.
+        let key = self.key;
+        self.providers.vad.remove(|j| j.session == key);
         for call in self.remote.drain(..) {
             call.task.cancel();
         }
@@ -156,7 +159,10 @@ impl Runner {
             done.merge(fx);
             fx = Effects::default();
             if let Some(job) = vad {
-                if let Err((_, job)) = self.providers.vad.submit(session.key, self.shard, job) {
+                // A job of this session still gathered is stale (a session sends its next
+                // job only after the previous result, or after a new turn forgot it).
+                let key = session.key;
+                if let Err(job) = self.providers.vad.try_push(job, |j| j.session == key) {
                     fx.merge(session.on_vad_refused(job, now));
                 }
             }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use ort::session::Session;
 use ort::value::{Tensor, TensorRef};
-use shards::{BatchWorker, Routed};
+use shards::{Batch, BatchWorker, Routed};
 
 use crate::providers::onnx::{environment, OnnxRuntimeError};
 use crate::providers::reply::{Reply, Timings};
@@ -335,6 +335,12 @@ pub struct VadWorker {
     model: SileroModel,
     progress: Vec<Progress>,
     active: Vec<usize>,
+    /// Most rows in one forward pass (`inference.max_batch`).
+    max_rows: usize,
+    /// Buffers of [`BatchWorker::process`], kept across calls.
+    jobs: Vec<Routed<VadJob>>,
+    replies: Vec<Routed<VadReply>>,
+    sizes: Vec<usize>,
 }
 
 impl VadWorker {
@@ -344,7 +350,17 @@ impl VadWorker {
             model,
             progress: Vec::new(),
             active: Vec::new(),
+            max_rows: usize::MAX,
+            jobs: Vec::new(),
+            replies: Vec::new(),
+            sizes: Vec::new(),
         }
+    }
+
+    /// Caps the rows of one forward pass at `rows` (a pass over more active jobs is split).
+    pub fn with_max_rows(mut self, rows: usize) -> Self {
+        self.max_rows = rows.max(1);
+        self
     }
 
     /// Loads the model (see [`SileroModel::load`]) and wraps it in a worker.
@@ -352,31 +368,37 @@ impl VadWorker {
         SileroModel::load(lib, model_path).map(VadWorker::new)
     }
 
-    /// Runs pass `k` of wave `wave` over every job that has a k-th chunk and no error.
+    /// Runs pass `k` of wave `wave` over every job that has a k-th chunk and no error (in
+    /// forward passes of at most `max_rows` rows).
     fn run_pass(&mut self, jobs: &mut [Routed<VadJob>], wave: usize, k: usize) {
-        self.active.clear();
+        let mut active = std::mem::take(&mut self.active);
+        active.clear();
         for (i, p) in self.progress.iter().enumerate() {
             if p.wave == wave && p.error.is_none() && jobs[i].item.chunks.len() > k {
-                self.active.push(i);
+                active.push(i);
             }
         }
-        if self.active.is_empty() {
-            return;
+        for rows in active.chunks(self.max_rows) {
+            self.forward_rows(jobs, rows, k);
         }
+        self.active = active;
+    }
+
+    /// One forward pass over chunk `k` of the jobs at `rows`.
+    fn forward_rows(&mut self, jobs: &mut [Routed<VadJob>], rows: &[usize], k: usize) {
         let t0 = Instant::now();
-        self.model.begin(self.active.len());
-        for (r, &i) in self.active.iter().enumerate() {
+        self.model.begin(rows.len());
+        for (r, &i) in rows.iter().enumerate() {
             let job = &jobs[i].item;
             self.model.put_row(r, &job.chunks[k], &job.stream);
         }
         let outcome = self.model.forward();
         let done = Instant::now();
         let took = done - t0;
-        let rows = self.active.len();
-        for (r, &i) in self.active.iter().enumerate() {
+        for (r, &i) in rows.iter().enumerate() {
             let p = &mut self.progress[i];
             p.compute += took;
-            p.batch_size = p.batch_size.max(rows);
+            p.batch_size = p.batch_size.max(rows.len());
             p.done = done;
             match &outcome {
                 Ok(()) => {
@@ -387,16 +409,65 @@ impl VadWorker {
             }
         }
         if let Err(e) = outcome {
-            tracing::warn!(rows, error = %e, "VAD forward pass failed");
+            tracing::warn!(rows = rows.len(), error = %e, "VAD forward pass failed");
         }
     }
 }
 
-impl BatchWorker for VadWorker {
-    type Job = VadJob;
-    type Output = VadReply;
+/// One shard's VAD jobs of one tick (at most one job per session), sent as one message.
+pub type VadBatch = Batch<VadJob>;
 
-    fn process(&mut self, jobs: &mut Vec<Routed<VadJob>>, out: &mut Vec<Routed<VadReply>>) {
+/// A worker's answer to one [`VadBatch`]: one reply per job, in the batch's order.
+#[derive(Debug)]
+pub struct VadBatchReply {
+    /// The batch's sequence number on its shard.
+    pub seq: u64,
+    /// One reply per job of the batch.
+    pub replies: Vec<VadReply>,
+}
+
+impl BatchWorker for VadWorker {
+    type Job = VadBatch;
+    type Output = VadBatchReply;
+
+    /// Runs every job of the batches taken together (from several shards, or several ticks of
+    /// one shard when the worker fell behind) in the same passes, and answers each batch with
+    /// one message.
+    fn process(
+        &mut self,
+        batches: &mut Vec<Routed<VadBatch>>,
+        out: &mut Vec<Routed<VadBatchReply>>,
+    ) {
+        let mut jobs = std::mem::take(&mut self.jobs);
+        let mut replies = std::mem::take(&mut self.replies);
+        self.sizes.clear();
+        for b in batches.iter_mut() {
+            self.sizes.push(b.item.jobs.len());
+            jobs.extend(b.item.jobs.drain(..).map(|item| Routed {
+                shard: b.shard,
+                item,
+            }));
+        }
+        self.run_jobs(&mut jobs, &mut replies);
+        let mut answers = replies.drain(..);
+        for (b, &n) in batches.drain(..).zip(&self.sizes) {
+            out.push(Routed {
+                shard: b.shard,
+                item: VadBatchReply {
+                    seq: b.item.seq,
+                    replies: answers.by_ref().take(n).map(|r| r.item).collect(),
+                },
+            });
+        }
+        drop(answers);
+        self.jobs = jobs;
+        self.replies = replies;
+    }
+}
+
+impl VadWorker {
+    /// Runs `jobs` (drained) in batched passes and pushes one reply per job, in order.
+    pub fn run_jobs(&mut self, jobs: &mut Vec<Routed<VadJob>>, out: &mut Vec<Routed<VadReply>>) {
         let started = Instant::now();
         self.progress.clear();
         let mut waves = 0;
@@ -691,7 +762,7 @@ mod tests {
             })
             .collect();
         let mut out = Vec::new();
-        worker.process(&mut jobs, &mut out);
+        worker.run_jobs(&mut jobs, &mut out);
         assert!(jobs.is_empty());
         assert_eq!(out.len(), plan.len());
         let out: Vec<Routed<VadResult>> = out
