@@ -37,12 +37,9 @@ impl RoutedReply for VadScores {
     type Error = VadFailure;
     const BOUNDED: bool = true;
 
-    fn record(reply: &Reply<Self, VadFailure>, received: Instant, h: &mut StageHistograms) {
+    /// The wake-up is recorded once per batch, by [`route_vad`].
+    fn record(reply: &Reply<Self, VadFailure>, _received: Instant, h: &mut StageHistograms) {
         let t = &reply.timings;
-        h.record(
-            Stage::VadReplyWake,
-            received.saturating_duration_since(t.done).as_micros() as u64,
-        );
         h.record(Stage::VadQueueWait, t.queue_wait.as_micros() as u64);
         let scores = match &reply.result {
             Ok(scores) => scores,
@@ -120,6 +117,8 @@ pub async fn route_vad(shard: Rc<Shard>, rx: flume::Receiver<Routed<VadBatchRepl
         let received = Instant::now();
         {
             let mut hist = shard.hist.borrow_mut();
+            let wake = received.saturating_duration_since(batch.finished);
+            hist.record(Stage::VadReplyWake, wake.as_micros() as u64);
             for reply in &batch.replies {
                 VadScores::record(reply, received, &mut hist);
             }

@@ -477,6 +477,9 @@ pub type VadBatch = Batch<VadJob>;
 pub struct VadBatchReply {
     /// The batch's sequence number on its shard.
     pub seq: u64,
+    /// When the worker finished the batch (the answer left right after): the start of the
+    /// shard's wake-up.
+    pub finished: Instant,
     /// One reply per job of the batch.
     pub replies: Vec<VadReply>,
 }
@@ -504,12 +507,14 @@ impl BatchWorker for VadWorker {
             }));
         }
         self.run_jobs(&mut jobs, &mut replies);
+        let finished = Instant::now();
         let mut answers = replies.drain(..);
         for (b, &n) in batches.drain(..).zip(&self.sizes) {
             out.push(Routed {
                 shard: b.shard,
                 item: VadBatchReply {
                     seq: b.item.seq,
+                    finished,
                     replies: answers.by_ref().take(n).map(|r| r.item).collect(),
                 },
             });
