@@ -9,7 +9,10 @@
 # Knobs (environment): STEPS (fleet sizes), INTERACTIONS (per device), OUT (folder),
 # BENCH_CPUS (CPUs for the bench executors, default the last one), SERVER_ARGS (extra --set
 # flags for the server), BUILD=0 (use the binaries already in target/release), SERVER / BENCH
-# (other binaries, e.g. an older build to compare against).
+# (other binaries, e.g. an older build to compare against), BENCH_ARGS (extra flags for the
+# sweep, e.g. "--uplink-floor silence"), PERF_EVENTS (kernel events of the server counted per
+# interaction with perf stat, e.g.
+# syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_futex,context-switches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +20,8 @@ STEPS=${STEPS:-1,10,25,50,100}
 INTERACTIONS=${INTERACTIONS:-6}
 OUT=${OUT:-bench/out/standard}
 SERVER_ARGS=${SERVER_ARGS:-}
+BENCH_ARGS=${BENCH_ARGS:-}
+PERF_EVENTS=${PERF_EVENTS:-}
 BUILD=${BUILD:-1}
 ncpu=$(nproc)
 BENCH_CPUS=${BENCH_CPUS:-$((ncpu - 1))}
@@ -77,12 +82,14 @@ echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f
 echo "server pid $server_pid (ws :$WS_PORT, http :$HTTP_PORT); mock upstream :$MOCK_PORT; bench on CPU(s) $BENCH_CPUS"
 grep -m1 "core plan" "$OUT/server.log" || true
 
+# shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
 "$BENCH" sweep --steps "$STEPS" --server-pid "$server_pid" \
   --metrics-url "http://127.0.0.1:$HTTP_PORT/metrics" \
   --url "ws://127.0.0.1:$WS_PORT/xiaozhi/v1/" \
   --interactions "$INTERACTIONS" --think-ms 500 --expected-reply-ms 2500 --ramp-s 3 \
   --cores "$(tr ',' '\n' <<<"$BENCH_CPUS" | wc -l)" --cpus "$BENCH_CPUS" \
-  --out "$OUT"
+  ${PERF_EVENTS:+--perf-events "$PERF_EVENTS"} \
+  $BENCH_ARGS --out "$OUT"
 
 # Stop the server (SIGTERM drains and writes its histograms into $OUT/server-histograms).
 kill -TERM "$server_pid"

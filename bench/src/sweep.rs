@@ -31,6 +31,11 @@ pub struct SweepArgs {
     /// step's folder (e.g. http://127.0.0.1:8003/metrics).
     #[arg(long)]
     pub metrics_url: Option<String>,
+    /// Count these kernel events of the server during every step with `perf stat` (needs
+    /// --server-pid and perf; e.g. syscalls:sys_enter_io_uring_enter,context-switches); the
+    /// counts per completed interaction go in sweep.json and a second table.
+    #[arg(long, value_delimiter = ',')]
+    pub perf_events: Vec<String>,
     /// Pause between steps, seconds (lets the server close the previous fleet's sessions).
     #[arg(long, default_value_t = 2.0)]
     pub pause_s: f64,
@@ -61,6 +66,58 @@ struct RoleCost {
     inference_ms: f64,
     other_ms: f64,
     interactions: u64,
+}
+
+/// `perf stat` attached to the server for one step, writing CSV to a file.
+struct PerfStat {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl PerfStat {
+    fn start(pid: u32, events: &[String], out: PathBuf) -> Result<Self, String> {
+        let child = std::process::Command::new("perf")
+            .args(["stat", "-x", ",", "-o"])
+            .arg(&out)
+            .arg("-e")
+            .arg(events.join(","))
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("perf: {e} (install linux-perf, or drop --perf-events)"))?;
+        // perf needs a moment to attach before the step starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(PerfStat { child, out })
+    }
+
+    /// Stops perf (SIGINT makes it print its counts) and returns event → count.
+    fn finish(mut self) -> Vec<(String, f64)> {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap_or(0);
+        if pid > 0 {
+            // SAFETY: kill has no memory-safety preconditions; `pid` is our child.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        parse_perf_csv(&text)
+    }
+}
+
+/// `perf stat -x ,` lines: `count,unit,event,…` (comments start with `#`; uncounted events
+/// say `<not counted>`).
+fn parse_perf_csv(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let mut f = l.split(',');
+            let count: f64 = f.next()?.trim().parse().ok()?;
+            let _unit = f.next()?;
+            let event = f.next()?.trim();
+            (!event.is_empty()).then(|| (event.to_string(), count))
+        })
+        .collect()
 }
 
 /// `xiaozhi_cpu_seconds_total{role}` (shard, vad+asr+tts, other) and `xiaozhi_interactions_total`
@@ -141,6 +198,9 @@ pub fn run(args: SweepArgs) -> Result<(), String> {
     if let Some(pid) = args.server_pid {
         procstat::cpu_time(pid).ok_or_else(|| format!("--server-pid {pid}: no such process"))?;
     }
+    if !args.perf_events.is_empty() && args.server_pid.is_none() {
+        return Err("--perf-events needs --server-pid".into());
+    }
     let root = args.fleet.out.clone();
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
     let mut rows = Vec::new();
@@ -157,11 +217,21 @@ pub fn run(args: SweepArgs) -> Result<(), String> {
             args.steps.len()
         );
         let metrics_before = args.metrics_url.as_deref().and_then(|u| fetch(u).ok());
+        std::fs::create_dir_all(&fleet.out).map_err(|e| format!("{}: {e}", fleet.out.display()))?;
+        let perf = match (args.server_pid, args.perf_events.is_empty()) {
+            (Some(pid), false) => Some(PerfStat::start(
+                pid,
+                &args.perf_events,
+                fleet.out.join("perf.csv"),
+            )?),
+            _ => None,
+        };
         let sampler = args.server_pid.map(RssSampler::start);
         let cpu_before = args.server_pid.and_then(procstat::cpu_time);
         let t0 = Instant::now();
         let summary = fleet::run(&fleet);
         let wall = t0.elapsed();
+        let perf_counts = perf.map(PerfStat::finish).unwrap_or_default();
         let cpu_seconds = match (args.server_pid.and_then(procstat::cpu_time), cpu_before) {
             (Some(after), Some(before)) => Some(after.saturating_sub(before).as_secs_f64()),
             _ => None,
@@ -183,7 +253,15 @@ pub fn run(args: SweepArgs) -> Result<(), String> {
                 .zip(after.as_deref())
                 .and_then(|(b, a)| role_cost(b, a));
         }
-        let row = row(n, &summary, cost);
+        let mut row = row(n, &summary, cost);
+        if !perf_counts.is_empty() {
+            let ok = summary["interactions"]["ok"].as_u64().unwrap_or(0).max(1) as f64;
+            row["perf_per_interaction"] = perf_counts
+                .iter()
+                .map(|(e, c)| (e.clone(), json!(c / ok)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
         let errored = row["interactions"]["errored"].as_u64().unwrap_or(0);
         let total = row["interactions"]["total"].as_u64().unwrap_or(0);
         rows.push(row);
@@ -195,7 +273,8 @@ pub fn run(args: SweepArgs) -> Result<(), String> {
             break;
         }
     }
-    let table = markdown(&rows);
+    let mut table = markdown(&rows);
+    table.push_str(&perf_markdown(&rows));
     println!("\n{table}");
     let sweep = json!({
         "bench": "xiaozhi-bench sweep",
@@ -300,6 +379,40 @@ fn markdown(rows: &[Value]) -> String {
     out
 }
 
+/// The kernel events per interaction, one row per step (empty without --perf-events).
+fn perf_markdown(rows: &[Value]) -> String {
+    let events: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r["perf_per_interaction"].as_object())
+        .flat_map(|m| m.keys().cloned())
+        .fold(Vec::new(), |mut v, k| {
+            if !v.contains(&k) {
+                v.push(k);
+            }
+            v
+        });
+    if events.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\nServer kernel events per completed interaction (perf stat):\n\n| devices | {} |\n|---:|{}\n",
+        events.join(" | "),
+        "---:|".repeat(events.len())
+    );
+    for r in rows {
+        let cells: Vec<String> = events
+            .iter()
+            .map(|e| {
+                r["perf_per_interaction"][e]
+                    .as_f64()
+                    .map_or_else(|| "–".into(), |v| format!("{v:.1}"))
+            })
+            .collect();
+        out.push_str(&format!("| {} | {} |\n", r["devices"], cells.join(" | ")));
+    }
+    out
+}
+
 /// Fetches a Prometheus text page over plain HTTP and saves it (best effort: a failure is
 /// printed, not fatal, so a sweep against a server without /metrics still completes).
 fn save_metrics(url: &str, path: &std::path::Path) {
@@ -386,6 +499,19 @@ mod tests {
         // A server without /proc numbers (another host) still gets a row.
         let r = row(1, &summary, ServerCost::default());
         assert!(markdown(&[r]).contains("| – | – |"));
+        assert_eq!(
+            parse_perf_csv(
+                "# started on Fri Dec  4\n\n1234,,syscalls:sys_enter_io_uring_enter,10.00,100.00,,\n\
+                 <not counted>,,context-switches,0,100.00,,\n56,,cs,1,100,,\n"
+            ),
+            vec![
+                ("syscalls:sys_enter_io_uring_enter".to_string(), 1234.0),
+                ("cs".to_string(), 56.0)
+            ]
+        );
+        let mut r = row(1, &summary, ServerCost::default());
+        r["perf_per_interaction"] = json!({"cs": 2.5});
+        assert!(perf_markdown(&[r]).contains("| 1 | 2.5 |"));
         // No interactions between the scrapes: no per-interaction split.
         assert_eq!(
             role_cost(
