@@ -585,7 +585,7 @@ impl Default for InferenceConfig {
             onnxruntime: "models/onnxruntime/libonnxruntime.so.1.31.1".into(),
             queue_capacity: 1024,
             max_batch: 64,
-            tick_ms: 20,
+            tick_ms: 10,
             max_chunks_per_job: 16,
             max_wait_ms: 1500,
             busy_watermark: 0.75,
