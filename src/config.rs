@@ -1640,6 +1640,24 @@ mod tests {
     }
 
     #[test]
+    fn the_vad_tick_loads_and_a_tick_past_200_ms_is_refused_with_its_key() {
+        assert_eq!(load(&["inference.tick_ms=0"]).unwrap().inference.tick_ms, 0);
+        assert_eq!(
+            load(&["inference.tick_ms=25"]).unwrap().inference.tick_ms,
+            25
+        );
+        let err = load(&["inference.tick_ms=201"]).unwrap_err().to_string();
+        assert!(err.contains("inference.tick_ms"), "{err}");
+        let err = load(&["inference.batch_deadline_us=500"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("batch_deadline_us"),
+            "the old key is gone: {err}"
+        );
+    }
+
+    #[test]
     fn default_toml_file_parses_and_equals_builtin_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
         let from_file = Config::load(Some(&path), &[]).unwrap();
