@@ -10,9 +10,10 @@
 # Knobs (environment): STEPS (fleet sizes), INTERACTIONS (per device), OUT (folder),
 # TRANSPORT (websocket or mqtt),
 # BENCH_CPUS (CPUs for the bench executors, default the last one), SERVER_ARGS (extra --set
-# flags for the server), BUILD=0 (use the binaries already in target/release), BENCH_ARGS (extra
-# flags for the sweep, e.g. "--uplink-floor silence"), PERF_EVENTS (kernel events of the server
-# counted per interaction with perf stat, e.g.
+# flags for the server), BUILD=0 (use the binaries already in target/release), SERVER / BENCH
+# (other binaries, e.g. an older build to compare against), BENCH_ARGS (extra flags for the
+# sweep, e.g. "--uplink-floor silence"), PERF_EVENTS (kernel events of the server counted per
+# interaction with perf stat, e.g.
 # syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_futex,context-switches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,8 +38,8 @@ if [ "$BUILD" = 1 ]; then
   cargo build --release --bin xiaozhi-tpc -p xiaozhi-tpc
   cargo build --release --bin xiaozhi-bench -p xiaozhi-bench
 fi
-SERVER=target/release/xiaozhi-tpc
-BENCH=target/release/xiaozhi-bench
+SERVER=${SERVER:-target/release/xiaozhi-tpc}
+BENCH=${BENCH:-target/release/xiaozhi-bench}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MOCK_PORT=$(free_port)

@@ -559,12 +559,14 @@ pub struct InferenceConfig {
     pub models_dir: String,
     /// ONNX Runtime shared library (`ORT_DYLIB_PATH` overrides).
     pub onnxruntime: String,
-    /// Bound of each worker's job queue.
+    /// Bound of each worker's job queue; for VAD, the jobs a shard may have outstanding
+    /// (gathered for its next tick, or sent and not yet answered).
     pub queue_capacity: usize,
-    /// Most jobs in one batched forward pass.
+    /// Most rows in one batched VAD forward pass.
     pub max_batch: usize,
-    /// How long a worker waits to fill a batch after the first job, µs.
-    pub batch_deadline_us: u64,
+    /// Period at which a shard sends its sessions' VAD jobs to its worker as one batch, ms
+    /// (0: send as soon as a job is there). Adds at most one tick to a chunk's VAD latency.
+    pub tick_ms: u64,
     /// Most 32 ms chunks one session sends in one VAD job.
     pub max_chunks_per_job: usize,
     /// Longest a session's audio may wait for VAD before its turn is shed, ms (the sign that
@@ -583,7 +585,7 @@ impl Default for InferenceConfig {
             onnxruntime: "models/onnxruntime/libonnxruntime.so.1.31.1".into(),
             queue_capacity: 1024,
             max_batch: 64,
-            batch_deadline_us: 500,
+            tick_ms: 10,
             max_chunks_per_job: 16,
             max_wait_ms: 1500,
             busy_watermark: 0.75,
@@ -1258,6 +1260,12 @@ impl Config {
                 "queue_capacity, max_batch and max_chunks_per_job must be at least 1",
             );
         }
+        if inf.tick_ms > 200 {
+            return bad(
+                "inference.tick_ms",
+                "must be at most 200 (it delays every VAD result)",
+            );
+        }
         if !(0.0..=1.0).contains(&inf.busy_watermark) {
             return bad("inference.busy_watermark", "must be between 0 and 1");
         }
@@ -1629,6 +1637,24 @@ mod tests {
             let err = load(&[set]).unwrap_err().to_string();
             assert!(err.contains(key), "{set}: {err}");
         }
+    }
+
+    #[test]
+    fn the_vad_tick_loads_and_a_tick_past_200_ms_is_refused_with_its_key() {
+        assert_eq!(load(&["inference.tick_ms=0"]).unwrap().inference.tick_ms, 0);
+        assert_eq!(
+            load(&["inference.tick_ms=25"]).unwrap().inference.tick_ms,
+            25
+        );
+        let err = load(&["inference.tick_ms=201"]).unwrap_err().to_string();
+        assert!(err.contains("inference.tick_ms"), "{err}");
+        let err = load(&["inference.batch_deadline_us=500"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("batch_deadline_us"),
+            "the old key is gone: {err}"
+        );
     }
 
     #[test]

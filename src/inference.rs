@@ -13,13 +13,14 @@ use shards::{Routed, WorkerPool, WorkerPoolConfig};
 use crate::config::{AsrProvider, Config};
 use crate::providers::asr::{AsrJob, AsrReply, WhisperSettings, WhisperWorker};
 use crate::providers::tts::{KokoroSettings, TtsJob, TtsReply, TtsWorker};
-use crate::providers::vad::{VadJob, VadReply, VadWorker};
+use crate::providers::vad::{VadBatch, VadBatchReply, VadWorker};
 
 /// Job queues into the inference workers (cheap to clone, `Send`).
 #[derive(Clone)]
 pub struct InferenceQueues {
-    /// VAD.
-    pub vad: WorkerPool<VadJob>,
+    /// VAD: one batch per shard per tick (keyed by the shard, so a shard's batches stay in
+    /// order on one worker).
+    pub vad: WorkerPool<VadBatch>,
     /// Local ASR, when selected.
     pub asr: Option<WorkerPool<AsrJob>>,
     /// Local TTS, when selected.
@@ -29,8 +30,8 @@ pub struct InferenceQueues {
 /// One shard's reply receivers.
 #[derive(Clone)]
 pub struct ShardReplies {
-    /// VAD results.
-    pub vad: flume::Receiver<Routed<VadReply>>,
+    /// VAD results, one message per batch.
+    pub vad: flume::Receiver<Routed<VadBatchReply>>,
     /// ASR results.
     pub asr: flume::Receiver<Routed<AsrReply>>,
     /// TTS results.
@@ -62,16 +63,22 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
         cores: cores.to_vec(),
         queue_capacity: config.inference.queue_capacity,
         max_batch: config.inference.max_batch,
-        batch_deadline: Duration::from_micros(config.inference.batch_deadline_us),
+        batch_deadline: Duration::ZERO,
         reply_timeout: Duration::from_millis(100),
         name: name.into(),
     };
 
     let (vad_tx, vad_rx) = channels(shards, cap);
     let vad_lib = lib.clone();
+    let max_rows = config.inference.max_batch;
+    // The shards batch per tick: a worker takes whatever batches are queued (from several
+    // shards, or several ticks of one that it fell behind on) without waiting for more, and
+    // runs them in the same passes of at most `max_batch` rows.
+    let mut vad_config = pool_config("vad");
+    vad_config.max_batch = shards.max(1) * 4;
     let vad = WorkerPool::spawn(
-        &pool_config("vad"),
-        move |_| VadWorker::load(&vad_lib, &vad_model),
+        &vad_config,
+        move |_| VadWorker::load(&vad_lib, &vad_model).map(|w| w.with_max_rows(max_rows)),
         vad_tx,
     )
     .map_err(|e| format!("VAD workers: {e}"))?;
@@ -95,7 +102,6 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
         let cores = cores.to_vec();
         let mut asr_config = pool_config("asr");
         asr_config.max_batch = 1;
-        asr_config.batch_deadline = Duration::ZERO;
         Some(
             WorkerPool::spawn(
                 &asr_config,
@@ -154,7 +160,6 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
             // Piper and espeak-ng run one job at a time anyway).
             let mut tts_config = pool_config("tts");
             tts_config.max_batch = 1;
-            tts_config.batch_deadline = Duration::ZERO;
             Some(
                 WorkerPool::spawn(
                     &tts_config,

@@ -8,6 +8,7 @@
 //!   queued, replying on the originating shard's channel; a key is sticky to one worker, so
 //!   results for one key arrive in submission order.
 //! - [`mailbox`]: a bounded, shard-local, single-consumer queue for a task's inbox.
+//! - [`tick_batch`]: a shard-local gatherer that sends many small jobs as one batch per tick.
 //! - [`signals`]: SIGINT/SIGTERM turned into a drain request on every shard.
 //!
 //! Shard-local state stays in `Rc`/`RefCell`; the only ways across cores are the channels here.
@@ -16,9 +17,11 @@ pub mod mailbox;
 pub mod plan;
 pub mod runtime;
 pub mod signals;
+pub mod tick_batch;
 pub mod workers;
 
 pub use mailbox::Mailbox;
 pub use plan::{CorePlan, PlanError};
 pub use runtime::{start_shards, Control, ShardContext, ShardMesh, ShardSettings, ShardsHandle};
+pub use tick_batch::{Batch, TickBatch};
 pub use workers::{BatchWorker, Routed, SubmitError, WorkerPool, WorkerPoolConfig};

@@ -217,7 +217,8 @@ pub fn text_in(
     text: &str,
     now: Instant,
 ) -> Effects {
-    let (depth, cap) = ctx.providers.vad.depth_for(session.key);
+    let vad = &ctx.providers.vad;
+    let (depth, cap) = (vad.outstanding(), vad.capacity());
     session.set_inference_busy(depth as f64 > ctx.settings.busy_watermark * cap as f64);
     session.on_text(text, now)
 }

@@ -1,5 +1,5 @@
-//! Carrying out what a session asks for, on its shard's [`Providers`]: a VAD, ASR or TTS job
-//! for the inference cores, or a remote call on this shard (recognition, speech, the LLM stream
+//! Carrying out what a session asks for, on its shard's [`Providers`]: a VAD job gathered for the
+//! shard's next tick (`crate::shard::vad_tick`), an ASR or TTS job for the inference cores, or a remote call on this shard (recognition, speech, the LLM stream
 //! and its cancellation). A job a queue refuses comes back to the session as an event (an error
 //! result, or [`Session::on_vad_refused`]), so its effects are handled like any other.
 //!
@@ -14,6 +14,9 @@
 //! quota stays exact. The runner holds at most [`JOBS_PER_KIND`] remote calls of each kind
 //! (should the session ask for more, the oldest is dropped). Dropping the runner (the
 //! connection closed) drops every remote call and cancels the session's queued local jobs.
+//! A VAD job still gathered when its session closes, or when the session sends the next one
+//! (its turn ended and forgot the old one), is withdrawn before the tick and counted
+//! (`xiaozhi_vad_jobs_withdrawn_total`); one already sent runs and its stale result is dropped.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -95,6 +98,9 @@ impl RemoteJob {
 impl Drop for Runner {
     fn drop(&mut self) {
         self.cancel_llm();
+        // The session's VAD job, if still gathered for the next tick, is not sent.
+        let key = self.key;
+        self.providers.vad.remove(|j| j.session == key);
         for call in self.remote.drain(..) {
             call.task.cancel();
         }
@@ -156,7 +162,10 @@ impl Runner {
             done.merge(fx);
             fx = Effects::default();
             if let Some(job) = vad {
-                if let Err((_, job)) = self.providers.vad.submit(session.key, self.shard, job) {
+                // A job of this session still gathered is stale (a session sends its next
+                // job only after the previous result, or after a new turn forgot it).
+                let key = session.key;
+                if let Err(job) = self.providers.vad.try_push(job, |j| j.session == key) {
                     fx.merge(session.on_vad_refused(job, now));
                 }
             }

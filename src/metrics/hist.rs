@@ -5,7 +5,8 @@ use hdrhistogram::Histogram;
 /// A measured stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
-    /// Inference done → the shard's reply router received the result (cross-core wake-up).
+    /// A VAD batch finished on its worker → the shard's reply router received the answer
+    /// (the cross-core wake-up; one sample per batch).
     VadReplyWake,
     /// VAD job queued on the shard → a worker started it.
     VadQueueWait,
@@ -81,7 +82,7 @@ impl Stage {
     pub fn help(self) -> &'static str {
         match self {
             Stage::VadReplyWake => {
-                "Inference result ready -> shard received it (cross-core wake-up), microseconds."
+                "VAD batch finished on its worker -> shard received the answer (cross-core wake-up, one sample per batch), microseconds."
             }
             Stage::VadQueueWait => {
                 "VAD job queued on the shard -> worker started it, microseconds."

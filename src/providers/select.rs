@@ -4,7 +4,7 @@
 //! built-in offline responder. The connection wing only matches on these values; the
 //! language-based choice of a local voice lives here too ([`LocalVoices::engine_for`]).
 
-use shards::WorkerPool;
+use shards::{TickBatch, WorkerPool};
 use std::rc::Rc;
 
 use crate::providers::asr::openai::OpenAiAsrSettings;
@@ -91,8 +91,9 @@ impl LocalVoices {
 /// One shard's providers (built once per shard from the config and the inference queues, by
 /// `crate::connection::settings::providers`; this module does not read the config).
 pub struct Providers {
-    /// Voice activity detection (always local).
-    pub vad: WorkerPool<VadJob>,
+    /// Voice activity detection (always local): this shard's jobs gathered for its next tick
+    /// (the shard's flusher sends them to its worker as one batch).
+    pub vad: Rc<TickBatch<VadJob>>,
     /// Speech recognition.
     pub asr: Asr,
     /// The language model.
@@ -105,8 +106,8 @@ pub struct Providers {
 
 /// The inference queues a shard can use (as started by `crate::inference::start`).
 pub struct LocalQueues {
-    /// VAD.
-    pub vad: WorkerPool<VadJob>,
+    /// The shard's VAD gatherer.
+    pub vad: Rc<TickBatch<VadJob>>,
     /// Whisper, when started.
     pub asr: Option<WorkerPool<AsrJob>>,
     /// Piper/espeak-ng, when started.

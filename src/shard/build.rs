@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use shards::ShardMesh;
+use shards::{ShardMesh, TickBatch};
 
 use super::{drain::Drain, stats, Shard, ShardRequest, ShardStats};
 use crate::config::Config;
@@ -61,7 +61,7 @@ impl Shard {
         let providers = Rc::new(crate::connection::settings::providers(
             &config,
             LocalQueues {
-                vad: queues.vad.clone(),
+                vad: Rc::new(TickBatch::new(config.inference.queue_capacity)),
                 asr: queues.asr.clone(),
                 tts: queues.tts.clone(),
             },
@@ -97,6 +97,7 @@ impl Shard {
             metrics_render: Rc::default(),
             sessions: RefCell::new(HashMap::new()),
             ended_mailbox_refusals: Cell::new(0),
+            vad_batches_unsent: Cell::new(0),
             peer_sessions: RefCell::new(vec![0; shards]),
             next_key: Cell::new(0),
             drain: Drain::default(),

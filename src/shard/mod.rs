@@ -14,6 +14,7 @@
 //! - [`drain`]: the [`Drain`](drain::Drain) state and the drain steps; it completes when the
 //!   last [`SessionSlot`] drops.
 //! - [`replies`]: the one router that takes inference replies to session mailboxes.
+//! - [`vad_tick`]: the flusher that sends the shard's VAD jobs as one batch per tick.
 //! - [`peers`]: load announcements, the hand-off target, and questions to the other shards.
 //! - [`stats`]: the counters, declared once, and the `/metrics` text.
 //! - [`histograms`]: the interval recorder, `/histograms` and the SIGUSR1 dump.
@@ -26,6 +27,7 @@ pub mod peers;
 pub mod replies;
 pub mod run;
 pub mod stats;
+pub mod vad_tick;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -143,6 +145,8 @@ pub struct Shard {
     sessions: RefCell<HashMap<u64, Rc<Mailbox<SessionEvent>>>>,
     /// Mailbox refusals of sessions that have ended (open ones are read at snapshot time).
     ended_mailbox_refusals: Cell<u64>,
+    /// VAD batches a full worker queue refused (see [`vad_tick`]).
+    vad_batches_unsent: Cell<u64>,
     /// Open sessions of every shard as last announced to this one (own entry unused); stale by
     /// up to a load tick, which is fine: the shard a connection is handed to checks its own
     /// budget again.
@@ -263,8 +267,12 @@ impl Shard {
     /// Fills the queue gauges and refusal counts from the queues themselves.
     fn read_queues(&self, q: &mut stats::QueueStats) {
         let pools = &self.queues;
-        q.vad_jobs_queued = pools.vad.depth() as u64;
-        q.vad_jobs_refused = pools.vad.refused();
+        let vad = &self.providers.vad;
+        q.vad_jobs_queued = vad.outstanding() as u64;
+        q.vad_jobs_refused = vad.refused();
+        q.vad_jobs_withdrawn = vad.removed();
+        q.vad_batches_sent = vad.batches();
+        q.vad_batches_unsent = self.vad_batches_unsent.get();
         q.replies_dropped = pools.vad.dropped_replies();
         if let Some(asr) = &pools.asr {
             q.asr_jobs_queued = asr.depth() as u64;

@@ -16,7 +16,7 @@ use crate::metrics::{Stage, StageHistograms};
 use crate::providers::asr::AsrOutput;
 use crate::providers::reply::Reply;
 use crate::providers::tts::TtsAudio;
-use crate::providers::vad::{VadFailure, VadResult, VadScores};
+use crate::providers::vad::{VadBatchReply, VadFailure, VadResult, VadScores};
 use crate::session::SessionEvent;
 
 /// A payload an inference worker answers with, and how its reply reaches a session.
@@ -37,12 +37,9 @@ impl RoutedReply for VadScores {
     type Error = VadFailure;
     const BOUNDED: bool = true;
 
-    fn record(reply: &Reply<Self, VadFailure>, received: Instant, h: &mut StageHistograms) {
+    /// The wake-up is recorded once per batch, by [`route_vad`].
+    fn record(reply: &Reply<Self, VadFailure>, _received: Instant, h: &mut StageHistograms) {
         let t = &reply.timings;
-        h.record(
-            Stage::VadReplyWake,
-            received.saturating_duration_since(t.done).as_micros() as u64,
-        );
         h.record(Stage::VadQueueWait, t.queue_wait.as_micros() as u64);
         let scores = match &reply.result {
             Ok(scores) => scores,
@@ -109,18 +106,43 @@ pub async fn route<T: RoutedReply>(
 ) {
     while let Ok(Routed { item, .. }) = rx.recv_async().await {
         T::record(&item, Instant::now(), &mut shard.hist.borrow_mut());
-        let session = item.session;
-        let event = T::into_event(item);
-        let delivered = match shard.mailbox(session) {
-            Some(mb) if T::BOUNDED => mb.try_push(event).is_ok(),
-            Some(mb) => {
-                mb.push_control(event);
-                true
+        deliver::<T>(&shard, item);
+    }
+}
+
+/// Receives this shard's VAD batch answers (one message per tick's batch, see
+/// [`super::vad_tick`]) and hands each job's reply to its session, in the batch's order.
+pub async fn route_vad(shard: Rc<Shard>, rx: flume::Receiver<Routed<VadBatchReply>>) {
+    while let Ok(Routed { item: batch, .. }) = rx.recv_async().await {
+        let received = Instant::now();
+        {
+            let mut hist = shard.hist.borrow_mut();
+            let wake = received.saturating_duration_since(batch.finished);
+            hist.record(Stage::VadReplyWake, wake.as_micros() as u64);
+            for reply in &batch.replies {
+                VadScores::record(reply, received, &mut hist);
             }
-            None => false,
-        };
-        if !delivered {
-            shard.stats.borrow_mut().orphan_results += 1;
         }
+        shard.providers.vad.answered(batch.seq);
+        for reply in batch.replies {
+            deliver::<VadScores>(&shard, reply);
+        }
+    }
+}
+
+/// Hands `reply` to its session's mailbox, or counts it as an orphan.
+fn deliver<T: RoutedReply>(shard: &Shard, reply: Reply<T, T::Error>) {
+    let session = reply.session;
+    let event = T::into_event(reply);
+    let delivered = match shard.mailbox(session) {
+        Some(mb) if T::BOUNDED => mb.try_push(event).is_ok(),
+        Some(mb) => {
+            mb.push_control(event);
+            true
+        }
+        None => false,
+    };
+    if !delivered {
+        shard.stats.borrow_mut().orphan_results += 1;
     }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use glommio::{Latency, Shares};
 use shards::{Control, ShardContext};
 
-use super::{drain, histograms, peers, replies, BoundAddrs, Shard, ShardFinal, ShardRequest};
+use super::{
+    drain, histograms, peers, replies, vad_tick, BoundAddrs, Shard, ShardFinal, ShardRequest,
+};
 use crate::config::Config;
 use crate::connection::mqtt::MqttEndpoint;
 use crate::connection::udp::UdpAudio;
@@ -17,7 +19,6 @@ use crate::inference::{InferenceQueues, ShardReplies};
 use crate::metrics::intervals::IntervalLog;
 use crate::providers::asr::AsrOutput;
 use crate::providers::tts::TtsAudio;
-use crate::providers::vad::VadScores;
 
 /// The process-wide inputs each shard copies at start.
 #[derive(Clone)]
@@ -204,7 +205,8 @@ where
     })
 }
 
-/// One router per kind of inference reply, in a latency-sensitive task queue.
+/// One router per kind of inference reply and the VAD flusher, in a latency-sensitive task
+/// queue.
 fn spawn_routers(shard: &Rc<Shard>) -> Vec<glommio::Task<()>> {
     let Some(r) = shard.replies.clone() else {
         return Vec::new();
@@ -215,9 +217,8 @@ fn spawn_routers(shard: &Rc<Shard>) -> Vec<glommio::Task<()>> {
         "inference-replies",
     );
     let mut routers = Vec::new();
-    routers.extend(
-        glommio::spawn_local_into(replies::route::<VadScores>(shard.clone(), r.vad), tq).ok(),
-    );
+    routers.extend(glommio::spawn_local_into(replies::route_vad(shard.clone(), r.vad), tq).ok());
+    routers.extend(glommio::spawn_local_into(vad_tick::flush(shard.clone()), tq).ok());
     routers.extend(
         glommio::spawn_local_into(replies::route::<AsrOutput>(shard.clone(), r.asr), tq).ok(),
     );

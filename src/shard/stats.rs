@@ -184,18 +184,27 @@ counters! {
     /// number and the merged view keeps the largest.
     #[derive(Debug, Default, Clone, Copy)]
     pub struct QueueStats {
-        /// Jobs waiting in the VAD workers' queues.
-        vad_jobs_queued: Max Gauge "xiaozhi_vad_queue_depth"
-            "Jobs waiting in the VAD workers' queues.",
+        /// VAD jobs outstanding: gathered for the shard's next tick, or sent and unanswered.
+        vad_jobs_queued: Sum Gauge "xiaozhi_vad_queue_depth"
+            "VAD jobs outstanding: gathered for a shard's next tick, or sent to the worker and not yet answered.",
         /// Jobs waiting in the ASR workers' queues.
         asr_jobs_queued: Max Gauge "xiaozhi_asr_queue_depth"
             "Jobs waiting in the local ASR workers' queues (0 without local ASR).",
         /// Jobs waiting in the TTS workers' queues.
         tts_jobs_queued: Max Gauge "xiaozhi_tts_queue_depth"
             "Jobs waiting in the local TTS workers' queues (0 without local TTS).",
-        /// VAD jobs refused by a full worker queue.
-        vad_jobs_refused: Max Counter "xiaozhi_vad_jobs_refused_total"
-            "VAD jobs refused by a full worker queue (the session retries them).",
+        /// VAD jobs refused because the shard had `inference.queue_capacity` outstanding.
+        vad_jobs_refused: Sum Counter "xiaozhi_vad_jobs_refused_total"
+            "VAD jobs refused because a shard had inference.queue_capacity jobs outstanding (the session retries them).",
+        /// VAD jobs withdrawn before their tick: their turn ended or their session closed.
+        vad_jobs_withdrawn: Sum Counter "xiaozhi_vad_jobs_withdrawn_total"
+            "VAD jobs removed before their tick was sent (their turn ended or their session closed).",
+        /// VAD batches (one per shard per tick with work) sent to the workers.
+        vad_batches_sent: Sum Counter "xiaozhi_vad_batches_sent_total"
+            "VAD batches sent to the inference workers (one per shard per tick that had jobs).",
+        /// VAD batches the worker queue refused (retried on the next tick).
+        vad_batches_unsent: Sum Counter "xiaozhi_vad_batches_unsent_total"
+            "VAD batches a full worker queue refused (their jobs go with the next tick).",
         /// ASR jobs refused by a full worker queue.
         asr_jobs_refused: Max Counter "xiaozhi_asr_jobs_refused_total"
             "ASR jobs refused by a full worker queue (the turn fails with a busy error).",
@@ -466,6 +475,7 @@ mod tests {
             shard: 0,
             ..Default::default()
         };
+        a.queues.asr_jobs_queued = 4;
         a.queues.vad_jobs_queued = 4;
         a.queues.tts_replies_queued = 2;
         a.queues.mailbox_refused = 1;
@@ -473,12 +483,14 @@ mod tests {
             shard: 1,
             ..Default::default()
         };
+        b.queues.asr_jobs_queued = 3;
         b.queues.vad_jobs_queued = 3;
         b.queues.mailbox_refused = 2;
         let text = render(&[a, b]);
         for line in [
-            "# HELP xiaozhi_vad_queue_depth Jobs waiting in the VAD workers' queues.\n",
-            "xiaozhi_vad_queue_depth 4\n",
+            "# HELP xiaozhi_asr_queue_depth Jobs waiting in the local ASR workers' queues (0 without local ASR).\n",
+            "xiaozhi_asr_queue_depth 4\n",
+            "xiaozhi_vad_queue_depth 7\n",
             "xiaozhi_reply_queue_depth{shard=\"0\",kind=\"tts\"} 2\n",
             "xiaozhi_reply_queue_depth{shard=\"1\",kind=\"vad\"} 0\n",
             "xiaozhi_mailbox_refused_total 3\n",

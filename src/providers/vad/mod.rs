@@ -3,5 +3,6 @@
 pub mod silero;
 
 pub use silero::{
-    SileroModel, VadError, VadFailure, VadJob, VadReply, VadResult, VadScores, VadStream, VadWorker,
+    SileroModel, VadBatch, VadBatchReply, VadError, VadFailure, VadJob, VadReply, VadResult,
+    VadScores, VadStream, VadWorker,
 };

@@ -16,9 +16,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ort::session::Session;
-use ort::value::{Tensor, TensorRef};
-use shards::{BatchWorker, Routed};
+use ort::memory::Allocator;
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
+use ort::value::{DynValue, Tensor};
+use shards::{Batch, BatchWorker, Routed};
 
 use crate::providers::onnx::{environment, OnnxRuntimeError};
 use crate::providers::reply::{Reply, Timings};
@@ -75,17 +76,49 @@ impl Default for VadStream {
     }
 }
 
-/// One ONNX Runtime session of Silero VAD, single-threaded, with its batch buffers.
+/// One ONNX Runtime session of Silero VAD, single-threaded, with its batch tensors.
 pub struct SileroModel {
     session: Session,
     sr: Tensor<i64>,
-    /// `[B, FRAME]`: row r = stream r's context then its new chunk.
-    input: Vec<f32>,
-    /// `[2, B, HIDDEN]`: stream r owns `state[l*B*HIDDEN + r*HIDDEN ..][..HIDDEN]`.
-    state: Vec<f32>,
-    /// `[B]` probabilities of the last forward pass.
-    probs: Vec<f32>,
+    /// Tensors of the most recent batch sizes, most recently used last (at most [`SLOTS`]).
+    slots: Vec<Slot>,
+}
+
+/// Batch sizes whose tensors a model keeps (a few hundred KiB at 64 rows).
+const SLOTS: usize = 8;
+
+/// The tensors of one batch size B, allocated once and reused by every pass of that size: rows
+/// are gathered straight into the input tensors, and ONNX Runtime writes its outputs into
+/// tensors the slot preallocated, so a pass allocates no tensor and copies each stream's
+/// state once in and once out.
+struct Slot {
     rows: usize,
+    /// `[B, FRAME]`: row r = stream r's context then its new chunk.
+    input: Tensor<f32>,
+    /// `[2, B, HIDDEN]`: stream r owns `[l*B*HIDDEN + r*HIDDEN ..][..HIDDEN]` of layer l.
+    state: Tensor<f32>,
+    /// Run options holding the preallocated outputs `output` `[B, 1]` and `stateN`.
+    options: RunOptions<HasSelectedOutputs>,
+    /// The preallocated outputs as the last pass returned them (the same memory every pass).
+    probs: Option<DynValue>,
+    next: Option<DynValue>,
+}
+
+impl Slot {
+    fn new(rows: usize) -> ort::Result<Slot> {
+        let cpu = Allocator::default();
+        let outputs = OutputSelector::default()
+            .preallocate("output", Tensor::<f32>::new(&cpu, [rows, 1])?)
+            .preallocate("stateN", Tensor::<f32>::new(&cpu, [2, rows, HIDDEN])?);
+        Ok(Slot {
+            rows,
+            input: Tensor::new(&cpu, [rows, FRAME])?,
+            state: Tensor::new(&cpu, [2, rows, HIDDEN])?,
+            options: RunOptions::new()?.with_outputs(outputs),
+            probs: None,
+            next: None,
+        })
+    }
 }
 
 impl SileroModel {
@@ -105,10 +138,7 @@ impl SileroModel {
         Ok(SileroModel {
             session,
             sr,
-            input: Vec::new(),
-            state: Vec::new(),
-            probs: Vec::new(),
-            rows: 0,
+            slots: Vec::with_capacity(SLOTS),
         })
     }
 
@@ -123,7 +153,7 @@ impl SileroModel {
         if rows.is_empty() {
             return Ok(());
         }
-        self.begin(rows.len());
+        self.begin(rows.len())?;
         for (r, (chunk, stream)) in rows.iter().enumerate() {
             self.put_row(r, chunk, stream);
         }
@@ -135,77 +165,101 @@ impl SileroModel {
         Ok(())
     }
 
-    /// Sizes the batch buffers for `rows` streams (reusing their allocation).
-    fn begin(&mut self, rows: usize) {
-        self.rows = rows;
-        self.input.resize(rows * FRAME, 0.0);
-        self.state.resize(2 * rows * HIDDEN, 0.0);
+    /// Makes the tensors of a `rows`-row pass current: reused when this size ran recently,
+    /// else allocated (forgetting the least recently used size when [`SLOTS`] are kept).
+    fn begin(&mut self, rows: usize) -> Result<(), VadError> {
+        if let Some(i) = self.slots.iter().position(|s| s.rows == rows) {
+            let slot = self.slots.remove(i);
+            self.slots.push(slot);
+            return Ok(());
+        }
+        let slot = Slot::new(rows).map_err(|e| VadError::Inference(e.to_string()))?;
+        if self.slots.len() >= SLOTS {
+            self.slots.remove(0);
+        }
+        self.slots.push(slot);
+        Ok(())
     }
 
-    /// Gathers one stream's context, chunk and state into row `r`.
+    /// Gathers one stream's context, chunk and state into row `r` of the current tensors.
     fn put_row(&mut self, r: usize, chunk: &[f32; CHUNK], stream: &VadStream) {
-        let row = &mut self.input[r * FRAME..(r + 1) * FRAME];
-        row[..CONTEXT].copy_from_slice(&stream.context);
-        row[CONTEXT..].copy_from_slice(chunk);
-        for layer in 0..2 {
-            let at = layer * self.rows * HIDDEN + r * HIDDEN;
-            self.state[at..at + HIDDEN]
-                .copy_from_slice(&stream.state[layer * HIDDEN..(layer + 1) * HIDDEN]);
+        let Some(slot) = self.slots.last_mut() else {
+            return;
+        };
+        let b = slot.rows;
+        if let Ok((_, input)) = slot.input.try_extract_tensor_mut() {
+            let row = &mut input[r * FRAME..(r + 1) * FRAME];
+            row[..CONTEXT].copy_from_slice(&stream.context);
+            row[CONTEXT..].copy_from_slice(chunk);
+        }
+        if let Ok((_, state)) = slot.state.try_extract_tensor_mut() {
+            for layer in 0..2 {
+                let at = layer * b * HIDDEN + r * HIDDEN;
+                state[at..at + HIDDEN]
+                    .copy_from_slice(&stream.state[layer * HIDDEN..(layer + 1) * HIDDEN]);
+            }
         }
     }
 
     /// Scatters row `r`'s next state back into its stream, moves the context on, and returns
-    /// the row's speech probability.
+    /// the row's speech probability (after a successful [`SileroModel::forward`]).
     fn finish_row(&self, r: usize, chunk: &[f32; CHUNK], stream: &mut VadStream) -> f32 {
-        for layer in 0..2 {
-            let at = layer * self.rows * HIDDEN + r * HIDDEN;
-            stream.state[layer * HIDDEN..(layer + 1) * HIDDEN]
-                .copy_from_slice(&self.state[at..at + HIDDEN]);
+        let Some(slot) = self.slots.last() else {
+            return 0.0;
+        };
+        let b = slot.rows;
+        if let Some(Ok((_, next))) = slot.next.as_ref().map(|v| v.try_extract_tensor::<f32>()) {
+            for layer in 0..2 {
+                let at = layer * b * HIDDEN + r * HIDDEN;
+                stream.state[layer * HIDDEN..(layer + 1) * HIDDEN]
+                    .copy_from_slice(&next[at..at + HIDDEN]);
+            }
         }
         stream.context.copy_from_slice(&chunk[CHUNK - CONTEXT..]);
-        self.probs[r]
+        match slot.probs.as_ref().map(|v| v.try_extract_tensor::<f32>()) {
+            Some(Ok((_, probs))) => probs.get(r).copied().unwrap_or(0.0),
+            _ => 0.0,
+        }
     }
 
-    /// Runs the model on the gathered rows; on success `probs` holds B probabilities and
-    /// `state` the next state of every row.
+    /// Runs the model on the gathered rows; on success the current slot's outputs hold B
+    /// probabilities and the next state of every row.
     fn forward(&mut self) -> Result<(), VadError> {
         self.forward_ort().map_err(VadError::Inference)
     }
 
     fn forward_ort(&mut self) -> Result<(), String> {
-        let b = self.rows;
-        let input =
-            TensorRef::from_array_view(([b, FRAME], &self.input[..])).map_err(|e| e.to_string())?;
-        let state = TensorRef::from_array_view(([2usize, b, HIDDEN], &self.state[..]))
-            .map_err(|e| e.to_string())?;
-        let out = self
+        let slot = self.slots.last_mut().ok_or("no batch gathered")?;
+        let b = slot.rows;
+        let mut out = self
             .session
-            .run(ort::inputs![
-                "input" => input,
-                "state" => state,
-                "sr" => &self.sr,
-            ])
+            .run_with_options(
+                ort::inputs![
+                    "input" => &slot.input,
+                    "state" => &slot.state,
+                    "sr" => &self.sr,
+                ],
+                &slot.options,
+            )
             .map_err(|e| e.to_string())?;
-        let (_, probs) = out
-            .get("output")
-            .ok_or("no `output` tensor")?
+        let probs = out.remove("output").ok_or("no `output` tensor")?;
+        let next = out.remove("stateN").ok_or("no `stateN` tensor")?;
+        drop(out);
+        let (_, p) = probs
             .try_extract_tensor::<f32>()
             .map_err(|e| e.to_string())?;
-        let (_, next) = out
-            .get("stateN")
-            .ok_or("no `stateN` tensor")?
+        let (_, n) = next
             .try_extract_tensor::<f32>()
             .map_err(|e| e.to_string())?;
-        if probs.len() != b || next.len() != self.state.len() {
+        if p.len() != b || n.len() != 2 * b * HIDDEN {
             return Err(format!(
                 "batch of {b}: got {} probabilities and {} state floats",
-                probs.len(),
-                next.len()
+                p.len(),
+                n.len()
             ));
         }
-        self.probs.clear();
-        self.probs.extend_from_slice(probs);
-        self.state.copy_from_slice(next);
+        slot.probs = Some(probs);
+        slot.next = Some(next);
         Ok(())
     }
 }
@@ -335,6 +389,12 @@ pub struct VadWorker {
     model: SileroModel,
     progress: Vec<Progress>,
     active: Vec<usize>,
+    /// Most rows in one forward pass (`inference.max_batch`).
+    max_rows: usize,
+    /// Buffers of [`BatchWorker::process`], kept across calls.
+    jobs: Vec<Routed<VadJob>>,
+    replies: Vec<Routed<VadReply>>,
+    sizes: Vec<usize>,
 }
 
 impl VadWorker {
@@ -344,7 +404,17 @@ impl VadWorker {
             model,
             progress: Vec::new(),
             active: Vec::new(),
+            max_rows: usize::MAX,
+            jobs: Vec::new(),
+            replies: Vec::new(),
+            sizes: Vec::new(),
         }
+    }
+
+    /// Caps the rows of one forward pass at `rows` (a pass over more active jobs is split).
+    pub fn with_max_rows(mut self, rows: usize) -> Self {
+        self.max_rows = rows.max(1);
+        self
     }
 
     /// Loads the model (see [`SileroModel::load`]) and wraps it in a worker.
@@ -352,31 +422,38 @@ impl VadWorker {
         SileroModel::load(lib, model_path).map(VadWorker::new)
     }
 
-    /// Runs pass `k` of wave `wave` over every job that has a k-th chunk and no error.
+    /// Runs pass `k` of wave `wave` over every job that has a k-th chunk and no error (in
+    /// forward passes of at most `max_rows` rows).
     fn run_pass(&mut self, jobs: &mut [Routed<VadJob>], wave: usize, k: usize) {
-        self.active.clear();
+        let mut active = std::mem::take(&mut self.active);
+        active.clear();
         for (i, p) in self.progress.iter().enumerate() {
             if p.wave == wave && p.error.is_none() && jobs[i].item.chunks.len() > k {
-                self.active.push(i);
+                active.push(i);
             }
         }
-        if self.active.is_empty() {
-            return;
+        for rows in active.chunks(self.max_rows) {
+            self.forward_rows(jobs, rows, k);
         }
+        self.active = active;
+    }
+
+    /// One forward pass over chunk `k` of the jobs at `rows`.
+    fn forward_rows(&mut self, jobs: &mut [Routed<VadJob>], rows: &[usize], k: usize) {
         let t0 = Instant::now();
-        self.model.begin(self.active.len());
-        for (r, &i) in self.active.iter().enumerate() {
-            let job = &jobs[i].item;
-            self.model.put_row(r, &job.chunks[k], &job.stream);
-        }
-        let outcome = self.model.forward();
+        let outcome = self.model.begin(rows.len()).and_then(|()| {
+            for (r, &i) in rows.iter().enumerate() {
+                let job = &jobs[i].item;
+                self.model.put_row(r, &job.chunks[k], &job.stream);
+            }
+            self.model.forward()
+        });
         let done = Instant::now();
         let took = done - t0;
-        let rows = self.active.len();
-        for (r, &i) in self.active.iter().enumerate() {
+        for (r, &i) in rows.iter().enumerate() {
             let p = &mut self.progress[i];
             p.compute += took;
-            p.batch_size = p.batch_size.max(rows);
+            p.batch_size = p.batch_size.max(rows.len());
             p.done = done;
             match &outcome {
                 Ok(()) => {
@@ -387,16 +464,70 @@ impl VadWorker {
             }
         }
         if let Err(e) = outcome {
-            tracing::warn!(rows, error = %e, "VAD forward pass failed");
+            tracing::warn!(rows = rows.len(), error = %e, "VAD forward pass failed");
         }
     }
 }
 
-impl BatchWorker for VadWorker {
-    type Job = VadJob;
-    type Output = VadReply;
+/// One shard's VAD jobs of one tick (at most one job per session), sent as one message.
+pub type VadBatch = Batch<VadJob>;
 
-    fn process(&mut self, jobs: &mut Vec<Routed<VadJob>>, out: &mut Vec<Routed<VadReply>>) {
+/// A worker's answer to one [`VadBatch`]: one reply per job, in the batch's order.
+#[derive(Debug)]
+pub struct VadBatchReply {
+    /// The batch's sequence number on its shard.
+    pub seq: u64,
+    /// When the worker finished the batch (the answer left right after): the start of the
+    /// shard's wake-up.
+    pub finished: Instant,
+    /// One reply per job of the batch.
+    pub replies: Vec<VadReply>,
+}
+
+impl BatchWorker for VadWorker {
+    type Job = VadBatch;
+    type Output = VadBatchReply;
+
+    /// Runs every job of the batches taken together (from several shards, or several ticks of
+    /// one shard when the worker fell behind) in the same passes, and answers each batch with
+    /// one message.
+    fn process(
+        &mut self,
+        batches: &mut Vec<Routed<VadBatch>>,
+        out: &mut Vec<Routed<VadBatchReply>>,
+    ) {
+        let mut jobs = std::mem::take(&mut self.jobs);
+        let mut replies = std::mem::take(&mut self.replies);
+        self.sizes.clear();
+        for b in batches.iter_mut() {
+            self.sizes.push(b.item.jobs.len());
+            jobs.extend(b.item.jobs.drain(..).map(|item| Routed {
+                shard: b.shard,
+                item,
+            }));
+        }
+        self.run_jobs(&mut jobs, &mut replies);
+        let finished = Instant::now();
+        let mut answers = replies.drain(..);
+        for (b, &n) in batches.drain(..).zip(&self.sizes) {
+            out.push(Routed {
+                shard: b.shard,
+                item: VadBatchReply {
+                    seq: b.item.seq,
+                    finished,
+                    replies: answers.by_ref().take(n).map(|r| r.item).collect(),
+                },
+            });
+        }
+        drop(answers);
+        self.jobs = jobs;
+        self.replies = replies;
+    }
+}
+
+impl VadWorker {
+    /// Runs `jobs` (drained) in batched passes and pushes one reply per job, in order.
+    pub fn run_jobs(&mut self, jobs: &mut Vec<Routed<VadJob>>, out: &mut Vec<Routed<VadReply>>) {
         let started = Instant::now();
         self.progress.clear();
         let mut waves = 0;
@@ -691,7 +822,7 @@ mod tests {
             })
             .collect();
         let mut out = Vec::new();
-        worker.process(&mut jobs, &mut out);
+        worker.run_jobs(&mut jobs, &mut out);
         assert!(jobs.is_empty());
         assert_eq!(out.len(), plan.len());
         let out: Vec<Routed<VadResult>> = out
@@ -729,6 +860,108 @@ mod tests {
         let sizes: Vec<usize> = out.iter().map(|r| r.item.batch_size).collect();
         assert_eq!(sizes, [3, 3, 3, 1]);
         assert!(out[3].item.done >= out[0].item.done);
+    }
+
+    #[test]
+    fn passes_of_changing_sizes_reuse_their_tensors_and_score_like_a_lone_stream() {
+        let Some(mut model) = model_or_skip("silero_vad.onnx") else {
+            return;
+        };
+        let Some(mut reference) = model_or_skip("silero_vad.onnx") else {
+            return;
+        };
+        let audio = speech_16k();
+        let b = 12;
+        let steps = 40;
+        let rows: Vec<Vec<[f32; CHUNK]>> = (0..b)
+            .map(|r| {
+                (0..steps)
+                    .map(|i| chunk_at(audio, 16_000 + r * 4001, i))
+                    .collect()
+            })
+            .collect();
+        let mut streams = vec![VadStream::default(); b];
+        let mut next = vec![0usize; b];
+        let mut got = vec![Vec::new(); b];
+        // Pass i runs the first (i % b) + 1 streams: 12 sizes cycle through 8 slots.
+        let mut probs = Vec::new();
+        for i in 0..3 * steps {
+            let n = i % b + 1;
+            let mut batch: Vec<(&[f32; CHUNK], &mut VadStream)> = Vec::new();
+            for (r, s) in streams.iter_mut().enumerate().take(n) {
+                if next[r] < steps {
+                    batch.push((&rows[r][next[r]], s));
+                }
+            }
+            let used: Vec<usize> = (0..n).filter(|&r| next[r] < steps).collect();
+            probs.clear();
+            model.infer_batch(&mut batch, &mut probs).expect("pass");
+            for (&r, p) in used.iter().zip(&probs) {
+                got[r].push(*p);
+                next[r] += 1;
+            }
+        }
+        assert!(model.slots.len() <= SLOTS, "the kept sizes are bounded");
+        for (r, row) in rows.iter().enumerate() {
+            let alone = single_stream_probs(&mut reference, &row[..got[r].len()]);
+            for (x, y) in alone.iter().zip(&got[r]) {
+                assert!((x - y).abs() < 1e-5, "stream {r}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_worker_answers_each_batch_with_one_message_in_job_order() {
+        let Some(model) = model_or_skip("silero_vad.onnx") else {
+            return;
+        };
+        let mut worker = VadWorker::new(model).with_max_rows(2);
+        let audio = speech_16k();
+        let t0 = Instant::now();
+        let job = |session: u64, n: usize| VadJob {
+            session,
+            seq: session * 10,
+            turn: 1,
+            chunks: (0..n).map(|i| chunk_at(audio, 20_000, i)).collect(),
+            stream: VadStream::default(),
+            submitted: t0,
+        };
+        let mut batches = vec![
+            Routed {
+                shard: 1,
+                item: Batch {
+                    seq: 5,
+                    jobs: vec![job(1, 2), job(2, 1), job(3, 1)],
+                },
+            },
+            Routed {
+                shard: 0,
+                item: Batch {
+                    seq: 9,
+                    jobs: vec![job(4, 1)],
+                },
+            },
+        ];
+        let mut out = Vec::new();
+        worker.process(&mut batches, &mut out);
+        assert!(batches.is_empty());
+        let answers: Vec<(usize, u64, Vec<u64>)> = out
+            .iter()
+            .map(|r| {
+                let seqs = r.item.replies.iter().map(|x| x.seq).collect();
+                (r.shard, r.item.seq, seqs)
+            })
+            .collect();
+        assert_eq!(answers, [(1, 5, vec![10, 20, 30]), (0, 9, vec![40])]);
+        let sizes: Vec<usize> = out
+            .iter()
+            .flat_map(|r| &r.item.replies)
+            .map(|x| x.result.as_ref().expect("scored").batch_size)
+            .collect();
+        // 4 jobs in one pass, split at 2 rows per forward pass.
+        assert_eq!(sizes, [2, 2, 2, 2]);
+        let first = out[0].item.replies[0].result.as_ref().expect("scored");
+        assert_eq!(first.probs.len(), 2);
     }
 
     #[test]
