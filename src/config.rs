@@ -567,6 +567,10 @@ pub struct InferenceConfig {
     /// Period at which a shard sends its sessions' VAD jobs to its worker as one batch, ms
     /// (0: send as soon as a job is there). Adds at most one tick to a chunk's VAD latency.
     pub tick_ms: u64,
+    /// Removed (replaced by `tick_ms`): still accepted so a config written for an older
+    /// version loads, and a warning at start says it is ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_deadline_us: Option<u64>,
     /// Most 32 ms chunks one session sends in one VAD job.
     pub max_chunks_per_job: usize,
     /// Longest a session's audio may wait for VAD before its turn is shed, ms (the sign that
@@ -586,6 +590,7 @@ impl Default for InferenceConfig {
             queue_capacity: 1024,
             max_batch: 64,
             tick_ms: 10,
+            batch_deadline_us: None,
             max_chunks_per_job: 16,
             max_wait_ms: 1500,
             busy_watermark: 0.75,
@@ -1648,13 +1653,10 @@ mod tests {
         );
         let err = load(&["inference.tick_ms=201"]).unwrap_err().to_string();
         assert!(err.contains("inference.tick_ms"), "{err}");
-        let err = load(&["inference.batch_deadline_us=500"])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("batch_deadline_us"),
-            "the old key is gone: {err}"
-        );
+        // The old key still loads (an upgraded fleet's config keeps working) and is ignored.
+        let old = load(&["inference.batch_deadline_us=500"]).unwrap();
+        assert_eq!(old.inference.batch_deadline_us, Some(500));
+        assert_eq!(old.inference.tick_ms, 10);
     }
 
     #[test]

@@ -139,6 +139,12 @@ fn serve(config: Config) -> ExitCode {
 /// [`serve`] once logging is installed.
 fn serve_logged(mut config: Config) -> ExitCode {
     config.ensure_vision_secret();
+    if config.inference.batch_deadline_us.is_some() {
+        tracing::warn!(
+            "inference.batch_deadline_us is ignored: VAD jobs now go to the inference core once \
+             per inference.tick_ms; remove the key"
+        );
+    }
     for warning in config.server.auth.warnings() {
         tracing::warn!("auth: {warning}");
     }
