@@ -287,6 +287,10 @@ pub struct HttpPortConfig {
     pub max_connections_per_address: usize,
     /// Time a new connection has to send its first complete request head, ms.
     pub head_timeout_ms: u64,
+    /// A kept-alive connection with no request in progress for this long is closed, ms.
+    pub keep_alive_idle_ms: u64,
+    /// Requests one connection may carry; the last is answered with `Connection: close`.
+    pub max_requests_per_connection: u32,
     /// Requests per client address (balancer addresses are exempt).
     pub rate_limit: RateLimitConfig,
 }
@@ -298,6 +302,8 @@ impl Default for HttpPortConfig {
             max_connections_per_shard: 1024,
             max_connections_per_address: 64,
             head_timeout_ms: 5000,
+            keep_alive_idle_ms: 5000,
+            max_requests_per_connection: 100,
             rate_limit: RateLimitConfig::default(),
         }
     }
@@ -1167,6 +1173,18 @@ impl Config {
             return bad(
                 "server.http.head_timeout_ms",
                 "must be between 100 and 60000",
+            );
+        }
+        if !(100..=60_000).contains(&s.http.keep_alive_idle_ms) {
+            return bad(
+                "server.http.keep_alive_idle_ms",
+                "must be between 100 and 60000",
+            );
+        }
+        if s.http.max_requests_per_connection == 0 {
+            return bad(
+                "server.http.max_requests_per_connection",
+                "must be at least 1",
             );
         }
         for (key, rl) in [
