@@ -994,6 +994,11 @@ pub struct LogConfig {
     /// Lines the log writer thread queues; beyond it lines are dropped and counted, so a slow
     /// stderr never blocks a shard.
     pub buffered_lines: usize,
+    /// Lines one session's device may cause per second (malformed or unknown messages, …);
+    /// beyond it they are counted, not written.
+    pub session_lines_per_s: f64,
+    /// Such lines one session may write at once.
+    pub session_burst: u32,
 }
 
 impl Default for LogConfig {
@@ -1001,6 +1006,8 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
             buffered_lines: 16_384,
+            session_lines_per_s: 1.0,
+            session_burst: 10,
         }
     }
 }
@@ -1315,6 +1322,13 @@ impl Config {
         }
         if !(16..=1 << 20).contains(&self.log.buffered_lines) {
             return bad("log.buffered_lines", "must be between 16 and 1048576");
+        }
+        let per_s = self.log.session_lines_per_s;
+        if !(per_s.is_finite() && per_s > 0.0) {
+            return bad("log.session_lines_per_s", "must be more than 0");
+        }
+        if self.log.session_burst == 0 {
+            return bad("log.session_burst", "must be at least 1");
         }
         let t = &self.tools;
         if t.call_timeout_ms < 100 {

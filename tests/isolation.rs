@@ -190,3 +190,95 @@ fn a_closed_connection_has_its_queued_jobs_skipped() {
         "the gone sessions' queued syntheses were skipped"
     );
 }
+
+/// The `suppressed=N` values of `line`s that say so.
+fn suppressed_in(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("suppressed="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_device_flooding_distinct_malformed_messages_is_rate_limited_in_the_log_with_a_count() {
+    let server = Server::start(&["log.session_lines_per_s=1.0", "log.session_burst=5"]);
+    let url = server.ws_url("/xiaozhi/v1/");
+    let mut a = connect(&url, &device_headers("aa:aa:aa:aa:aa:03", "1"));
+    let a_id = hello(&mut a, HELLO)["session_id"]
+        .as_str()
+        .expect("session id")
+        .to_string();
+    let mut b = connect(&url, &device_headers("bb:bb:bb:bb:bb:04", "1"));
+    let b_id = hello(&mut b, HELLO)["session_id"]
+        .as_str()
+        .expect("session id")
+        .to_string();
+
+    // 2000 malformed messages, every one different; each is answered with an error.
+    let started = Instant::now();
+    const FLOOD: u64 = 2000;
+    for i in 0..FLOOD {
+        let text = format!(r#"{{"type":"listen","state":"start{i}","mode":{i}"#);
+        a.send(Message::text(text)).expect("send");
+    }
+    a.send(Message::text(r#"{"type":"ping"}"#)).expect("ping");
+    let mut errors = 0;
+    loop {
+        let v = next_json(&mut a);
+        if v["type"] == "pong" {
+            break;
+        }
+        errors += u64::from(v["type"] == "error");
+    }
+    // Every message was handled by now: the log had at most this long to refill its budget.
+    let flood_s = started.elapsed().as_secs();
+    assert_eq!(errors, FLOOD, "every malformed message got its error");
+
+    // Another device's malformed message is still written: its budget is its own.
+    b.send(Message::text("{not json from b")).expect("send");
+    assert_eq!(next_json(&mut b)["type"], "error");
+    let _ = a.close(None);
+    let _ = b.close(None);
+
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut suppressed_metric = 0;
+    while suppressed_metric == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        suppressed_metric = metric_or_zero(&server, "xiaozhi_log_lines_suppressed_total");
+    }
+    let log = server.log_text();
+    let a_lines: Vec<&str> = log.lines().filter(|l| l.contains(&a_id)).collect();
+    let written = a_lines
+        .iter()
+        .filter(|l| l.contains("malformed message"))
+        .count() as u64;
+    let suppressed: u64 = a_lines
+        .iter()
+        .filter(|l| l.contains("device-caused log lines suppressed"))
+        .map(|l| suppressed_in(l))
+        .sum();
+    // Every message is either written or counted in a "suppressed" line, and at most the
+    // burst plus one line per second of the flood (plus one for a partial second) is written.
+    assert_eq!(
+        written + suppressed,
+        FLOOD,
+        "{written} written, {suppressed} suppressed"
+    );
+    assert!(
+        written <= 5 + flood_s + 1,
+        "{written} lines written in {flood_s} s"
+    );
+    // Everything A's session put in the log: those lines, the "suppressed" lines between them,
+    // and a handful about the connection itself.
+    assert!(
+        a_lines.len() as u64 <= 2 * (5 + flood_s + 1) + 10,
+        "{} lines",
+        a_lines.len()
+    );
+    assert_eq!(suppressed_metric, suppressed, "counted in /metrics");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&b_id) && l.contains("malformed message")),
+        "B's line was written"
+    );
+}
