@@ -17,6 +17,7 @@ use std::path::Path;
 use crate::front_door::peer::TrustedProxies;
 use crate::pipeline::segmenter::SegmenterConfig;
 use crate::providers::asr::ChineseScript;
+use crate::providers::onnx::OrtMemory;
 use crate::tools::server::ServerToolName;
 
 mod language;
@@ -580,6 +581,13 @@ pub struct InferenceConfig {
     pub busy_watermark: f64,
     /// Bound of each shard's reply channel.
     pub reply_capacity: usize,
+    /// How ONNX Runtime (Silero, Piper, Kokoro) holds the memory of intermediate tensors:
+    /// `arena`, `no_pattern`, `arena_shrink` or `no_arena` (tuning.md, "ONNX Runtime memory").
+    pub ort_memory: OrtMemory,
+    /// Allocations at least this large are mapped and unmapped one by one (glibc
+    /// `M_MMAP_THRESHOLD`), so tensors freed after a run leave the process, KiB; 0 = glibc's
+    /// own threshold, which rises to 32 MiB and lets freed tensors stay in the heap.
+    pub malloc_mmap_threshold_kib: u32,
 }
 
 impl Default for InferenceConfig {
@@ -594,6 +602,8 @@ impl Default for InferenceConfig {
             max_wait_ms: 1500,
             busy_watermark: 0.75,
             reply_capacity: 4096,
+            ort_memory: OrtMemory::default(),
+            malloc_mmap_threshold_kib: 1024,
         }
     }
 }
@@ -1322,6 +1332,12 @@ impl Config {
         }
         if !(16..=1 << 20).contains(&self.log.buffered_lines) {
             return bad("log.buffered_lines", "must be between 16 and 1048576");
+        }
+        if self.inference.malloc_mmap_threshold_kib > 32 * 1024 {
+            return bad(
+                "inference.malloc_mmap_threshold_kib",
+                "must be at most 32768 (glibc's largest)",
+            );
         }
         let per_s = self.log.session_lines_per_s;
         if !(per_s.is_finite() && per_s > 0.0) {

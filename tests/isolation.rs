@@ -282,3 +282,89 @@ fn a_device_flooding_distinct_malformed_messages_is_rate_limited_in_the_log_with
         "B's line was written"
     );
 }
+
+/// Long turns in the resident-size test, and how far above its level after the first one the
+/// server may end: measured on Piper, the same turns under ONNX Runtime's default arena end
+/// ~200 MiB above the first (the arena keeps every peak and a memory pattern per shape), under
+/// `arena_shrink` and `no_arena` within ~65 MiB of it (the C heap's own slack).
+const TURNS: usize = 8;
+const RSS_GROWTH_MIB: u64 = 100;
+
+/// The server's resident size now, in MiB (VmRSS from /proc).
+fn rss_mib(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))
+        .expect("server status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .expect("VmRSS")
+        / 1024
+}
+
+/// Long text turns of different shapes, each ending in its own word and within the offline
+/// echo's 100 characters: ordinary sentences and the spoken-number kind that once cost 1.3 GB.
+fn long_turn(i: usize) -> String {
+    let mark = MARKS[i % MARKS.len()];
+    match i % 4 {
+        // The first turn is short: the level after it has every code path warm but no large
+        // synthesis behind it.
+        _ if i == 0 => format!("the cat sat on the mat {mark}"),
+        0 => format!("the quick brown fox jumps over the lazy dog while the old cat sleeps on the mat {mark}"),
+        1 => format!("please remind me tomorrow at seven to water the plants and call my sister {mark}"),
+        2 => format!("{}{mark}", "999999999999999 ".repeat(4 + i / 4)),
+        _ => format!("what a wonderful afternoon with the sun over the hills and children in the park {mark}"),
+    }
+}
+
+/// Sends turn `i` and reads until the sentence that ends it has been synthesised (its
+/// `sentence_start`: with a pre-buffer this large every sentence is sent as soon as it is
+/// synthesised), then aborts instead of waiting for the play-out to end.
+fn synthesise_turn(ws: &mut Ws, i: usize) {
+    let mark = MARKS[i % MARKS.len()];
+    let detect = json!({"type":"listen","state":"detect","text":long_turn(i)});
+    ws.send(Message::text(detect.to_string())).expect("detect");
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).expect("json");
+                assert_ne!(v["type"], "alert", "{v}");
+                let text = v["text"].as_str().unwrap_or("");
+                if v["state"] == "sentence_start" && text.contains(mark) {
+                    break;
+                }
+            }
+            Message::Close(frame) => panic!("closed in turn {i}: {frame:?}"),
+            _ => {}
+        }
+    }
+    ws.send(Message::text(r#"{"type":"abort"}"#))
+        .expect("abort");
+    let _ = until_stop(ws);
+}
+
+#[test]
+fn resident_size_stays_near_its_level_after_the_first_long_turn() {
+    // The pre-buffer sends each synthesised sentence at once, so a turn lasts as long as its
+    // synthesis, not its speech.
+    let server = Server::start(&["audio_out.prebuffer_frames=1000000"]);
+    let url = server.ws_url("/xiaozhi/v1/");
+    let mut ws = connect(&url, &device_headers("aa:aa:aa:aa:aa:05", "1"));
+    hello(&mut ws, HELLO);
+    set_timeout(&ws, Duration::from_secs(120));
+    let mut rss = Vec::new();
+    for i in 0..TURNS {
+        synthesise_turn(&mut ws, i);
+        std::thread::sleep(Duration::from_millis(200));
+        rss.push(rss_mib(&server));
+    }
+    eprintln!("resident size per turn (MiB): {rss:?}");
+    // With ONNX Runtime's default arena (inference.ort_memory = "arena") the same turns end
+    // 150-200 MiB above the first (tuning.md, "ONNX Runtime memory"); this fails there.
+    let (first, last) = (rss[0], rss[TURNS - 1]);
+    assert!(
+        last <= first + RSS_GROWTH_MIB,
+        "resident size per turn (MiB): {rss:?}"
+    );
+}

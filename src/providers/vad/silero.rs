@@ -16,11 +16,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ort::session::Session;
 use ort::value::{Tensor, TensorRef};
 use shards::{BatchWorker, Routed};
 
-use crate::providers::onnx::{environment, OnnxRuntimeError};
+use crate::providers::onnx::{environment, OnnxRuntimeError, OnnxSession};
 use crate::providers::reply::{Reply, Timings};
 
 /// New samples per chunk (32 ms at 16 kHz).
@@ -77,7 +76,7 @@ impl Default for VadStream {
 
 /// One ONNX Runtime session of Silero VAD, single-threaded, with its batch buffers.
 pub struct SileroModel {
-    session: Session,
+    session: OnnxSession,
     sr: Tensor<i64>,
     /// `[B, FRAME]`: row r = stream r's context then its new chunk.
     input: Vec<f32>,
@@ -210,7 +209,7 @@ impl SileroModel {
     }
 }
 
-fn check_signature(session: &Session) -> Result<(), String> {
+fn check_signature(session: &OnnxSession) -> Result<(), String> {
     let (inputs, outputs) = crate::providers::onnx::io_names(session);
     for want in ["input", "state", "sr"] {
         if !inputs.iter().any(|n| n == want) {
