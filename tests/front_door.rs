@@ -540,6 +540,8 @@ fn full_http_shard_refuses_requests_but_answers_probes_and_idle_sockets_take_no_
         [
             "server.http.max_connections_per_shard=2",
             "server.http.head_timeout_ms=60000",
+            // The held connections stay open however slowly this test runs.
+            "server.http.keep_alive_idle_ms=60000",
             "runtime.shard_cores=[0]",
         ]
         .map(String::from),
