@@ -17,6 +17,7 @@ use std::path::Path;
 use crate::front_door::peer::TrustedProxies;
 use crate::pipeline::segmenter::SegmenterConfig;
 use crate::providers::asr::ChineseScript;
+use crate::providers::onnx::OrtMemory;
 use crate::tools::server::ServerToolName;
 
 mod language;
@@ -287,6 +288,10 @@ pub struct HttpPortConfig {
     pub max_connections_per_address: usize,
     /// Time a new connection has to send its first complete request head, ms.
     pub head_timeout_ms: u64,
+    /// A kept-alive connection with no request in progress for this long is closed, ms.
+    pub keep_alive_idle_ms: u64,
+    /// Requests one connection may carry; the last is answered with `Connection: close`.
+    pub max_requests_per_connection: u32,
     /// Requests per client address (balancer addresses are exempt).
     pub rate_limit: RateLimitConfig,
 }
@@ -298,6 +303,8 @@ impl Default for HttpPortConfig {
             max_connections_per_shard: 1024,
             max_connections_per_address: 64,
             head_timeout_ms: 5000,
+            keep_alive_idle_ms: 5000,
+            max_requests_per_connection: 100,
             rate_limit: RateLimitConfig::default(),
         }
     }
@@ -580,6 +587,13 @@ pub struct InferenceConfig {
     pub busy_watermark: f64,
     /// Bound of each shard's reply channel.
     pub reply_capacity: usize,
+    /// How ONNX Runtime (Silero, Piper, Kokoro) holds the memory of intermediate tensors:
+    /// `arena`, `no_pattern`, `arena_shrink` or `no_arena` (tuning.md, "ONNX Runtime memory").
+    pub ort_memory: OrtMemory,
+    /// Allocations at least this large are mapped and unmapped one by one (glibc
+    /// `M_MMAP_THRESHOLD`), so tensors freed after a run leave the process, KiB; 0 = glibc's
+    /// own threshold, which rises to 32 MiB and lets freed tensors stay in the heap.
+    pub malloc_mmap_threshold_kib: u32,
 }
 
 impl Default for InferenceConfig {
@@ -595,6 +609,8 @@ impl Default for InferenceConfig {
             max_wait_ms: 1500,
             busy_watermark: 0.75,
             reply_capacity: 4096,
+            ort_memory: OrtMemory::default(),
+            malloc_mmap_threshold_kib: 1024,
         }
     }
 }
@@ -995,6 +1011,11 @@ pub struct LogConfig {
     /// Lines the log writer thread queues; beyond it lines are dropped and counted, so a slow
     /// stderr never blocks a shard.
     pub buffered_lines: usize,
+    /// Lines one session's device may cause per second (malformed or unknown messages, …);
+    /// beyond it they are counted, not written.
+    pub session_lines_per_s: f64,
+    /// Such lines one session may write at once.
+    pub session_burst: u32,
 }
 
 impl Default for LogConfig {
@@ -1002,6 +1023,8 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
             buffered_lines: 16_384,
+            session_lines_per_s: 1.0,
+            session_burst: 10,
         }
     }
 }
@@ -1176,6 +1199,18 @@ impl Config {
                 "must be between 100 and 60000",
             );
         }
+        if !(100..=60_000).contains(&s.http.keep_alive_idle_ms) {
+            return bad(
+                "server.http.keep_alive_idle_ms",
+                "must be between 100 and 60000",
+            );
+        }
+        if s.http.max_requests_per_connection == 0 {
+            return bad(
+                "server.http.max_requests_per_connection",
+                "must be at least 1",
+            );
+        }
         for (key, rl) in [
             ("server.rate_limit", &s.rate_limit),
             ("server.http.rate_limit", &s.http.rate_limit),
@@ -1310,6 +1345,19 @@ impl Config {
         }
         if !(16..=1 << 20).contains(&self.log.buffered_lines) {
             return bad("log.buffered_lines", "must be between 16 and 1048576");
+        }
+        if self.inference.malloc_mmap_threshold_kib > 32 * 1024 {
+            return bad(
+                "inference.malloc_mmap_threshold_kib",
+                "must be at most 32768 (glibc's largest)",
+            );
+        }
+        let per_s = self.log.session_lines_per_s;
+        if !(per_s.is_finite() && per_s > 0.0) {
+            return bad("log.session_lines_per_s", "must be more than 0");
+        }
+        if self.log.session_burst == 0 {
+            return bad("log.session_burst", "must be at least 1");
         }
         let t = &self.tools;
         if t.call_timeout_ms < 100 {

@@ -46,6 +46,22 @@ pub struct Inference {
     pub replies: Vec<ShardReplies>,
 }
 
+/// Fixes glibc's mmap threshold at `kib` (0 leaves glibc's dynamic one): allocations that
+/// large are unmapped when freed instead of staying in a heap.
+fn set_mmap_threshold(kib: u32) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if kib > 0 {
+        let bytes = i32::try_from(u64::from(kib) * 1024).unwrap_or(i32::MAX);
+        // SAFETY: mallopt only changes allocator parameters; it is called once at start.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) };
+        if ok != 1 {
+            tracing::warn!(kib, "could not set the malloc mmap threshold");
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = kib;
+}
+
 fn channels<T>(shards: usize, cap: usize) -> (Vec<flume::Sender<T>>, Vec<flume::Receiver<T>>) {
     (0..shards).map(|_| flume::bounded(cap)).unzip()
 }
@@ -56,6 +72,10 @@ pub fn start(config: &Config, cores: &[usize], shards: usize) -> Result<Inferenc
     let lib = config.inference.onnxruntime_path();
     let verify = |p: &std::path::Path| crate::models::verify(p, &models).map_err(|e| e.to_string());
     verify(&lib)?;
+    set_mmap_threshold(config.inference.malloc_mmap_threshold_kib);
+    // Before any model loads: every session follows the process's memory policy.
+    crate::providers::onnx::init_runtime_with(&lib, config.inference.ort_memory)
+        .map_err(|e| e.to_string())?;
     let vad_model = models.join(&config.vad.model);
     verify(&vad_model)?;
     let cap = config.inference.reply_capacity;

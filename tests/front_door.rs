@@ -540,6 +540,8 @@ fn full_http_shard_refuses_requests_but_answers_probes_and_idle_sockets_take_no_
         [
             "server.http.max_connections_per_shard=2",
             "server.http.head_timeout_ms=60000",
+            // The held connections stay open however slowly this test runs.
+            "server.http.keep_alive_idle_ms=60000",
             "runtime.shard_cores=[0]",
         ]
         .map(String::from),
@@ -593,6 +595,61 @@ fn full_http_shard_refuses_requests_but_answers_probes_and_idle_sockets_take_no_
         20
     );
     drop(idle);
+}
+
+/// Reads `s` until the server closes it; panics if it sends anything or is still open after
+/// a generous wait (the close is what is asserted, not when it comes).
+fn expect_closed_without_data(mut s: TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut buf = [0u8; 512];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("unexpected bytes: {}", String::from_utf8_lossy(&buf[..n])),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the idle connection was not closed: {e}"),
+    }
+}
+
+#[test]
+fn an_idle_kept_alive_connection_is_closed_and_frees_its_place_and_requests_are_capped() {
+    let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    sets.extend(
+        [
+            "server.http.max_connections_per_shard=1",
+            "server.http.keep_alive_idle_ms=300",
+            "server.http.max_requests_per_connection=3",
+            "runtime.shard_cores=[0]",
+        ]
+        .map(String::from),
+    );
+    let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    // Answered once and kept alive, then silent: it holds the shard's only place until the
+    // server closes it.
+    let held = held_http_connection(server.http_port);
+    expect_closed_without_data(held);
+    // Its place is free: a request that needs one is served, not refused with 503.
+    let ota = http_request(server.http_port, "GET", "/xiaozhi/ota/", &[], "").expect("ota");
+    assert_eq!(ota.status, 200, "{}", ota.body);
+    assert_eq!(
+        server.metric("xiaozhi_http_keep_alive_idle_closed_total"),
+        1
+    );
+    assert_eq!(server.metric("xiaozhi_http_refused_full_total"), 0);
+
+    // Four pipelined requests on one connection: three are answered, the third with
+    // `Connection: close`, and the connection ends there.
+    let mut s = TcpStream::connect(("127.0.0.1", server.http_port)).expect("connect");
+    s.write_all(&b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(4))
+        .expect("write");
+    let answers = read_until_closed(s);
+    assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 3, "{answers}");
+    let last = answers.rsplit("HTTP/1.1 200 OK").next().unwrap_or("");
+    assert!(
+        last.to_ascii_lowercase().contains("connection: close"),
+        "{answers}"
+    );
+    assert_eq!(server.metric("xiaozhi_http_request_cap_closed_total"), 1);
 }
 
 #[test]

@@ -199,6 +199,8 @@ impl ConnectionSettings {
                 wake_greeting: t.wake_greeting.clone(),
                 wake_greeting_zh: t.wake_greeting_zh.clone(),
             },
+            log_lines_per_s: c.log.session_lines_per_s,
+            log_burst: c.log.session_burst,
         };
         let vision_on = c.vision.provider != VisionProvider::None;
         ConnectionSettings {

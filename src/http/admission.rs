@@ -14,6 +14,9 @@
 //! `server.http.head_timeout_ms` for its first complete request head (408), and only then
 //! takes one of the shard's `server.http.max_connections_per_shard` places (503). Health and
 //! readiness probes are answered even when no place is free (see [`super::serve_connection`]).
+//! A served connection keeps its place only while it is used: it is closed when no request is
+//! in progress for `server.http.keep_alive_idle_ms`, after
+//! `server.http.max_requests_per_connection` requests, and at 60 s in any case.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -56,6 +59,12 @@ crate::metrics::counters::counters! {
         /// Connections closed without a complete first head in time (408).
         head_timeouts: Sum Counter "xiaozhi_http_head_timeouts_total"
             "HTTP connections closed because no complete request head came within server.http.head_timeout_ms (HTTP 408).",
+        /// Kept-alive connections closed for having no request in progress for too long.
+        keep_alive_idle_closed: Sum Counter "xiaozhi_http_keep_alive_idle_closed_total"
+            "HTTP connections closed after a request because no further one came within server.http.keep_alive_idle_ms.",
+        /// Connections closed after their last allowed request.
+        request_cap_closed: Sum Counter "xiaozhi_http_request_cap_closed_total"
+            "HTTP connections closed after server.http.max_requests_per_connection requests (answered with Connection: close).",
         /// First request heads that were malformed or too large (400 / 431).
         bad_heads: Sum Counter "xiaozhi_http_bad_heads_total"
             "HTTP connections whose first request head was malformed or too large (HTTP 400/431).",
@@ -91,6 +100,8 @@ pub struct HttpAdmission {
     max_connections: usize,
     max_per_address: usize,
     head_timeout: Duration,
+    keep_alive_idle: Duration,
+    max_requests: u32,
     open: Cell<usize>,
     waiting: Cell<usize>,
     /// Open connections (waiting or served) per client address; an entry goes at zero, so the
@@ -159,6 +170,8 @@ impl HttpAdmission {
             max_connections: s.http.max_connections_per_shard.max(1),
             max_per_address: s.http.max_connections_per_address,
             head_timeout: Duration::from_millis(s.http.head_timeout_ms),
+            keep_alive_idle: Duration::from_millis(s.http.keep_alive_idle_ms),
+            max_requests: s.http.max_requests_per_connection.max(1),
             open: Cell::new(0),
             waiting: Cell::new(0),
             per_address: RefCell::new(HashMap::new()),
@@ -235,6 +248,26 @@ impl HttpAdmission {
     /// Time a new connection has to send its first complete head (and a PROXY header).
     pub fn head_timeout(&self) -> Duration {
         self.head_timeout
+    }
+
+    /// How long a kept-alive connection may wait for its next request.
+    pub fn keep_alive_idle(&self) -> Duration {
+        self.keep_alive_idle
+    }
+
+    /// Requests one connection may carry.
+    pub fn max_requests(&self) -> u32 {
+        self.max_requests
+    }
+
+    /// Counts a kept-alive connection closed for idling.
+    pub fn keep_alive_idle_closed(&self) {
+        self.count(|c| c.keep_alive_idle_closed += 1);
+    }
+
+    /// Counts a connection closed after its last allowed request.
+    pub fn request_cap_closed(&self) {
+        self.count(|c| c.request_cap_closed += 1);
     }
 
     /// Most connections this shard holds.
@@ -329,6 +362,8 @@ mod tests {
                 max_connections_per_shard: 2,
                 max_connections_per_address: 2,
                 head_timeout_ms: 1000,
+                keep_alive_idle_ms: 1000,
+                max_requests_per_connection: 10,
                 rate_limit: RateLimitConfig {
                     per_address_per_s: 0.5,
                     burst: 2,

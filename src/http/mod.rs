@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 
 pub use admission::{HttpAdmission, HttpCounters};
@@ -39,8 +39,9 @@ use crate::front_door::{proxy, write_plain};
 
 /// Largest request body accepted (the OTA system-info JSON is ~2 KiB).
 const MAX_BODY: usize = 64 * 1024;
-/// An HTTP connection is closed after this long, keep-alive or not (bounds slow clients
-/// after their first request; the first head has `server.http.head_timeout_ms`).
+/// An HTTP connection is closed after this long, keep-alive or not (bounds a slow client that
+/// keeps a request in progress; an idle one is closed after `server.http.keep_alive_idle_ms`,
+/// the first head has `server.http.head_timeout_ms`).
 const MAX_CONNECTION_TIME: Duration = Duration::from_secs(60);
 
 /// Produces the `/metrics` text (may ask other shards).
@@ -174,22 +175,137 @@ pub async fn serve_connection(mut stream: glommio::net::TcpStream, ctx: Rc<HttpC
         return;
     };
     let io = smol_hyper::rt::FuturesIo::new(Rewind::new(bytes, stream));
-    let service = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(admit(req, &ctx, client, local_ip).await) }
-    });
+    let use_ = Rc::new(ConnectionUse::new(ctx.admission.max_requests()));
+    let service = {
+        let (ctx, use_) = (ctx.clone(), use_.clone());
+        hyper::service::service_fn(move |req| {
+            let (ctx, use_) = (ctx.clone(), use_.clone());
+            async move {
+                let request = use_.begin();
+                let mut resp = admit(req, &ctx, client, local_ip).await;
+                if request.last {
+                    ctx.admission.request_cap_closed();
+                    resp.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .max_buf_size(head::MAX_HEAD_BYTES)
         .serve_connection(io, service);
-    let limit = async {
-        glommio::timer::sleep(MAX_CONNECTION_TIME).await;
-        Ok(())
-    };
-    if let Err(e) = futures_lite::future::or(conn, limit).await {
+    if let Err(e) = drive(conn, &use_, &ctx.admission).await {
         tracing::debug!(error = %e, "http connection ended with an error");
     }
     drop(slot);
+}
+
+/// Runs a served connection until it ends, closing it once it has had no request in progress
+/// for `server.http.keep_alive_idle_ms` (gracefully: a response being written is finished),
+/// and dropping it at [`MAX_CONNECTION_TIME`] whatever it is doing.
+async fn drive<C>(conn: C, use_: &ConnectionUse, admission: &HttpAdmission) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>> + GracefulShutdown,
+{
+    let end = Instant::now() + MAX_CONNECTION_TIME;
+    let idle = admission.keep_alive_idle();
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    loop {
+        let now = Instant::now();
+        let wake = match use_.idle_since() {
+            _ if closing => end,
+            Some(since) => (since + idle).min(end),
+            None => (now + idle).min(end),
+        };
+        let tick = async {
+            glommio::timer::sleep(wake.saturating_duration_since(now)).await;
+            None
+        };
+        match futures_lite::future::or(async { Some(conn.as_mut().await) }, tick).await {
+            Some(ended) => return ended,
+            None if Instant::now() >= end => return Ok(()),
+            None => {
+                let idle_for = use_.idle_since().map(|since| since.elapsed());
+                if !closing && idle_for.is_some_and(|d| d >= idle) {
+                    admission.keep_alive_idle_closed();
+                    conn.as_mut().shut_down();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// A connection that can be asked to close once its current request is answered.
+trait GracefulShutdown {
+    fn shut_down(self: Pin<&mut Self>);
+}
+
+impl<I, S> GracefulShutdown for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// A served connection's requests: how many so far, and since when none is in progress.
+struct ConnectionUse {
+    max_requests: u32,
+    served: Cell<u32>,
+    in_progress: Cell<u32>,
+    idle_since: Cell<Instant>,
+}
+
+/// One request in progress on a [`ConnectionUse`]; dropping it (answered or abandoned) marks
+/// the connection idle from then if no other request is in progress.
+struct RequestInProgress<'a> {
+    use_: &'a ConnectionUse,
+    /// The connection's last allowed request: answer it with `Connection: close`.
+    last: bool,
+}
+
+impl ConnectionUse {
+    fn new(max_requests: u32) -> Self {
+        ConnectionUse {
+            max_requests,
+            served: Cell::new(0),
+            in_progress: Cell::new(0),
+            idle_since: Cell::new(Instant::now()),
+        }
+    }
+
+    fn begin(&self) -> RequestInProgress<'_> {
+        self.served.set(self.served.get().saturating_add(1));
+        self.in_progress.set(self.in_progress.get() + 1);
+        RequestInProgress {
+            use_: self,
+            last: self.served.get() >= self.max_requests,
+        }
+    }
+
+    /// Since when no request is in progress; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        (self.in_progress.get() == 0).then(|| self.idle_since.get())
+    }
+}
+
+impl Drop for RequestInProgress<'_> {
+    fn drop(&mut self) {
+        let n = self.use_.in_progress.get().saturating_sub(1);
+        self.use_.in_progress.set(n);
+        if n == 0 {
+            self.use_.idle_since.set(Instant::now());
+        }
+    }
 }
 
 /// `None` at `deadline` (the losing side of a read raced against it).

@@ -34,6 +34,8 @@ pub struct SessionCounters {
     pub segments_dropped: u64,
     /// Remote recognition or synthesis calls dropped because their turn ended.
     pub remote_calls_cancelled: u64,
+    /// Device-caused log lines not written because of the session's log rate.
+    pub log_lines_suppressed: u64,
     /// Uplink pipeline counters (folded in when the pipeline is released).
     pub audio: AudioInCounters,
     /// Device tool (MCP) counters.
@@ -57,6 +59,7 @@ impl SessionCounters {
         self.jobs_held += o.jobs_held;
         self.segments_dropped += o.segments_dropped;
         self.remote_calls_cancelled += o.remote_calls_cancelled;
+        self.log_lines_suppressed += o.log_lines_suppressed;
         let (a, b) = (&mut self.audio, &o.audio);
         a.decoded += b.decoded;
         a.garbage += b.garbage;

@@ -24,7 +24,11 @@ impl Session {
             Err(e) => {
                 self.counters.malformed += 1;
                 let message = e.to_string();
-                tracing::debug!(session = %self.id, error = %message, "malformed message");
+                if self.device_line(now) {
+                    let mut error = message.clone();
+                    crate::tools::truncate_utf8(&mut error, 200);
+                    tracing::info!(session = %self.id, error = ?error, "malformed message");
+                }
                 self.send(out, ServerMessage::Error { message: &message });
                 return;
             }
@@ -166,7 +170,7 @@ impl Session {
                 let Some(client) = self.mcp_client.as_mut() else {
                     self.counters.mcp.ignored += 1;
                     let shown = self.repeated.note(Repeated::StrayMcp);
-                    if shown.logged() {
+                    if shown.logged() && self.device_line(now) {
                         let last = shown == Shown::Last;
                         tracing::info!(session = %self.id, last, "mcp message without an MCP session ignored");
                     }
@@ -211,7 +215,7 @@ impl Session {
                 // The type is the device's text: logged escaped (Debug) and cut, never verbatim
                 // (a 12 MB type would be a 12 MB log line; a newline would forge one).
                 let shown = self.repeated.note(Repeated::UnknownType);
-                if shown.logged() {
+                if shown.logged() && self.device_line(now) {
                     let mut kind = kind.clone();
                     crate::tools::truncate_utf8(&mut kind, 64);
                     // `last`: further ones are counted, and summed up when the session ends.

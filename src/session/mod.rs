@@ -174,6 +174,9 @@ enum HeldTurn {
     Text(String),
 }
 
+/// The line that says how many device-caused lines the session's log rate held back.
+const SUPPRESSED_LINES: &str = "device-caused log lines suppressed (over log.session_lines_per_s)";
+
 const AUDIO_IDLE_RELEASE: Duration = Duration::from_secs(10);
 /// How soon a VAD job refused by a full queue is retried.
 const VAD_RETRY: Duration = Duration::from_millis(5);
@@ -227,6 +230,8 @@ pub struct Session {
     pub counters: SessionCounters,
     /// Device-caused log lines written so far, by kind (the rest are only counted).
     repeated: repeated::RepeatedLines,
+    /// This session's budget of device-caused log lines.
+    log_rate: repeated::LogRate,
 }
 
 impl Session {
@@ -246,6 +251,7 @@ impl Session {
             .unwrap_or(BinaryProtocol::V1);
         let mut dialogue = Dialogue::new(settings.dialogue.clone(), id.clone());
         let toolset = settings.tools.base.clone();
+        let log_rate = repeated::LogRate::new(settings.log_lines_per_s, settings.log_burst);
         dialogue.set_tools(toolset.openai_tools().cloned(), toolset.volume_tools());
         Session {
             id,
@@ -283,6 +289,7 @@ impl Session {
             toolset,
             counters: SessionCounters::default(),
             repeated: repeated::RepeatedLines::default(),
+            log_rate,
         }
     }
 
@@ -291,6 +298,28 @@ impl Session {
     pub fn log_suppressed(&self) {
         for (kind, n) in self.repeated.suppressed() {
             tracing::info!(session = %self.id, suppressed = n, "{} not logged", kind.what());
+        }
+        let n = self.log_rate.pending();
+        if n > 0 {
+            tracing::info!(session = %self.id, suppressed = n, "{SUPPRESSED_LINES}");
+        }
+    }
+
+    /// Whether a line this device caused may be written at `now` (the session's log rate;
+    /// counted when not). A written line follows one saying how many were suppressed since the
+    /// last, if any were.
+    fn device_line(&mut self, now: Instant) -> bool {
+        match self.log_rate.admit(now) {
+            repeated::Admit::Write { suppressed_before } => {
+                if suppressed_before > 0 {
+                    tracing::info!(session = %self.id, suppressed = suppressed_before, "{SUPPRESSED_LINES}");
+                }
+                true
+            }
+            repeated::Admit::Suppress => {
+                self.counters.log_lines_suppressed += 1;
+                false
+            }
         }
     }
 
@@ -844,6 +873,8 @@ mod tests {
                     wake_greeting: "Hi!".into(),
                     wake_greeting_zh: "你好".into(),
                 },
+                log_lines_per_s: 2.0,
+                log_burst: 10,
             },
             now,
         );

@@ -28,6 +28,10 @@ pub struct SessionSettings {
     pub dialogue: DialogueSettings,
     /// Device and server tools.
     pub tools: ToolSettings,
+    /// Device-caused log lines per second this session may write (`log.session_lines_per_s`).
+    pub log_lines_per_s: f64,
+    /// Such lines it may write at once (`log.session_burst`).
+    pub log_burst: u32,
 }
 
 /// Device tools, server tools and greetings (from config `[tools]`).

@@ -259,6 +259,11 @@ pub const SESSION_METRICS: &[Metric<SessionCounters>] = &[
         |e| e.manual_gap_ends,
     ),
     sum(
+        "xiaozhi_log_lines_suppressed_total",
+        "Device-caused log lines not written because their session passed log.session_lines_per_s (ended sessions).",
+        |e| e.log_lines_suppressed,
+    ),
+    sum(
         "xiaozhi_unknown_messages_total",
         "Text messages of unknown type (ignored).",
         |e| e.unknown,

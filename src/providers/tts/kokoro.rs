@@ -20,12 +20,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ort::environment::Environment;
-use ort::session::Session;
 use ort::value::{Tensor, TensorRef};
 use serde::Deserialize;
 
 use super::TtsError;
-use crate::providers::onnx::{init_runtime, runtime};
+use crate::providers::onnx::{init_runtime, runtime, OnnxSession};
 
 /// Output sample rate of every Kokoro voice.
 pub const SAMPLE_RATE: u32 = 24_000;
@@ -162,7 +161,7 @@ impl Voice {
 
 /// Kokoro's model, vocabulary and the voices loaded from its folder.
 pub struct KokoroModel {
-    session: Session,
+    session: OnnxSession,
     vocab: Vocab,
     voices: HashMap<String, Voice>,
     /// Name of the token input (`tokens` in this export, `input_ids` in others).
@@ -292,7 +291,7 @@ impl KokoroModel {
 
 /// One forward pass: `[0, ids…, 0]` with `style`; appends the audio to `audio`.
 fn forward(
-    session: &mut Session,
+    session: &mut OnnxSession,
     tokens_input: &str,
     ids: &[i64],
     style: &[f32],
@@ -344,7 +343,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TtsError> {
 }
 
 /// Checks Kokoro's inputs and outputs; returns the name of the token input.
-fn check_signature(session: &Session) -> Result<String, String> {
+fn check_signature(session: &OnnxSession) -> Result<String, String> {
     let (inputs, outputs) = crate::providers::onnx::io_names(session);
     let tokens = ["tokens", "input_ids"]
         .into_iter()

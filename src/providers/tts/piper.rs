@@ -15,13 +15,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ort::environment::Environment;
-use ort::session::Session;
 use ort::value::{Tensor, TensorRef};
 use serde::Deserialize;
 
 use super::text::{self, Clause};
 use super::{espeak, TtsError};
-use crate::providers::onnx::{init_runtime, runtime};
+use crate::providers::onnx::{init_runtime, runtime, OnnxSession};
 
 /// Silence inserted between two sentences (Piper's default).
 pub const SENTENCE_SILENCE: Duration = Duration::from_millis(200);
@@ -87,7 +86,7 @@ pub struct PiperStats {
 
 /// One loaded Piper voice: an ONNX Runtime session and its config.
 pub struct PiperVoice {
-    session: Session,
+    session: OnnxSession,
     config: PiperConfig,
     /// Token ids of `^`, `_` and `$`.
     bos: Vec<i64>,
@@ -286,7 +285,7 @@ fn read_config(path: &Path) -> Result<PiperConfig, String> {
 }
 
 /// Checks Piper's inputs and outputs; returns whether the model also takes `sid`.
-fn check_signature(session: &Session) -> Result<bool, String> {
+fn check_signature(session: &OnnxSession) -> Result<bool, String> {
     let (inputs, outputs) = crate::providers::onnx::io_names(session);
     for want in ["input", "input_lengths", "scales"] {
         if !inputs.iter().any(|n| n == want) {

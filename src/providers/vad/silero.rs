@@ -17,11 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ort::memory::Allocator;
-use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions};
 use ort::value::{DynValue, Tensor};
 use shards::{Batch, BatchWorker, Routed};
 
-use crate::providers::onnx::{environment, OnnxRuntimeError};
+use crate::providers::onnx::{environment, OnnxRuntimeError, OnnxSession};
 use crate::providers::reply::{Reply, Timings};
 
 /// New samples per chunk (32 ms at 16 kHz).
@@ -78,7 +78,7 @@ impl Default for VadStream {
 
 /// One ONNX Runtime session of Silero VAD, single-threaded, with its batch tensors.
 pub struct SileroModel {
-    session: Session,
+    session: OnnxSession,
     sr: Tensor<i64>,
     /// Tensors of the most recent batch sizes, most recently used last (at most [`SLOTS`]).
     slots: Vec<Slot>,
@@ -105,7 +105,7 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(rows: usize) -> ort::Result<Slot> {
+    fn new(rows: usize, session: &OnnxSession) -> ort::Result<Slot> {
         let cpu = Allocator::default();
         let outputs = OutputSelector::default()
             .preallocate("output", Tensor::<f32>::new(&cpu, [rows, 1])?)
@@ -114,7 +114,8 @@ impl Slot {
             rows,
             input: Tensor::new(&cpu, [rows, FRAME])?,
             state: Tensor::new(&cpu, [2, rows, HIDDEN])?,
-            options: RunOptions::new()?.with_outputs(outputs),
+            // The session's own options (its memory policy) with this slot's outputs.
+            options: session.run_options()?.with_outputs(outputs),
             probs: None,
             next: None,
         })
@@ -173,7 +174,8 @@ impl SileroModel {
             self.slots.push(slot);
             return Ok(());
         }
-        let slot = Slot::new(rows).map_err(|e| VadError::Inference(e.to_string()))?;
+        let slot =
+            Slot::new(rows, &self.session).map_err(|e| VadError::Inference(e.to_string()))?;
         if self.slots.len() >= SLOTS {
             self.slots.remove(0);
         }
@@ -264,7 +266,7 @@ impl SileroModel {
     }
 }
 
-fn check_signature(session: &Session) -> Result<(), String> {
+fn check_signature(session: &OnnxSession) -> Result<(), String> {
     let (inputs, outputs) = crate::providers::onnx::io_names(session);
     for want in ["input", "state", "sr"] {
         if !inputs.iter().any(|n| n == want) {
