@@ -8,13 +8,18 @@
 #
 # Knobs (environment): STEPS (fleet sizes), INTERACTIONS (per device), OUT (folder),
 # BENCH_CPUS (CPUs for the bench executors, default the last one), SERVER_ARGS (extra --set
-# flags for the server), BUILD=0 (use the binaries already in target/release).
+# flags for the server), BUILD=0 (use the binaries already in target/release), BENCH_ARGS (extra
+# flags for the sweep, e.g. "--uplink-floor silence"), PERF_EVENTS (kernel events of the server
+# counted per interaction with perf stat, e.g.
+# syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_futex,context-switches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 STEPS=${STEPS:-1,10,25,50,100}
 INTERACTIONS=${INTERACTIONS:-6}
 OUT=${OUT:-bench/out/standard}
+BENCH_ARGS=${BENCH_ARGS:-}
+PERF_EVENTS=${PERF_EVENTS:-}
 ncpu=$(nproc)
 BENCH_CPUS=${BENCH_CPUS:-$((ncpu - 1))}
 
@@ -22,11 +27,13 @@ BENCH_CPUS=${BENCH_CPUS:-$((ncpu - 1))}
 . bench/mock-server.sh
 echo "bench on CPU(s) $BENCH_CPUS"
 
+# shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
 "$BENCH" sweep --steps "$STEPS" --server-pid "$SERVER_PID" \
   --metrics-url "http://127.0.0.1:$HTTP_PORT/metrics" \
   --url "ws://127.0.0.1:$WS_PORT/xiaozhi/v1/" \
   --interactions "$INTERACTIONS" --think-ms 500 --expected-reply-ms 2500 --ramp-s 3 \
   --cores "$(tr ',' '\n' <<<"$BENCH_CPUS" | wc -l)" --cpus "$BENCH_CPUS" \
-  --out "$OUT"
+  ${PERF_EVENTS:+--perf-events "$PERF_EVENTS"} \
+  $BENCH_ARGS --out "$OUT"
 
 stop_server

@@ -182,6 +182,17 @@ fn a_sweep_reports_latency_errors_and_server_cost_per_fleet_size() {
         let metrics = std::fs::read_to_string(out.join(format!("n{devices}/metrics.txt")))
             .expect("saved /metrics");
         assert!(metrics.contains("xiaozhi_eos_to_first_audio_us_count"));
+        // The server's own split: its interactions counter moved by this step's replies and
+        // its shard threads and VAD worker used CPU for them.
+        let roles = &step["server_cpu_ms_per_interaction_by_role"];
+        assert_eq!(roles["interactions_counted_by_server"], devices, "{step}");
+        assert!(roles["shard"].as_f64().is_some_and(|v| v >= 0.0), "{step}");
+        assert!(
+            step["server_cpu_ms_per_interaction"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
+            "{step}"
+        );
     }
     let table = std::fs::read_to_string(out.join("sweep.md")).expect("sweep.md");
     assert_eq!(table.lines().count(), 4, "{table}");

@@ -4,10 +4,11 @@
 //! An interaction: `listen start` (mode auto/manual/realtime), the utterance as 60 ms Opus frames
 //! on an absolute timetable (frame i is due at start + i × 60 ms; a late executor catches up
 //! rather than drifting), then
-//! - auto: silence frames until `stt` or `tts start` (the server's VAD needs them to end the
-//!   utterance), after which the mic is off, as the firmware stops capturing while it speaks;
-//! - manual: `listen stop` right after the last speech frame, no silence;
-//! - realtime: the mic never stops (silence through the reply and the think time), and
+//! - auto: floor frames (room noise by default, see `audio.rs`) until `stt` or `tts start` (the
+//!   server's VAD needs them to end the utterance), after which the mic is off, as the firmware
+//!   stops capturing while it speaks;
+//! - manual: `listen stop` right after the last speech frame, no floor frames;
+//! - realtime: the mic never stops (floor frames through the reply and the think time), and
 //!   `listen start` is sent only once per connection, as the firmware does (spec §7.3).
 //!
 //! Then the device collects `stt`, `llm`, `tts start/sentence_start/stop` and the reply audio
@@ -210,8 +211,8 @@ enum Mic {
         start: Instant,
         next: usize,
     },
-    /// Silence frame `next` (cycled) is due at `at`.
-    Silence {
+    /// Floor frame `next` (cycled) is due at `at`.
+    Floor {
         at: Instant,
         next: usize,
     },
@@ -222,7 +223,7 @@ impl Mic {
         match *self {
             Mic::Off => None,
             Mic::Speech { start, next } => Some(start + FRAME * next as u32),
-            Mic::Silence { at, .. } => Some(at),
+            Mic::Floor { at, .. } => Some(at),
         }
     }
 }
@@ -392,8 +393,8 @@ impl Device<'_> {
                 *next += 1;
                 (f, *next == uplink.speech.len())
             }
-            Mic::Silence { at, next } => {
-                let f = uplink.silence[*next % uplink.silence.len()].clone();
+            Mic::Floor { at, next } => {
+                let f = uplink.floor[*next % uplink.floor.len()].clone();
                 *next += 1;
                 *at += FRAME;
                 (f, false)
@@ -608,7 +609,7 @@ impl Device<'_> {
                             self.note(Instant::now(), || "listen stop".into());
                         }
                         Mode::Auto | Mode::Realtime => {
-                            self.mic = Mic::Silence {
+                            self.mic = Mic::Floor {
                                 at: begin + speech,
                                 next: 0,
                             };
@@ -667,7 +668,7 @@ impl Device<'_> {
         o
     }
 
-    /// Reads (and, in realtime mode, streams silence) until `until`; frames arriving now count
+    /// Reads (and, in realtime mode, streams floor frames) until `until`; frames arriving now count
     /// against the interaction that just ended.
     async fn idle_until(&mut self, until: Instant, mut finished: Option<&mut Observed>) {
         if self.chan.is_none() {

@@ -32,6 +32,13 @@ pub struct DeviceArgs {
     /// Utterance to speak: a 16 kHz mono WAV file (default: generated with espeak-ng + sox).
     #[arg(long)]
     pub wav: Option<PathBuf>,
+    /// What the microphone sends when nobody speaks: room noise (default, as real microphones)
+    /// or digital silence (cheap DTX packets; the bench's behaviour before room noise).
+    #[arg(long, value_enum, default_value = "noise")]
+    pub uplink_floor: audio::Floor,
+    /// RMS level of the room noise, dBFS (mixed under the speech and sent between utterances).
+    #[arg(long, default_value_t = audio::DEFAULT_NOISE_DBFS, allow_hyphen_values = true)]
+    pub noise_dbfs: f64,
     /// Wait this long for stt after the last speech frame, and for progress during a reply.
     #[arg(long, default_value_t = 10.0)]
     pub timeout_s: f64,
@@ -54,7 +61,17 @@ impl DeviceArgs {
     pub fn prepare(&self, think: Duration, expected_reply: Duration) -> Result<Prepared, String> {
         let protocol = BinaryProtocol::from_version(self.protocol).map_err(|e| e.to_string())?;
         let pcm = audio::utterance(self.wav.as_ref())?;
-        let uplink = audio::encode_uplink(&pcm, protocol)?;
+        if !(-90.0..=-20.0).contains(&self.noise_dbfs) {
+            return Err(format!(
+                "--noise-dbfs {} is outside -90..-20 (room noise is about -60 to -40)",
+                self.noise_dbfs
+            ));
+        }
+        let floor = audio::FloorSpec {
+            kind: self.uplink_floor,
+            dbfs: self.noise_dbfs,
+        };
+        let uplink = audio::encode_uplink(&pcm, protocol, floor)?;
         let timeout = Duration::try_from_secs_f64(self.timeout_s)
             .map_err(|_| "--timeout-s must be a non-negative number")?;
         Ok(Prepared {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
 use futures_lite::StreamExt;
+use futures_util::SinkExt;
 use glommio::net::TcpStream;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
@@ -84,7 +85,15 @@ impl Link for WsLink<'_> {
             }
             Outgoing::Close { .. } => return Ok(()),
         };
-        self.ws.send(msg).await.map_err(|_| ())
+        // Queued, not flushed: the driver flushes once after the whole batch of effects, so
+        // what one wake-up produces leaves in one write (tungstenite buffers up to its write
+        // buffer size and writes through when it is full).
+        self.ws.feed(msg).await.map_err(|_| ())
+    }
+
+    async fn flush(&mut self) -> Result<(), ()> {
+        // Also writes what tungstenite queued itself (pongs, the close reply).
+        SinkExt::flush(self.ws).await.map_err(|_| ())
     }
 
     async fn close(&mut self, code: u16, reason: String, limit: Duration) {

@@ -6,6 +6,7 @@
 //! them here to be rendered.
 
 pub mod counters;
+pub mod cpu;
 pub mod hist;
 pub mod intervals;
 

@@ -10,7 +10,7 @@ use crate::connection::mqtt::stats::MqttStats;
 use crate::http::vision::VisionCounters;
 use crate::http::HttpCounters;
 use crate::metrics::counters::{self, counters, Counters, Kind, Metric, Sample, Scope};
-use crate::metrics::{render_histograms, StageHistograms};
+use crate::metrics::{render_histograms, Stage, StageHistograms};
 use crate::session::SessionCounters;
 
 counters! {
@@ -331,6 +331,12 @@ pub fn render_snapshots(snapshots: &[ShardSnapshot]) -> String {
         merged.merge(&s.hist);
     }
     render_histograms(&mut out, &merged);
+    let interactions = merged.get(Stage::EosToTtsStop).len();
+    crate::metrics::cpu::render(
+        &mut out,
+        crate::metrics::cpu::sample().as_ref(),
+        interactions,
+    );
     out
 }
 
