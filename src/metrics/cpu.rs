@@ -26,6 +26,11 @@ pub struct RoleCpu {
 /// The role of a thread called `name`.
 pub fn role_of(name: &str) -> usize {
     let name = name.trim_end();
+    // glommio names an executor's thread `<name>-<executor id>` (`shard0-1`).
+    let name = name
+        .rsplit_once('-')
+        .filter(|(_, id)| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(name, |(base, _)| base);
     let digits = name.trim_end_matches(|c: char| c.is_ascii_digit());
     match digits {
         "shard" => 0,
@@ -119,6 +124,12 @@ mod tests {
     fn thread_names_map_to_roles() {
         assert_eq!(ROLES[role_of("shard0\n")], "shard");
         assert_eq!(ROLES[role_of("shard12")], "shard");
+        assert_eq!(
+            ROLES[role_of("shard0-1\n")],
+            "shard",
+            "glommio's executor thread name"
+        );
+        assert_eq!(ROLES[role_of("shard3-14")], "shard");
         assert_eq!(ROLES[role_of("vad0")], "vad");
         assert_eq!(ROLES[role_of("asr1\n")], "asr");
         assert_eq!(ROLES[role_of("tts0")], "tts");
