@@ -355,20 +355,19 @@ impl Abusive<'_> {
         seq: &mut u64,
     ) {
         let sid = self.session_id.clone();
-        match plan.kind {
-            AbuserKind::IotFlood => {
-                if !self.send(Message::text(iot_descriptor("Speaker"))).await {
-                    return;
-                }
+        // What opens the abuse: a thing to flood, or listening for the frames.
+        let opening = match plan.kind {
+            AbuserKind::IotFlood => Some(iot_descriptor("Speaker")),
+            AbuserKind::FrameFlood => Some(
+                json!({"session_id":sid,"type":"listen","state":"start","mode":"realtime"})
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        if let Some(text) = opening {
+            if !self.send(Message::text(text)).await {
+                return;
             }
-            AbuserKind::FrameFlood => {
-                let start =
-                    json!({"session_id":sid,"type":"listen","state":"start","mode":"realtime"});
-                if !self.send(Message::text(start.to_string())).await {
-                    return;
-                }
-            }
-            _ => {}
         }
         let mut next = Instant::now();
         loop {
@@ -386,7 +385,7 @@ impl Abusive<'_> {
                     json!({"session_id":sid,"type":"listen","state":"detect","text":turn_text(n)})
                         .to_string(),
                 ),
-                AbuserKind::IotFlood if n % 8 == 0 => {
+                AbuserKind::IotFlood if n.is_multiple_of(8) => {
                     Message::text(iot_descriptor(&format!("Thing{n}")))
                 }
                 AbuserKind::IotFlood => Message::text(iot_states(n)),
