@@ -1,5 +1,7 @@
 //! `xiaozhi-bench` against this server on loopback: a small fleet completes with zero errors
-//! and writes every file, and a sweep reports the server's CPU and memory. The providers are the
+//! and writes every file, a sweep reports the server's CPU and memory, the noisy-neighbour
+//! scenario reports both phases and the abuser's outcome for every abuser kind, and a short
+//! soak writes its samples and slope. The providers are the
 //! bench's mock OpenAI-compatible upstream (a real HTTP server), so the run is deterministic.
 
 mod common;
@@ -259,5 +261,167 @@ fn a_sweep_reports_latency_errors_and_server_cost_per_fleet_size() {
     let table = std::fs::read_to_string(out.join("sweep.md")).expect("sweep.md");
     assert_eq!(table.lines().count(), 4, "{table}");
     assert!(stdout.contains("| devices |"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn the_neighbour_scenario_reports_both_phases_and_every_abuser_while_the_good_devices_finish() {
+    let mock = mock();
+    let server = remote_server(&mock);
+    let out = out_dir("neighbour");
+    let url = server.ws_url("/xiaozhi/v1/");
+    let http = format!("http://127.0.0.1:{}", server.http_port);
+    let kinds = ["text-flood", "iot-flood", "frame-flood", "metrics-hammer"];
+    let stdout = run_bench(
+        &[
+            "neighbour",
+            "--abuser",
+            &kinds.join(","),
+            "--http-url",
+            &http,
+            "--abuser-concurrency",
+            "4",
+            "--abuser-lead-s",
+            "0.5",
+            "--pause-s",
+            "0.5",
+            "--url",
+            &url,
+            "--devices",
+            "2",
+            "--interactions",
+            "1",
+            "--ramp-s",
+            "0.5",
+            "--no-pin",
+        ],
+        &out,
+        &server,
+    );
+    let report = read_json(&out.join("neighbour.json"));
+    let entries = report["kinds"].as_array().expect("kinds");
+    assert_eq!(entries.len(), kinds.len(), "{report}");
+    for (k, kind) in entries.iter().zip(kinds) {
+        assert_eq!(k["abuser"], kind);
+        // The good devices finished every interaction on both sides, abuser or not.
+        for side in ["without", "with"] {
+            assert_eq!(k[side]["interactions"]["total"], 2, "{kind} {side}: {k}");
+            assert_eq!(k[side]["interactions"]["ok"], 2, "{kind} {side}: {k}");
+            for q in ["p50", "p99"] {
+                assert!(
+                    k[side]["first_audio_ms"][q]
+                        .as_f64()
+                        .is_some_and(|v| v > 0.0),
+                    "{kind} {side} {q}: {k}"
+                );
+            }
+            assert_eq!(
+                k[side]["loadavg_at_start"].as_array().map(Vec::len),
+                Some(1)
+            );
+        }
+        assert!(k["first_audio_p99_increase_ms"].is_f64(), "{k}");
+        assert!(k["p99_within_target"].is_boolean(), "{k}");
+        let abuser = &k["abuser_outcome"];
+        assert_eq!(abuser["kind"], kind);
+        assert!(
+            abuser["sent"].as_u64().is_some_and(|n| n > 0),
+            "{kind}: {abuser}"
+        );
+        if kind == "metrics-hammer" {
+            assert!(
+                abuser["http_status"]["200"].as_u64().is_some_and(|n| n > 0),
+                "{abuser}"
+            );
+        } else {
+            assert!(
+                abuser["connects_ok"].as_u64().is_some_and(|n| n >= 1),
+                "{kind}: {abuser}"
+            );
+        }
+    }
+    // The text flood started turns the server answered or cut: it moved the server's counters.
+    assert!(
+        entries[0]["server_counters_moved"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        entries[0]
+    );
+    let table = std::fs::read_to_string(out.join("neighbour.md")).expect("neighbour.md");
+    assert_eq!(table.lines().count(), 2 + kinds.len(), "{table}");
+    assert!(stdout.contains("| abuser |"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_short_soak_samples_the_server_and_reports_the_rss_slope_and_open_files() {
+    let mock = mock();
+    let server = remote_server(&mock);
+    let out = out_dir("soak");
+    let (pid, url) = (server.child.id().to_string(), server.ws_url("/xiaozhi/v1/"));
+    let http = format!("http://127.0.0.1:{}", server.http_port);
+    run_bench(
+        &[
+            "soak",
+            "--server-pid",
+            &pid,
+            "--soak-s",
+            "4",
+            "--sample-s",
+            "0.5",
+            "--abusers",
+            "text-flood,iot-flood",
+            "--abuser-on-s",
+            "1",
+            "--abuser-off-s",
+            "1",
+            "--http-url",
+            &http,
+            "--url",
+            &url,
+            "--devices",
+            "2",
+            "--ramp-s",
+            "0.5",
+            "--no-pin",
+        ],
+        &out,
+        &server,
+    );
+    let report = read_json(&out.join("soak.json"));
+    assert!(
+        report["samples"].as_u64().is_some_and(|n| n >= 6),
+        "{report}"
+    );
+    assert!(report["rss_slope_mib_per_hour"].is_f64(), "{report}");
+    assert!(
+        report["rss_mib"]["max"].as_f64().is_some_and(|v| v > 1.0),
+        "{report}"
+    );
+    let fds = &report["fds"];
+    assert!(fds["min"].as_u64().is_some_and(|n| n > 0), "{report}");
+    assert!(fds["max"].as_u64() >= fds["min"].as_u64(), "{report}");
+    assert!(
+        report["good"]["interactions"]["ok"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{report}"
+    );
+    assert_eq!(
+        report["abuser_outcomes"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
+    let csv = std::fs::read_to_string(out.join("soak.csv")).expect("soak.csv");
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("t_s,rss_kib,fds,threads,cpu_s,loadavg1"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(
+        rows.len() as u64,
+        report["samples"].as_u64().unwrap_or(0),
+        "{csv}"
+    );
+    assert!(rows.iter().all(|r| r.split(',').count() == 6), "{csv}");
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -108,6 +108,11 @@ fn secs(s: f64, name: &str) -> Result<Duration, String> {
 
 /// Runs the fleet, writes the report and returns the summary (also in `summary.json`).
 pub fn run(args: &FleetArgs) -> Result<serde_json::Value, String> {
+    run_recorded(args).map(|(summary, _)| summary)
+}
+
+/// As [`run`], and also returns the histograms (`neighbour` merges them over rounds).
+pub fn run_recorded(args: &FleetArgs) -> Result<(serde_json::Value, Recorder), String> {
     let cpus = placement(args)?;
     let ramp = secs(args.ramp_s, "ramp-s")?;
     let interval = secs(args.interval_s, "interval-s")?;
@@ -251,7 +256,7 @@ pub fn run(args: &FleetArgs) -> Result<serde_json::Value, String> {
     );
     print!("{}", report::table(&rec));
     println!("wrote {}", args.out.display());
-    Ok(summary)
+    Ok((summary, rec))
 }
 
 /// The `.hgrm` and `.hlog` per metric with samples, and the plot.

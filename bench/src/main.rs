@@ -4,12 +4,15 @@
 //!   writes HdrHistogram percentile distributions and interval logs, `summary.json` and a plot.
 //! - `probe`: one device, one interaction, as a human-readable timeline; saves the reply audio.
 //! - `hold`: N idle connected devices, for connect→hello latency and memory per idle device.
+//! - `neighbour`: the fleet without and with one abusive device; does the abuser hurt the others?
+//! - `soak`: good and abusive devices for a long time, sampling the server's memory and files.
 //!
 //! The bench shares only the `xiaozhi-protocol` crate with the server (message types, binary
 //! framing, identity, tokens, and the HdrHistogram file writers) and depends on nothing else of
 //! it, so it measures other servers (the Python reference, say) exactly as it measures ours.
 //! See `bench/README.md`.
 
+mod abuser;
 mod audio;
 mod channel;
 mod connect;
@@ -20,6 +23,7 @@ mod hold;
 mod inbound;
 mod mcp;
 mod mqtt_link;
+mod neighbour;
 mod ota;
 mod outcome;
 mod plot;
@@ -28,6 +32,7 @@ mod procstat;
 mod report;
 mod rusage;
 mod schedule;
+mod soak;
 mod sweep;
 
 use std::path::PathBuf;
@@ -51,6 +56,10 @@ enum Cmd {
     Fleet(fleet::FleetArgs),
     /// Run `fleet` once per fleet size and print a table of latency, errors and server cost.
     Sweep(sweep::SweepArgs),
+    /// The fleet without and with one abusive device (per kind): first-audio p50/p99 of both.
+    Neighbour(neighbour::NeighbourArgs),
+    /// Good and abusive devices for a long time; the server's RSS slope and open files.
+    Soak(soak::SoakArgs),
     /// One device, one interaction: print a timeline and optionally save the reply audio.
     Probe(probe::ProbeArgs),
     /// Connect N devices, complete hello, hold them idle; report connect→hello latency.
@@ -80,6 +89,8 @@ fn main() {
     let result = match cli.command {
         Cmd::Fleet(args) => fleet::run(&args).map(|_| ()),
         Cmd::Sweep(args) => sweep::run(args),
+        Cmd::Neighbour(args) => neighbour::run(args),
+        Cmd::Soak(args) => soak::run(args),
         Cmd::Probe(args) => probe::run(args),
         Cmd::MockUpstream(args) => mock_upstream::run(args),
         Cmd::Hold {

@@ -426,7 +426,8 @@ fn save_metrics(url: &str, path: &std::path::Path) {
     }
 }
 
-fn fetch(url: &str) -> Result<String, String> {
+/// GET `url` (plain `http://`) and return the body of a 200 answer.
+pub fn fetch(url: &str) -> Result<String, String> {
     use std::io::{Read, Write};
     let rest = url
         .strip_prefix("http://")
