@@ -252,6 +252,15 @@ pub struct ServerConfig {
     /// Messages (or other wake-ups) a connection handles in a row, each ready at once, before
     /// it lets the other devices on its shard run.
     pub read_budget_messages: u32,
+    /// Messages a second one device connection is read at, sustained (bursts up to
+    /// `inbound_messages_burst`); beyond it reads pause until the bucket refills.
+    pub inbound_messages_per_s: f64,
+    /// Messages a device may send at once above its sustained rate.
+    pub inbound_messages_burst: f64,
+    /// Bytes a second one device connection is read at, sustained.
+    pub inbound_bytes_per_s: f64,
+    /// Bytes a device may send at once above its sustained rate.
+    pub inbound_bytes_burst: f64,
     /// Device token authentication.
     pub auth: AuthConfig,
     /// Firmware offered by the OTA endpoint.
@@ -383,6 +392,10 @@ impl Default for ServerConfig {
             write_timeout_ms: 5_000,
             outbound_queue_messages: 128,
             read_budget_messages: 32,
+            inbound_messages_per_s: 100.0,
+            inbound_messages_burst: 400.0,
+            inbound_bytes_per_s: 65536.0,
+            inbound_bytes_burst: 524_288.0,
             auth: AuthConfig::default(),
             firmware: FirmwareConfig::default(),
             drain: DrainConfig::default(),
@@ -1236,6 +1249,16 @@ impl Config {
         }
         if !(1..=4096).contains(&s.read_budget_messages) {
             return bad("server.read_budget_messages", "must be between 1 and 4096");
+        }
+        for (key, v) in [
+            ("server.inbound_messages_per_s", s.inbound_messages_per_s),
+            ("server.inbound_messages_burst", s.inbound_messages_burst),
+            ("server.inbound_bytes_per_s", s.inbound_bytes_per_s),
+            ("server.inbound_bytes_burst", s.inbound_bytes_burst),
+        ] {
+            if !(v.is_finite() && v >= 1.0) {
+                return bad(key, "must be a number of at least 1");
+            }
         }
         let url = &s.public_ws_url;
         if !(url.is_empty() || url.starts_with("ws://") || url.starts_with("wss://")) {

@@ -458,7 +458,15 @@ fn missing_hello_closes_with_policy_violation() {
 
 #[test]
 fn a_client_that_never_reads_is_disconnected_and_forgotten() {
-    let server = Server::start(&["server.write_timeout_ms=300"]);
+    // The pings must be read as fast as they come for the pongs to pile up (at the default
+    // inbound rate the server reads them slowly and its writes never back up).
+    let server = Server::start(&[
+        "server.write_timeout_ms=300",
+        "server.inbound_messages_per_s=1e9",
+        "server.inbound_messages_burst=1e9",
+        "server.inbound_bytes_per_s=1e12",
+        "server.inbound_bytes_burst=1e12",
+    ]);
     let mut ws = connect(
         &server.ws_url("/"),
         &device_headers("aa:bb:cc:dd:ee:0a", "1"),
@@ -1042,6 +1050,10 @@ fn pongs_until(ws: &mut Ws, payload: &[u8]) -> usize {
 fn a_ping_flood_from_one_device_does_not_keep_another_device_waiting() {
     let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
     sets.push("runtime.shard_cores=[0]".into());
+    // The read budget is what this test is about: lift the inbound rate (which would read the
+    // flood at 100 messages a second) out of the way.
+    sets.push("server.inbound_messages_per_s=1e9".into());
+    sets.push("server.inbound_messages_burst=1e9".into());
     let server = Server::start(&sets.iter().map(String::as_str).collect::<Vec<_>>());
     let url = server.ws_url("/xiaozhi/v1/");
     let mut a = connect(&url, &device_headers("aa:bb:cc:dd:ee:a1", "1"));

@@ -201,7 +201,13 @@ fn suppressed_in(line: &str) -> u64 {
 
 #[test]
 fn a_device_flooding_distinct_malformed_messages_is_rate_limited_in_the_log_with_a_count() {
-    let server = Server::start(&["log.session_lines_per_s=1.0", "log.session_burst=5"]);
+    // The inbound rate would spread the flood over 16 s; this test is about the log's bound.
+    let server = Server::start(&[
+        "log.session_lines_per_s=1.0",
+        "log.session_burst=5",
+        "server.inbound_messages_per_s=1e9",
+        "server.inbound_messages_burst=1e9",
+    ]);
     let url = server.ws_url("/xiaozhi/v1/");
     let mut a = connect(&url, &device_headers("aa:aa:aa:aa:aa:03", "1"));
     let a_id = hello(&mut a, HELLO)["session_id"]
@@ -368,4 +374,49 @@ fn resident_size_stays_near_its_level_after_the_first_long_turn() {
         last <= first + RSS_GROWTH_MIB,
         "resident size per turn (MiB): {rss:?}"
     );
+}
+
+/// Reads until a pong with `payload` arrives; returns how many other pongs came first.
+fn pongs_until(ws: &mut Ws, payload: &[u8]) -> usize {
+    let mut others = 0;
+    loop {
+        match ws.read().expect("read") {
+            Message::Pong(p) if p.as_ref() == payload => return others,
+            Message::Pong(_) => others += 1,
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_device_sending_faster_than_its_inbound_rate_is_read_more_slowly_and_loses_nothing() {
+    use std::io::Write;
+    let server = Server::start(&[
+        "runtime.shard_cores=[0]",
+        "server.inbound_messages_per_s=100",
+        "server.inbound_messages_burst=50",
+    ]);
+    let url = server.ws_url("/xiaozhi/v1/");
+    let mut a = connect(&url, &device_headers("aa:aa:aa:aa:aa:05", "1"));
+    hello(&mut a, HELLO);
+    let mut b = connect(&url, &device_headers("bb:bb:bb:bb:bb:06", "1"));
+    hello(&mut b, HELLO);
+    // A writes 400 masked, empty pings in one go: 8× its burst.
+    const FLOOD: usize = 400;
+    let flood: Vec<u8> = [0x89u8, 0x80, 0, 0, 0, 0].repeat(FLOOD);
+    let mut raw = match a.get_ref() {
+        tungstenite::stream::MaybeTlsStream::Plain(s) => s.try_clone().expect("clone"),
+        _ => unreachable!("plain socket"),
+    };
+    raw.write_all(&flood).expect("flood");
+    // B, on the same shard, is answered while A's flood is still being read.
+    b.send(Message::Ping(b"b".to_vec().into())).expect("ping");
+    assert_eq!(pongs_until(&mut b, b"b"), 0);
+    // A's reads were paused (counted), and yet every ping it sent is answered, in order.
+    a.send(Message::Ping(b"a".to_vec().into())).expect("ping");
+    assert_eq!(pongs_until(&mut a, b"a"), FLOOD);
+    assert!(server.metric("xiaozhi_inbound_throttled_total") > 0);
+    assert!(server
+        .log_text()
+        .contains("device sends faster than server.inbound_* allow"));
 }

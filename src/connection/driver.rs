@@ -6,13 +6,15 @@
 //! and the close. The WebSocket ([`super::websocket`]) and MQTT + UDP ([`super::mqtt`])
 //! drivers are two links over this one loop, so the session is driven the same way on both.
 //! After `server.read_budget_messages` wake-ups in a row that were ready at once the loop
-//! yields ([`ReadBudget`]), so a flooding device shares its core.
+//! yields ([`ReadBudget`]), so a flooding device shares its core; and a device that sends more
+//! messages or bytes a second than `server.inbound_*` allow is read more slowly
+//! ([`InboundRate`]), so it cannot take a shard's core over time either.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::effects::Runner;
-use super::read_budget::ReadBudget;
+use super::read_budget::{InboundRate, ReadBudget};
 use super::{ConnectionContext, Count, End, Host, Outcome};
 use crate::metrics::Transport;
 use crate::session::{CloseCause, Effects, Outgoing, Session, SessionEvent};
@@ -45,6 +47,9 @@ pub trait Link {
 
     /// The transport `session` runs on (its label in `/metrics`).
     fn transport(&self, session: &Session) -> Transport;
+
+    /// Bytes `input` carried, for the inbound rate (0 for inputs that carry none).
+    fn weight(input: &Self::Input) -> usize;
 
     /// Waits for the next input. Must be cancel-safe: the driver drops it when the mailbox or
     /// a timer wins the race.
@@ -110,6 +115,14 @@ pub async fn drive<L: Link>(
     let write_timeout = Duration::from_millis(server.write_timeout_ms);
     let max_queue = server.outbound_queue_messages;
     let mut budget = ReadBudget::new(server.read_budget_messages);
+    let mut rate = InboundRate::new(
+        server.inbound_messages_per_s,
+        server.inbound_messages_burst,
+        server.inbound_bytes_per_s,
+        server.inbound_bytes_burst,
+        Instant::now(),
+    );
+    let mut throttled = 0u64;
     loop {
         let fx = runner.settle(&mut session, std::mem::take(&mut pending), Instant::now());
         if !fx.samples.is_empty() {
@@ -149,7 +162,23 @@ pub async fn drive<L: Link>(
             None => session.next_deadline(),
         };
         let wake = {
-            let input = async { Wake::Input(link.next().await) };
+            let pause = rate.wait(Instant::now());
+            if pause.is_some() {
+                throttled += 1;
+                ctx.host.count(Count::InboundThrottled);
+                if throttled == 1 {
+                    tracing::info!(
+                        session = %session.id,
+                        "device sends faster than server.inbound_* allow; reading it more slowly"
+                    );
+                }
+            }
+            let input = async {
+                if let Some(pause) = pause {
+                    glommio::timer::sleep(pause).await;
+                }
+                Wake::Input(link.next().await)
+            };
             let event = async { Wake::Event(mailbox.recv().await) };
             let timer = async {
                 let now = Instant::now();
@@ -171,15 +200,18 @@ pub async fn drive<L: Link>(
         };
         let now = Instant::now();
         pending = match wake {
-            Wake::Input(input) => match link.handle(input, &mut session, ctx, now) {
-                Handled::Effects(fx) => fx,
-                Handled::Close { code, reason, end } => {
-                    tracing::info!(session = %session.id, %reason, "closing on bad input");
-                    link.close(code, reason, write_timeout).await;
-                    return Outcome::of(&session, end);
+            Wake::Input(input) => {
+                rate.take(L::weight(&input), now);
+                match link.handle(input, &mut session, ctx, now) {
+                    Handled::Effects(fx) => fx,
+                    Handled::Close { code, reason, end } => {
+                        tracing::info!(session = %session.id, %reason, "closing on bad input");
+                        link.close(code, reason, write_timeout).await;
+                        return Outcome::of(&session, end);
+                    }
+                    Handled::Gone(end) => return Outcome::of(&session, end),
                 }
-                Handled::Gone(end) => return Outcome::of(&session, end),
-            },
+            }
             Wake::Event(None) => return Outcome::of(&session, End::Normal),
             Wake::Event(Some(event)) => runner.on_event(&mut session, event, now),
             Wake::Timer => match link.expired(now) {

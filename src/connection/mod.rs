@@ -133,6 +133,8 @@ pub enum Count {
     RefusedFull,
     /// A connection spent its read budget and let the shard's other tasks run.
     ReadBudgetYield,
+    /// A connection's reads were paused because it sent faster than its inbound rate.
+    InboundThrottled,
 }
 
 /// How a session ended.

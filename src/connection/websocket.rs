@@ -50,6 +50,13 @@ impl Link for WsLink<'_> {
         }
     }
 
+    fn weight(input: &Self::Input) -> usize {
+        match input {
+            Some(Ok(m)) => m.len(),
+            _ => 0,
+        }
+    }
+
     async fn next(&mut self) -> Self::Input {
         self.ws.next().await
     }

@@ -72,6 +72,7 @@ impl Host for ShardHost {
             Count::AuthFailure => stats.auth_failures += 1,
             Count::RefusedFull => stats.refused_full += 1,
             Count::ReadBudgetYield => stats.read_budget_yields += 1,
+            Count::InboundThrottled => stats.inbound_throttled += 1,
         }
     }
 

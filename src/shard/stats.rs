@@ -58,6 +58,9 @@ counters! {
         /// Times a connection spent its read budget and yielded to the shard's other tasks.
         read_budget_yields: Sum Counter "xiaozhi_read_budget_yields_total"
             "Times a WebSocket connection handled server.read_budget_messages ready messages in a row and let the other devices on its shard run.",
+        /// Times a connection's reads were paused by its inbound rate.
+        inbound_throttled: Sum Counter "xiaozhi_inbound_throttled_total"
+            "Times a device connection's reads were paused because it sent more messages or bytes a second than server.inbound_* allow (real devices stay far below).",
         /// Plain HTTP requests answered on the WebSocket port.
         plain_http: Sum Counter "xiaozhi_plain_http_total"
             "Plain HTTP requests answered on the WebSocket port.",

@@ -367,6 +367,14 @@ impl Link for MqttLink {
         crate::metrics::Transport::Mqtt
     }
 
+    fn weight(input: &Input) -> usize {
+        match input {
+            Input::Read(Ok(n)) => *n,
+            Input::Uplink(Some(opus)) => opus.len(),
+            _ => 0,
+        }
+    }
+
     async fn next(&mut self) -> Input {
         if self.has_packet() {
             return Input::Buffered;
