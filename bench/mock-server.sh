@@ -15,8 +15,9 @@ if [ "$BUILD" = 1 ]; then
   cargo build --release --bin xiaozhi-tpc -p xiaozhi-tpc
   cargo build --release --bin xiaozhi-bench -p xiaozhi-bench
 fi
-SERVER=target/release/xiaozhi-tpc
-BENCH=target/release/xiaozhi-bench
+SERVER=${SERVER:-target/release/xiaozhi-tpc}
+BENCH=${BENCH:-target/release/xiaozhi-bench}
+TRANSPORT=${TRANSPORT:-websocket}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MOCK_PORT=$(free_port)
@@ -24,7 +25,19 @@ WS_PORT=$(free_port)
 HTTP_PORT=$(free_port)
 while [ "$HTTP_PORT" = "$WS_PORT" ] || [ "$HTTP_PORT" = "$MOCK_PORT" ]; do HTTP_PORT=$(free_port); done
 while [ "$WS_PORT" = "$MOCK_PORT" ]; do WS_PORT=$(free_port); done
+MQTT_PORT=$(free_port)
+while [ "$MQTT_PORT" = "$WS_PORT" ] || [ "$MQTT_PORT" = "$HTTP_PORT" ] || [ "$MQTT_PORT" = "$MOCK_PORT" ]; do
+  MQTT_PORT=$(free_port)
+done
 mkdir -p "$OUT"
+
+# MQTT + UDP: the server hands every device MQTT credentials in its OTA answer (one UDP port
+# per shard, chosen freely).
+transport_server=()
+if [ "$TRANSPORT" = mqtt ]; then
+  transport_server=(--set mqtt.enabled=true --set "mqtt.port=$MQTT_PORT" --set mqtt.udp_port_base=0
+    --set 'mqtt.signature_keys=["standard-bench-key"]' --set 'mqtt.ota_transport="mqtt"')
+fi
 
 pids=()
 cleanup() {
@@ -46,7 +59,7 @@ base="http://127.0.0.1:$MOCK_PORT/v1"
   --set 'llm.provider="openai"' --set "llm.openai.base_url=\"$base\"" \
   --set 'tts.provider="openai"' --set "tts.openai.base_url=\"$base\"" \
   --set "metrics.dump_dir=\"$OUT/server-histograms\"" \
-  $SERVER_ARGS >"$OUT/server.log" 2>&1 &
+  "${transport_server[@]}" $SERVER_ARGS >"$OUT/server.log" 2>&1 &
 SERVER_PID=$!
 pids+=("$SERVER_PID")
 
@@ -61,7 +74,7 @@ done
 healthy || { echo "the server did not become healthy; its log: $OUT/server.log" >&2; exit 1; }
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/{print $2}') GiB; load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "server pid $SERVER_PID (ws :$WS_PORT, http :$HTTP_PORT); mock upstream :$MOCK_PORT"
+echo "server pid $SERVER_PID (ws :$WS_PORT, http :$HTTP_PORT, transport $TRANSPORT); mock upstream :$MOCK_PORT"
 grep -m1 "core plan" "$OUT/server.log" || true
 
 # Stops the server with SIGTERM (it drains and writes its histograms into $OUT/server-histograms).
