@@ -1034,18 +1034,6 @@ fn drain_delay_keeps_accepting_while_not_ready_then_closes_everyone() {
     assert!(server.wait_exit(Duration::from_secs(10)).success());
 }
 
-/// Reads until a pong with `payload` arrives; returns how many other pongs came first.
-fn pongs_until(ws: &mut Ws, payload: &[u8]) -> usize {
-    let mut others = 0;
-    loop {
-        match ws.read().expect("read") {
-            Message::Pong(p) if p.as_ref() == payload => return others,
-            Message::Pong(_) => others += 1,
-            _ => {}
-        }
-    }
-}
-
 #[test]
 fn a_ping_flood_from_one_device_does_not_keep_another_device_waiting() {
     let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");

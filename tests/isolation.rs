@@ -376,18 +376,6 @@ fn resident_size_stays_near_its_level_after_the_first_long_turn() {
     );
 }
 
-/// Reads until a pong with `payload` arrives; returns how many other pongs came first.
-fn pongs_until(ws: &mut Ws, payload: &[u8]) -> usize {
-    let mut others = 0;
-    loop {
-        match ws.read().expect("read") {
-            Message::Pong(p) if p.as_ref() == payload => return others,
-            Message::Pong(_) => others += 1,
-            _ => {}
-        }
-    }
-}
-
 #[test]
 fn a_device_sending_faster_than_its_inbound_rate_is_read_more_slowly_and_loses_nothing() {
     use std::io::Write;

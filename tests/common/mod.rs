@@ -353,6 +353,18 @@ pub const HELLO: &str = r#"{"type":"hello","version":1,"features":{"mcp":false},
 /// A hello as current firmware sends it (`features.mcp`): the server starts MCP after it.
 pub const HELLO_MCP: &str = r#"{"type":"hello","version":1,"features":{"mcp":true},"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
 
+/// Reads until a pong with `payload` arrives; returns how many other pongs came first.
+pub fn pongs_until(ws: &mut Ws, payload: &[u8]) -> usize {
+    let mut others = 0;
+    loop {
+        match ws.read().expect("read") {
+            Message::Pong(p) if p.as_ref() == payload => return others,
+            Message::Pong(_) => others += 1,
+            _ => {}
+        }
+    }
+}
+
 /// Reads the next text message as JSON (skipping pings/pongs).
 pub fn next_json(ws: &mut Ws) -> serde_json::Value {
     loop {
