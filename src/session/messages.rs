@@ -192,6 +192,11 @@ impl Session {
                 let mut changed = false;
                 if let Some(d) = &iot.descriptors {
                     changed = self.iot.on_descriptors(d);
+                    // Device-caused: one line per descriptor message at most, under the
+                    // session's log rate (the details are at debug level).
+                    if !changed && self.device_line(now) {
+                        tracing::info!(session = %self.id, "iot descriptors without a usable thing ignored");
+                    }
                 }
                 if let Some(states) = &iot.states {
                     self.counters.iot_states_refused += self.iot.on_states(states);

@@ -69,7 +69,7 @@ impl IotThings {
         let mut any = false;
         for d in list {
             let Some(thing) = parse_thing(d) else {
-                tracing::info!("iot descriptor without a name ignored");
+                tracing::debug!("iot descriptor without a name ignored");
                 continue;
             };
             any = true;
@@ -79,7 +79,7 @@ impl IotThings {
             } else if self.things.len() < MAX_THINGS {
                 self.things.push(thing);
             } else {
-                tracing::info!(max = MAX_THINGS, "too many iot things; descriptor ignored");
+                tracing::debug!(max = MAX_THINGS, "too many iot things; descriptor ignored");
             }
         }
         any
@@ -90,7 +90,7 @@ impl IotThings {
     pub fn on_states(&mut self, states: &Value) -> u64 {
         let mut refused = 0;
         let Some(list) = states.as_array() else {
-            tracing::info!("iot states is not an array; ignored");
+            tracing::debug!("iot states is not an array; ignored");
             return 0;
         };
         for s in list {
