@@ -91,7 +91,7 @@ pub async fn open(
     let local_ip = tcp.local_addr().map_err(failed)?.ip();
     let mut chan = MqttChannel {
         tcp,
-        udp: UdpSocket::bind(SocketAddr::new(local_ip, 0)).map_err(failed)?,
+        udp: bind_udp(SocketAddr::new(local_ip, 0)).map_err(failed)?,
         topic: creds.publish_topic.clone(),
         key: [0; 16],
         nonce: [0; 16],
@@ -248,6 +248,16 @@ impl MqttChannel {
             }
         }
     }
+}
+
+/// A UDP socket on `addr` without `SO_REUSEPORT` (glommio's `UdpSocket::bind` sets it, and two
+/// devices' ephemeral binds could then share one port: a 300-device run saw one device receive
+/// another's datagrams, dropped for their sequence numbers).
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let std_socket = std::net::UdpSocket::bind(addr)?;
+    // SAFETY: a freshly bound UDP socket this function owns; glommio takes over its fd.
+    Ok(unsafe { UdpSocket::from_raw_fd(std_socket.into_raw_fd()) })
 }
 
 /// Reads what the MQTT connection has into `buf` (bounded: a device never buffers more than

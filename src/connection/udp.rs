@@ -12,6 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -48,8 +49,16 @@ pub struct UdpAudio {
 
 impl UdpAudio {
     /// Binds `addr` (port 0: an ephemeral one).
+    ///
+    /// Not with glommio's `UdpSocket::bind`: it sets `SO_REUSEPORT`, which lets any process of
+    /// the same user bind the same port and take a share of the devices' datagrams (a second
+    /// instance started on the same port would silently split every session's audio), and
+    /// lets an ephemeral bind land on a port another reuse-port socket holds. A plain bind
+    /// fails with "address in use" instead.
     pub fn bind(addr: SocketAddr) -> std::io::Result<Rc<UdpAudio>> {
-        let socket = UdpSocket::bind(addr)?;
+        let std_socket = std::net::UdpSocket::bind(addr)?;
+        // SAFETY: a freshly bound UDP socket this function owns; glommio takes over its fd.
+        let socket = unsafe { UdpSocket::from_raw_fd(std_socket.into_raw_fd()) };
         let port = socket.local_addr()?.port();
         Ok(Rc::new(UdpAudio {
             socket,
@@ -209,5 +218,22 @@ impl Drop for AudioChannel {
     fn drop(&mut self) {
         self.udp.peers.borrow_mut().remove(self.id);
         self.udp.inboxes.borrow_mut().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_bind_on_a_taken_port_fails_instead_of_sharing_the_devices_datagrams() {
+        glommio::LocalExecutor::default().run(async {
+            let first = UdpAudio::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+            let taken = SocketAddr::from(([127, 0, 0, 1], first.port()));
+            // With SO_REUSEPORT (glommio's own bind) this second bind succeeded and the kernel
+            // split the port's datagrams between the two sockets.
+            let err = UdpAudio::bind(taken).err().expect("the port is taken");
+            assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        });
     }
 }
