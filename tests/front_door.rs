@@ -1050,11 +1050,7 @@ fn a_ping_flood_from_one_device_does_not_keep_another_device_waiting() {
     hello(&mut b, HELLO);
     // A writes 20,000 masked, empty pings in one go, straight onto its socket.
     const FLOOD: usize = 20_000;
-    let flood: Vec<u8> = [0x89u8, 0x80, 0, 0, 0, 0].repeat(FLOOD);
-    let mut raw = match a.get_ref() {
-        tungstenite::stream::MaybeTlsStream::Plain(s) => s.try_clone().expect("clone"),
-        _ => unreachable!("plain socket"),
-    };
+    let (mut raw, flood) = ping_flood(&a, FLOOD);
     let flooder = std::thread::spawn(move || raw.write_all(&flood).expect("flood"));
     // B, on the same shard, is answered; and A's every ping is answered too, in order.
     b.send(Message::Ping(b"b".to_vec().into())).expect("ping");

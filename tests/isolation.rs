@@ -391,11 +391,7 @@ fn a_device_sending_faster_than_its_inbound_rate_is_read_more_slowly_and_loses_n
     hello(&mut b, HELLO);
     // A writes 400 masked, empty pings in one go: 8× its burst.
     const FLOOD: usize = 400;
-    let flood: Vec<u8> = [0x89u8, 0x80, 0, 0, 0, 0].repeat(FLOOD);
-    let mut raw = match a.get_ref() {
-        tungstenite::stream::MaybeTlsStream::Plain(s) => s.try_clone().expect("clone"),
-        _ => unreachable!("plain socket"),
-    };
+    let (mut raw, flood) = ping_flood(&a, FLOOD);
     raw.write_all(&flood).expect("flood");
     // B, on the same shard, is answered while A's flood is still being read.
     b.send(Message::Ping(b"b".to_vec().into())).expect("ping");

@@ -203,15 +203,12 @@ pub fn run(args: NeighbourArgs) -> Result<(), String> {
     let root = args.fleet.out.clone();
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
     // The abuser's frames are the good devices' utterance.
-    let uplink = Arc::new(
-        args.fleet
-            .device
-            .prepare(Duration::ZERO, Duration::ZERO)?
-            .config
-            .uplink
-            .as_ref()
-            .clone(),
-    );
+    let uplink = args
+        .fleet
+        .device
+        .prepare(Duration::ZERO, Duration::ZERO)?
+        .config
+        .uplink;
     let mut kinds = Vec::new();
     let mut first_phase = true;
     for &kind in &args.abuser {

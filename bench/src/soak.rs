@@ -136,15 +136,11 @@ pub fn run(args: SoakArgs) -> Result<(), String> {
     fleet.duration_s = Some(args.soak_s);
     fleet.interactions = None;
     fleet.out = root.join("good");
-    let uplink = Arc::new(
-        fleet
-            .device
-            .prepare(Duration::ZERO, Duration::ZERO)?
-            .config
-            .uplink
-            .as_ref()
-            .clone(),
-    );
+    let uplink = fleet
+        .device
+        .prepare(Duration::ZERO, Duration::ZERO)?
+        .config
+        .uplink;
     let plans = args
         .abusers
         .iter()

@@ -4,11 +4,11 @@
 //! Threads are classified by name: shard executors are `shard<N>-<executor id>` (their glommio
 //! blocking-pool threads, which format these pages, carry the same name), inference workers
 //! `vad<N>`/`asr<N>`/`tts<N>` (CTranslate2's own threads inherit their creator's name, so they
-//! count as `asr`). Everything else (the log writer, glommio's blocking pool that renders these
-//! pages, the signal thread, the main thread) is `other`, computed as the process total minus the
-//! named roles, so CPU of threads that have exited is not lost and the roles add up to the
-//! process's CPU clock. Reading costs one small file per thread; it runs where `/metrics`
-//! is formatted, on the blocking pool, never on a shard executor.
+//! count as `asr`). Everything else (the log writer, the signal threads, the main thread) is
+//! `other`, computed as the process total minus the named roles, so CPU of threads that have
+//! exited is not lost and the roles add up to the process's CPU clock. Each thread's time comes
+//! from its CPU clock (nanoseconds); reading costs a `comm` file and a `clock_gettime` per
+//! thread, where `/metrics` is formatted, on the blocking pool, never on a shard executor.
 
 use std::fmt::Write;
 
@@ -41,27 +41,6 @@ pub fn role_of(name: &str) -> usize {
     }
 }
 
-/// utime + stime (fields 14 and 15) of a `/proc/.../stat` line, in clock ticks. The command name
-/// (field 2) is in parentheses and may contain spaces or `)`, so fields are counted after the
-/// last `)`.
-pub fn stat_ticks(stat: &str) -> Option<u64> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after.split_whitespace();
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
 fn clock_seconds(clock: libc::clockid_t) -> Option<f64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -73,18 +52,14 @@ fn clock_seconds(clock: libc::clockid_t) -> Option<f64> {
 }
 
 /// CPU seconds of thread `tid` of this process, to the nanosecond: Linux's per-thread CPU clock
-/// (`MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`, what `pthread_getcpuclockid` returns), falling
-/// back to the 10 ms ticks of `/proc/self/task/<tid>/stat`.
-fn thread_seconds(tid: i32, dir: &std::path::Path, hz: f64) -> Option<f64> {
-    let clock: libc::clockid_t = (!tid << 3) | 6;
-    clock_seconds(clock).or_else(|| {
-        stat_ticks(&std::fs::read_to_string(dir.join("stat")).ok()?).map(|t| t as f64 / hz)
-    })
+/// (`MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`, what `pthread_getcpuclockid` returns; every
+/// kernel with io_uring has it). `None` once the thread has exited.
+fn thread_seconds(tid: i32) -> Option<f64> {
+    clock_seconds((!tid << 3) | 6)
 }
 
 /// This process's CPU per role, or `None` where `/proc` is not available.
 pub fn sample() -> Option<RoleCpu> {
-    let hz = ticks_per_second();
     let mut out = RoleCpu::default();
     for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let dir = entry.path();
@@ -100,7 +75,7 @@ pub fn sample() -> Option<RoleCpu> {
         let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
             continue;
         };
-        let Some(t) = thread_seconds(tid, &dir, hz) else {
+        let Some(t) = thread_seconds(tid) else {
             continue;
         };
         let role = role_of(&name);
@@ -108,9 +83,7 @@ pub fn sample() -> Option<RoleCpu> {
         out.threads[role] += 1;
     }
     // Read last, so it covers every thread read above (CPU time only grows).
-    let total = clock_seconds(libc::CLOCK_PROCESS_CPUTIME_ID).or_else(|| {
-        stat_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?).map(|t| t as f64 / hz)
-    })?;
+    let total = clock_seconds(libc::CLOCK_PROCESS_CPUTIME_ID)?;
     let named: f64 = out.seconds[..4].iter().sum();
     out.seconds[4] = (total - named).max(0.0);
     Some(out)
@@ -164,16 +137,9 @@ mod tests {
     fn a_thread_clock_is_read_by_tid_to_the_nanosecond() {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        let by_tid = clock_seconds((!tid << 3) | 6).expect("per-thread CPU clock by tid");
+        let by_tid = thread_seconds(tid).expect("per-thread CPU clock by tid");
         let own = clock_seconds(libc::CLOCK_THREAD_CPUTIME_ID).unwrap();
         assert!(own >= by_tid && own - by_tid < 0.001, "{by_tid} vs {own}");
-    }
-
-    #[test]
-    fn stat_fields_are_counted_after_the_last_parenthesis() {
-        let line = "42 (odd) name)) S 1 42 42 0 -1 4194560 100 0 0 0 250 17 0 0 20 0 3 0 1 0 0";
-        assert_eq!(stat_ticks(line), Some(267));
-        assert_eq!(stat_ticks("42 (x) S 1"), None);
     }
 
     #[test]

@@ -57,6 +57,8 @@ struct Runtime {
 }
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+// Taken only while the inference workers load their models at start-up (ONNX Runtime's
+// environment is process-wide and must be created once); never on a hot path or a shard.
 static RUNTIME_INIT: Mutex<()> = Mutex::new(());
 
 /// Loads ONNX Runtime from `lib` and creates the process-wide environment; later calls return

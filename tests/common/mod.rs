@@ -353,6 +353,16 @@ pub const HELLO: &str = r#"{"type":"hello","version":1,"features":{"mcp":false},
 /// A hello as current firmware sends it (`features.mcp`): the server starts MCP after it.
 pub const HELLO_MCP: &str = r#"{"type":"hello","version":1,"features":{"mcp":true},"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}"#;
 
+/// `n` masked, empty WebSocket pings as raw bytes, and the device's socket to write them on
+/// directly (bypassing the client, so they arrive in one go).
+pub fn ping_flood(ws: &Ws, n: usize) -> (TcpStream, Vec<u8>) {
+    let raw = match ws.get_ref() {
+        MaybeTlsStream::Plain(s) => s.try_clone().expect("clone"),
+        _ => unreachable!("plain socket"),
+    };
+    (raw, [0x89u8, 0x80, 0, 0, 0, 0].repeat(n))
+}
+
 /// Reads until a pong with `payload` arrives; returns how many other pongs came first.
 pub fn pongs_until(ws: &mut Ws, payload: &[u8]) -> usize {
     let mut others = 0;

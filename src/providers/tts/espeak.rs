@@ -80,6 +80,8 @@ struct Espeak {
     voice: String,
 }
 
+// A mutex, not shard-local state: libespeak-ng is one process-global C library, and only the
+// TTS inference threads call it (never a shard executor), one synthesis at a time.
 static ESPEAK: OnceLock<Result<Mutex<Espeak>, String>> = OnceLock::new();
 
 /// Initialises libespeak-ng (once per process) and returns its output sample rate (22050 Hz).
