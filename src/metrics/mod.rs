@@ -21,21 +21,10 @@ pub use hist::{Stage, StageHistograms, Transport};
 /// Renders stage histograms as Prometheus summaries (quantiles, sum, count).
 pub fn render_histograms(out: &mut String, h: &StageHistograms) {
     for stage in Stage::ALL {
-        let hist = h.get(stage);
         let name = format!("xiaozhi_{}", stage.name());
         let _ = writeln!(out, "# HELP {name} {}", stage.help());
         let _ = writeln!(out, "# TYPE {name} summary");
-        for q in [0.5, 0.9, 0.99, 0.999] {
-            let v = if hist.is_empty() {
-                0
-            } else {
-                hist.value_at_quantile(q)
-            };
-            let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {v}");
-        }
-        let sum = (hist.mean() * hist.len() as f64).round() as u64;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {}", hist.len());
+        summary(out, &name, "", h.get(stage));
     }
     let name = "xiaozhi_transport_eos_to_first_audio_us";
     let _ = writeln!(
@@ -44,18 +33,28 @@ pub fn render_histograms(out: &mut String, h: &StageHistograms) {
     );
     let _ = writeln!(out, "# TYPE {name} summary");
     for transport in Transport::ALL {
-        let hist = h.first_audio_on(transport);
-        let label = transport.name();
-        for q in [0.5, 0.9, 0.99, 0.999] {
-            let v = if hist.is_empty() {
-                0
-            } else {
-                hist.value_at_quantile(q)
-            };
-            let _ = writeln!(out, "{name}{{transport=\"{label}\",quantile=\"{q}\"}} {v}");
-        }
-        let sum = (hist.mean() * hist.len() as f64).round() as u64;
-        let _ = writeln!(out, "{name}_sum{{transport=\"{label}\"}} {sum}");
-        let _ = writeln!(out, "{name}_count{{transport=\"{label}\"}} {}", hist.len());
+        let label = format!("transport=\"{}\"", transport.name());
+        summary(out, name, &label, h.first_audio_on(transport));
     }
+}
+
+/// One summary's samples: quantiles, sum and count, each with `labels` (`k="v",…` or empty).
+fn summary(out: &mut String, name: &str, labels: &str, hist: &hdrhistogram::Histogram<u64>) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for q in [0.5, 0.9, 0.99, 0.999] {
+        let v = if hist.is_empty() {
+            0
+        } else {
+            hist.value_at_quantile(q)
+        };
+        let _ = writeln!(out, "{name}{{{labels}{sep}quantile=\"{q}\"}} {v}");
+    }
+    let sum = (hist.mean() * hist.len() as f64).round() as u64;
+    let braced = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braced} {sum}");
+    let _ = writeln!(out, "{name}_count{braced} {}", hist.len());
 }
