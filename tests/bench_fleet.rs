@@ -12,6 +12,16 @@ use std::process::Command;
 use common::*;
 use xiaozhi_bench::mock_upstream::{self, MockSettings};
 
+/// One bench run at a time in this binary. Each test starts a server *and* a bench process with
+/// pinned glommio executors of its own; five at once on two cores have twice left a server
+/// whose shard did not start within 30 s (an open start-up bug, see the closing note of
+/// 2026-12-04), so the tests here take turns.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn remote_server(mock: &mock_upstream::MockHandle) -> Server {
     remote_server_with(mock, &[])
 }
@@ -63,6 +73,7 @@ fn read_json(path: &Path) -> serde_json::Value {
 
 #[test]
 fn a_small_fleet_completes_without_errors_and_writes_every_file() {
+    let _turn = one_at_a_time();
     let mock = mock();
     let server = remote_server(&mock);
     let out = out_dir("fleet");
@@ -128,6 +139,7 @@ fn a_small_fleet_completes_without_errors_and_writes_every_file() {
 
 #[test]
 fn a_small_mqtt_fleet_gets_credentials_from_ota_and_completes_over_mqtt_and_udp() {
+    let _turn = one_at_a_time();
     let mock = mock();
     let mqtt_port = free_port();
     let server = remote_server_with(
@@ -189,6 +201,7 @@ fn a_small_mqtt_fleet_gets_credentials_from_ota_and_completes_over_mqtt_and_udp(
 
 #[test]
 fn a_sweep_reports_latency_errors_and_server_cost_per_fleet_size() {
+    let _turn = one_at_a_time();
     let mock = mock();
     let server = remote_server(&mock);
     let out = out_dir("sweep");
@@ -266,6 +279,7 @@ fn a_sweep_reports_latency_errors_and_server_cost_per_fleet_size() {
 
 #[test]
 fn the_neighbour_scenario_reports_both_phases_and_every_abuser_while_the_good_devices_finish() {
+    let _turn = one_at_a_time();
     let mock = mock();
     let server = remote_server(&mock);
     let out = out_dir("neighbour");
@@ -356,6 +370,7 @@ fn the_neighbour_scenario_reports_both_phases_and_every_abuser_while_the_good_de
 
 #[test]
 fn a_short_soak_samples_the_server_and_reports_the_rss_slope_and_open_files() {
+    let _turn = one_at_a_time();
     let mock = mock();
     let server = remote_server(&mock);
     let out = out_dir("soak");
