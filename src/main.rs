@@ -223,8 +223,14 @@ fn serve_logged(mut config: Config) -> ExitCode {
                 let _ = handle.join();
                 return ExitCode::from(1);
             }
-            Err(_) => {
-                eprintln!("xiaozhi-tpc: a shard did not start within 30 s");
+            Err(flume::RecvTimeoutError::Timeout) => {
+                eprintln!("xiaozhi-tpc: a shard's executor is up but it did not bind its ports within 30 s");
+                return ExitCode::from(1);
+            }
+            Err(flume::RecvTimeoutError::Disconnected) => {
+                eprintln!("xiaozhi-tpc: a shard ended before it bound its ports");
+                mesh.drain_all();
+                let _ = handle.join();
                 return ExitCode::from(1);
             }
         }
