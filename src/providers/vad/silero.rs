@@ -680,6 +680,36 @@ mod tests {
     }
 
     #[test]
+    fn the_ifless_variant_hears_what_the_default_model_hears() {
+        let (Some(mut default), Some(mut ifless)) = (
+            model_or_skip("silero_vad.onnx"),
+            model_or_skip("silero_vad_op18_ifless.onnx"),
+        ) else {
+            return;
+        };
+        let audio = speech_16k();
+        let chunks: Vec<[f32; CHUNK]> = (0..audio.len() / CHUNK)
+            .map(|i| chunk_at(audio, 0, i))
+            .collect();
+        let a = single_stream_probs(&mut default, &chunks);
+        let b = single_stream_probs(&mut ifless, &chunks);
+        let max_delta = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        let speech = a.iter().filter(|&&p| p > 0.5).count();
+        eprintln!(
+            "{} chunks, {speech} above 0.5: max |default - ifless| = {max_delta:e}",
+            a.len()
+        );
+        assert!(speech > 10, "the test audio should hold speech");
+        assert!(max_delta < 1e-4, "the two files differ by {max_delta}");
+        let decide = |p: &[f32]| p.iter().map(|&x| x > 0.5).collect::<Vec<_>>();
+        assert_eq!(decide(&a), decide(&b), "a chunk is heard differently");
+    }
+
+    #[test]
     fn batch_of_streams_matches_each_stream_run_alone() {
         for file in ["silero_vad.onnx", "silero_vad_op18_ifless.onnx"] {
             let Some(mut model) = model_or_skip(file) else {
