@@ -61,6 +61,28 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The MQTT + UDP device transport (off by default).
     pub mqtt: MqttConfig,
+    /// HTTP connections to remote providers (ASR, LLM, TTS, vision), pooled per shard.
+    pub upstream: UpstreamConfig,
+}
+
+/// The per-shard pool of HTTP connections to remote providers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Connections a shard keeps per origin (scheme, host, port) for reuse once their request
+    /// is answered; beyond it a finished connection is closed.
+    pub max_pooled_per_origin: usize,
+    /// A pooled connection unused this long is closed instead of reused, s.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            max_pooled_per_origin: 128,
+            idle_timeout_s: 50,
+        }
+    }
 }
 
 /// Device tools, server tools, LLM tool calling and the built-in intents.
@@ -616,7 +638,7 @@ impl Default for InferenceConfig {
             onnxruntime: "models/onnxruntime/libonnxruntime.so.1.31.1".into(),
             queue_capacity: 1024,
             max_batch: 64,
-            tick_ms: 10,
+            tick_ms: 20,
             batch_deadline_us: None,
             max_chunks_per_job: 16,
             max_wait_ms: 1500,
@@ -663,7 +685,7 @@ pub struct VadConfig {
 impl Default for VadConfig {
     fn default() -> Self {
         Self {
-            model: "silero_vad.onnx".into(),
+            model: "silero_vad_op18_ifless.onnx".into(),
             segmenter: SegmenterConfig::default(),
         }
     }
@@ -1247,6 +1269,16 @@ impl Config {
         if s.outbound_queue_messages < 8 {
             return bad("server.outbound_queue_messages", "must be at least 8");
         }
+        let up = &self.upstream;
+        if !(1..=65_536).contains(&up.max_pooled_per_origin) {
+            return bad(
+                "upstream.max_pooled_per_origin",
+                "must be between 1 and 65536",
+            );
+        }
+        if !(1..=3600).contains(&up.idle_timeout_s) {
+            return bad("upstream.idle_timeout_s", "must be between 1 and 3600 s");
+        }
         if !(1..=4096).contains(&s.read_budget_messages) {
             return bad("server.read_budget_messages", "must be between 1 and 4096");
         }
@@ -1716,6 +1748,28 @@ mod tests {
     }
 
     #[test]
+    fn the_upstream_pool_loads_and_out_of_range_values_are_refused_with_their_key() {
+        let c = load(&[
+            "upstream.max_pooled_per_origin=512",
+            "upstream.idle_timeout_s=20",
+        ])
+        .unwrap();
+        assert_eq!(c.upstream.max_pooled_per_origin, 512);
+        assert_eq!(c.upstream.idle_timeout_s, 20);
+        for (set, key) in [
+            (
+                "upstream.max_pooled_per_origin=0",
+                "upstream.max_pooled_per_origin",
+            ),
+            ("upstream.idle_timeout_s=0", "upstream.idle_timeout_s"),
+            ("upstream.idle_timeout_s=3601", "upstream.idle_timeout_s"),
+        ] {
+            let err = load(&[set]).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
+    }
+
+    #[test]
     fn the_vad_tick_loads_and_a_tick_past_200_ms_is_refused_with_its_key() {
         assert_eq!(load(&["inference.tick_ms=0"]).unwrap().inference.tick_ms, 0);
         assert_eq!(
@@ -1727,7 +1781,7 @@ mod tests {
         // The old key still loads (an upgraded fleet's config keeps working) and is ignored.
         let old = load(&["inference.batch_deadline_us=500"]).unwrap();
         assert_eq!(old.inference.batch_deadline_us, Some(500));
-        assert_eq!(old.inference.tick_ms, 10);
+        assert_eq!(old.inference.tick_ms, 20);
     }
 
     #[test]

@@ -222,6 +222,50 @@ fn three_chats_share_one_keep_alive_connection() {
     });
 }
 
+/// `n` speech requests in flight at once on `client` (every response head read before any
+/// body), then every body read: the client needs `n` connections for them.
+async fn requests_in_flight(client: &HttpClient, server: &FakeServer, n: usize) {
+    let mut heads = Vec::new();
+    // 100 KB of speech, sent in 4 KiB chunks: a connection stays busy until its body is read.
+    let body = json!({"model": "tts-1", "voice": "alloy", "input": "a".repeat(500)}).to_string();
+    for _ in 0..n {
+        let req = Request::post(format!("http://127.0.0.1:{}/v1/audio/speech", server.port))
+            .header("content-type", "application/json")
+            .body(ReqBody::full(body.clone()))
+            .unwrap();
+        heads.push(client.request(req).await.expect("request"));
+    }
+    for resp in heads {
+        resp.into_body().collect().await.expect("body");
+    }
+}
+
+#[test]
+fn the_pool_keeps_as_many_connections_as_it_is_sized_for() {
+    let server = FakeServer::start(false);
+    run(async {
+        for (pool, opened_after_two_rounds) in [(16, 12), (4, 20)] {
+            let client = HttpClient::try_new(ClientSettings {
+                max_idle_per_origin: pool,
+                ..ClientSettings::default()
+            })
+            .expect("client");
+            requests_in_flight(&client, &server, 12).await;
+            assert_eq!(client.opened(), 12, "pool {pool}: first round");
+            assert_eq!(client.pooled_connections(), pool.min(12), "pool {pool}");
+            requests_in_flight(&client, &server, 12).await;
+            // Sized for the load, the second round reuses every connection; too small, it
+            // opens again what it could not keep (the churn upstream.max_pooled_per_origin
+            // prevents).
+            assert_eq!(
+                client.opened(),
+                opened_after_two_rounds,
+                "pool {pool}: after the second round"
+            );
+        }
+    });
+}
+
 #[test]
 fn tool_call_deltas_are_merged_by_index() {
     let server = FakeServer::start(false);

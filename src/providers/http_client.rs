@@ -15,7 +15,7 @@
 //! connection type whose invariants (when a connection may be reused) are easier to keep in
 //! one file than across several.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -240,6 +240,8 @@ pub struct HttpClient {
     tls: TlsConnector,
     idle: RefCell<HashMap<Origin, Vec<IdleConn>>>,
     dns: RefCell<HashMap<(String, u16), Resolved>>,
+    /// Connections opened (TCP connected), for `/metrics`.
+    opened: Cell<u64>,
     /// Shard-local: the pool holds this executor's connections.
     _not_send: PhantomData<Rc<()>>,
 }
@@ -296,6 +298,7 @@ impl HttpClient {
             tls: TlsConnector::from(Arc::new(config)),
             idle: RefCell::new(HashMap::new()),
             dns: RefCell::new(HashMap::new()),
+            opened: Cell::new(0),
             _not_send: PhantomData,
         })
     }
@@ -358,6 +361,11 @@ impl HttpClient {
         Ok(resp)
     }
 
+    /// Connections opened so far (TCP connected; for metrics and tests).
+    pub fn opened(&self) -> u64 {
+        self.opened.get()
+    }
+
     /// Number of pooled connections that are still open (for metrics and tests).
     pub fn pooled_connections(&self) -> usize {
         self.idle
@@ -418,6 +426,7 @@ impl HttpClient {
             }
             match TcpStream::connect_timeout(*addr, left).await {
                 Ok(stream) => {
+                    self.opened.set(self.opened.get() + 1);
                     tcp = Some(stream);
                     break;
                 }

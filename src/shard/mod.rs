@@ -254,6 +254,8 @@ impl Shard {
         s.http.metrics_renders = self.metrics_render.renders();
         s.sessions = self.session_count() as u64;
         s.log_lines_dropped = crate::log_writer::dropped_lines();
+        s.upstream_opened = self.http.opened();
+        s.upstream_pooled = self.http.pooled_connections() as u64;
         if let Some(mqtt) = self.mqtt.borrow().as_ref() {
             s.mqtt = crate::connection::mqtt::stats::MqttStats::of(mqtt);
         }

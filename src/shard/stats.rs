@@ -52,6 +52,12 @@ counters! {
         /// Log lines dropped because the log writer's queue was full (process-wide).
         log_lines_dropped: Max Counter "xiaozhi_log_lines_dropped_total"
             "Log lines dropped because stderr was read too slowly and log.buffered_lines were queued.",
+        /// Connections this shard opened to remote providers.
+        upstream_opened: Sum Counter "xiaozhi_upstream_connections_opened_total"
+            "HTTP connections opened to remote providers (a rate well above the turns' says upstream.max_pooled_per_origin is too small, or the provider closes them).",
+        /// Connections in this shard's upstream pool (gauge).
+        upstream_pooled: PerShard Gauge "xiaozhi_upstream_connections_pooled"
+            "HTTP connections to remote providers a shard keeps for reuse (in use or idle; at most upstream.max_pooled_per_origin per origin).",
         /// Connections that failed before or during the HTTP handshake.
         handshake_errors: Sum Counter "xiaozhi_handshake_errors_total"
             "Connections that failed in the HTTP handshake.",
