@@ -1,6 +1,6 @@
 # Sourced by bench/standard.sh, neighbour.sh and soak.sh: starts the mock upstream and our
 # release server on it (free ports), waits until the server is healthy, and stops both on exit.
-# Sets SERVER_PID, WS_PORT, HTTP_PORT, MOCK_PORT, SERVER, BENCH. Needs OUT; reads SERVER_ARGS,
+# Sets SERVER_PID, WS_PORT, HTTP_PORT, MOCK_PORT, SERVER, BENCH. Needs OUT; reads SERVER_ARGS, MOCK_CPUS,
 # BUILD (1 = build the release binaries first) and SETUP (1 = scripts/setup.sh for VAD).
 SERVER_ARGS=${SERVER_ARGS:-}
 BUILD=${BUILD:-1}
@@ -46,7 +46,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BENCH" mock-upstream --port "$MOCK_PORT" \
+# MOCK_CPUS pins the mock upstream (a thread per connection) to these CPUs, e.g. the bench's,
+# so it does not run on the shard's core; empty (default) leaves it to the scheduler.
+mock_pin=()
+if [ -n "${MOCK_CPUS:-}" ]; then mock_pin=(taskset -c "$MOCK_CPUS"); fi
+"${mock_pin[@]}" "$BENCH" mock-upstream --port "$MOCK_PORT" \
   --asr-ms 50 --llm-first-token-ms 100 --llm-token-ms 10 --tts-ms 50 --tts-audio-ms 400 \
   >"$OUT/mock-upstream.log" 2>&1 &
 pids+=($!)

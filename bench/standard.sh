@@ -9,7 +9,8 @@
 #
 # Knobs (environment): STEPS (fleet sizes), INTERACTIONS (per device), OUT (folder),
 # TRANSPORT (websocket or mqtt),
-# BENCH_CPUS (CPUs for the bench executors, default the last one), SERVER_ARGS (extra --set
+# BENCH_CPUS (CPUs for the bench executors, default the last one), MOCK_CPUS (CPUs for the
+# mock upstream; default unpinned), SERVER_ARGS (extra --set
 # flags for the server), BUILD=0 (use the binaries already in target/release), SERVER / BENCH
 # (other binaries, e.g. an older build to compare against), BENCH_ARGS (extra flags for the
 # sweep, e.g. "--uplink-floor silence"), PERF_EVENTS (kernel events of the server counted per
