@@ -77,10 +77,12 @@ pub struct UpstreamConfig {
 }
 
 impl Default for UpstreamConfig {
+    /// The HTTP client's own defaults, so the two cannot drift apart.
     fn default() -> Self {
+        let client = crate::providers::http_client::ClientSettings::default();
         Self {
-            max_pooled_per_origin: 128,
-            idle_timeout_s: 50,
+            max_pooled_per_origin: client.max_pooled_per_origin,
+            idle_timeout_s: client.idle_timeout.as_secs(),
         }
     }
 }
@@ -1269,16 +1271,6 @@ impl Config {
         if s.outbound_queue_messages < 8 {
             return bad("server.outbound_queue_messages", "must be at least 8");
         }
-        let up = &self.upstream;
-        if !(1..=65_536).contains(&up.max_pooled_per_origin) {
-            return bad(
-                "upstream.max_pooled_per_origin",
-                "must be between 1 and 65536",
-            );
-        }
-        if !(1..=3600).contains(&up.idle_timeout_s) {
-            return bad("upstream.idle_timeout_s", "must be between 1 and 3600 s");
-        }
         if !(1..=4096).contains(&s.read_budget_messages) {
             return bad("server.read_budget_messages", "must be between 1 and 4096");
         }
@@ -1443,6 +1435,16 @@ impl Config {
         let url = &t.vision_url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return bad("tools.vision_url", "must start with http:// or https://");
+        }
+        let up = &self.upstream;
+        if !(1..=65_536).contains(&up.max_pooled_per_origin) {
+            return bad(
+                "upstream.max_pooled_per_origin",
+                "must be between 1 and 65536",
+            );
+        }
+        if !(1..=3600).contains(&up.idle_timeout_s) {
+            return bad("upstream.idle_timeout_s", "must be between 1 and 3600 s");
         }
         self.mqtt.validate(s)?;
         Ok(())

@@ -246,7 +246,7 @@ fn the_pool_keeps_as_many_connections_as_it_is_sized_for() {
     run(async {
         for (pool, opened_after_two_rounds) in [(16, 12), (4, 20)] {
             let client = HttpClient::try_new(ClientSettings {
-                max_idle_per_origin: pool,
+                max_pooled_per_origin: pool,
                 ..ClientSettings::default()
             })
             .expect("client");

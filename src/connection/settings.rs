@@ -338,7 +338,7 @@ pub fn providers(config: &Config, queues: LocalQueues) -> Result<Providers, Stri
         http: Rc::new(HttpClient::new(ClientSettings {
             connect_timeout: Duration::from_millis(config.llm.openai.connect_timeout_ms),
             idle_timeout: Duration::from_secs(config.upstream.idle_timeout_s),
-            max_idle_per_origin: config.upstream.max_pooled_per_origin,
+            max_pooled_per_origin: config.upstream.max_pooled_per_origin,
             ..ClientSettings::default()
         })),
     })

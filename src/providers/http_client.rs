@@ -160,8 +160,10 @@ pub struct ClientSettings {
     /// An idle pooled connection older than this is closed instead of reused
     /// (keep it below the servers' keep-alive timeouts, commonly 60–75 s).
     pub idle_timeout: Duration,
-    /// Most idle connections kept per origin.
-    pub max_idle_per_origin: usize,
+    /// Most connections kept per origin for reuse. A connection joins the pool when its
+    /// response head arrives, so this counts connections still streaming a body as well as idle
+    /// ones; too small, and a shard with many answers in flight closes and reopens connections.
+    pub max_pooled_per_origin: usize,
     /// PEM file of extra trusted root certificates (self-hosted providers, tests).
     pub extra_root_pem: Option<PathBuf>,
 }
@@ -171,7 +173,7 @@ impl Default for ClientSettings {
         ClientSettings {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(50),
-            max_idle_per_origin: 8,
+            max_pooled_per_origin: 128,
             extra_root_pem: None,
         }
     }
@@ -397,7 +399,7 @@ impl HttpClient {
             return;
         }
         let conns = idle.entry(origin).or_default();
-        if conns.len() < self.settings.max_idle_per_origin {
+        if conns.len() < self.settings.max_pooled_per_origin {
             conns.push(IdleConn {
                 sender,
                 since: Instant::now(),
