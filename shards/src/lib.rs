@@ -9,6 +9,8 @@
 //!   results for one key arrive in submission order.
 //! - [`mailbox`]: a bounded, shard-local, single-consumer queue for a task's inbox.
 //! - [`tick_batch`]: a shard-local gatherer that sends many small jobs as one batch per tick.
+//! - [`sweep`]: a shard's device sockets in one epoll set, looked at once per tick, so the reads
+//!   of many connections wake the shard once instead of once per packet.
 //! - [`signals`]: SIGINT/SIGTERM turned into a drain request on every shard.
 //!
 //! Shard-local state stays in `Rc`/`RefCell`; the only ways across cores are the channels here.
@@ -17,11 +19,13 @@ pub mod mailbox;
 pub mod plan;
 pub mod runtime;
 pub mod signals;
+pub mod sweep;
 pub mod tick_batch;
 pub mod workers;
 
 pub use mailbox::Mailbox;
 pub use plan::{CorePlan, PlanError};
 pub use runtime::{start_shards, Control, ShardContext, ShardMesh, ShardSettings, ShardsHandle};
+pub use sweep::{Sweep, SweepStats, SweptStream};
 pub use tick_batch::{Batch, TickBatch};
 pub use workers::{BatchWorker, Routed, SubmitError, WorkerPool, WorkerPoolConfig};
