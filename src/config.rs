@@ -276,6 +276,10 @@ pub struct ServerConfig {
     /// Messages (or other wake-ups) a connection handles in a row, each ready at once, before
     /// it lets the other devices on its shard run.
     pub read_budget_messages: u32,
+    /// WebSocket device sockets are read in sweeps, every this many ms (one wake-up of the
+    /// shard for all its devices' frames, instead of one per frame); 0 reads each socket as
+    /// its data arrives (io_uring).
+    pub socket_sweep_ms: u64,
     /// Messages a second one device connection is read at, sustained (bursts up to
     /// `inbound_messages_burst`); beyond it reads pause until the bucket refills.
     pub inbound_messages_per_s: f64,
@@ -416,6 +420,7 @@ impl Default for ServerConfig {
             write_timeout_ms: 5_000,
             outbound_queue_messages: 128,
             read_budget_messages: 32,
+            socket_sweep_ms: 20,
             inbound_messages_per_s: 100.0,
             inbound_messages_burst: 400.0,
             inbound_bytes_per_s: 65536.0,
@@ -1273,6 +1278,12 @@ impl Config {
         }
         if !(1..=4096).contains(&s.read_budget_messages) {
             return bad("server.read_budget_messages", "must be between 1 and 4096");
+        }
+        if s.socket_sweep_ms > 100 {
+            return bad(
+                "server.socket_sweep_ms",
+                "must be between 0 (off) and 100 (every sweep adds up to its period to each read)",
+            );
         }
         for (key, v) in [
             ("server.inbound_messages_per_s", s.inbound_messages_per_s),

@@ -359,6 +359,21 @@ fn remote_server(mock: &mock_upstream::MockHandle, extra: &[&str]) -> Server {
 
 #[test]
 fn remote_openai_compatible_providers_answer_through_a_real_http_server() {
+    let server = remote_conversation(&[]);
+    // By default the device's frames come through the shard's socket sweep.
+    assert!(server.metric("xiaozhi_socket_sweep_wakes_total") > 30);
+}
+
+/// The same turn with the device socket read as its data arrives (`server.socket_sweep_ms=0`,
+/// glommio's io_uring socket): the same transcript, sentences and frames.
+#[test]
+fn a_turn_over_sockets_read_per_arrival_is_heard_and_answered_the_same() {
+    let server = remote_conversation(&["server.socket_sweep_ms=0"]);
+    assert_eq!(server.metric("xiaozhi_socket_sweeps_total"), 0);
+}
+
+/// One remote turn over protocol v2, checked end to end; the server, for its metrics.
+fn remote_conversation(extra: &[&str]) -> Server {
     let mock = mock_upstream::serve(MockSettings {
         asr_text: "What is the weather like today?".into(),
         llm_reply: "It is sunny today. Enjoy the walk!".into(),
@@ -366,7 +381,7 @@ fn remote_openai_compatible_providers_answer_through_a_real_http_server() {
         ..MockSettings::default()
     })
     .expect("mock upstream");
-    let server = remote_server(&mock, &[]);
+    let server = remote_server(&mock, extra);
     let frames = opus_frames(&speech_16k("What is the weather like today?", "en-us", 0.8));
     let mut ws = connect(
         &server.ws_url("/"),
@@ -407,6 +422,7 @@ fn remote_openai_compatible_providers_answer_through_a_real_http_server() {
     // Keep-alive: a turn's four requests (ASR, LLM, two TTS) need at most two connections
     // (TTS runs while the LLM stream still holds one).
     assert!(mock.stats().connections <= 2, "{:?}", mock.stats());
+    server
 }
 
 fn v2(payload: &[u8]) -> Vec<u8> {

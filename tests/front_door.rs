@@ -458,15 +458,29 @@ fn missing_hello_closes_with_policy_violation() {
 
 #[test]
 fn a_client_that_never_reads_is_disconnected_and_forgotten() {
+    never_reading_client_is_disconnected(&[]);
+}
+
+/// The same with the device sockets written through io_uring instead of the shard's socket
+/// sweep (by default a write that finds the send buffer full waits for a sweep, still under
+/// the write timeout).
+#[test]
+fn a_client_that_never_reads_is_disconnected_and_forgotten_with_sockets_read_per_arrival() {
+    never_reading_client_is_disconnected(&["server.socket_sweep_ms=0"]);
+}
+
+fn never_reading_client_is_disconnected(extra: &[&str]) {
     // The pings must be read as fast as they come for the pongs to pile up (at the default
     // inbound rate the server reads them slowly and its writes never back up).
-    let server = Server::start(&[
+    let mut sets = vec![
         "server.write_timeout_ms=300",
         "server.inbound_messages_per_s=1e9",
         "server.inbound_messages_burst=1e9",
         "server.inbound_bytes_per_s=1e12",
         "server.inbound_bytes_burst=1e12",
-    ]);
+    ];
+    sets.extend_from_slice(extra);
+    let server = Server::start(&sets);
     let mut ws = connect(
         &server.ws_url("/"),
         &device_headers("aa:bb:cc:dd:ee:0a", "1"),
@@ -1036,7 +1050,21 @@ fn drain_delay_keeps_accepting_while_not_ready_then_closes_everyone() {
 
 #[test]
 fn a_ping_flood_from_one_device_does_not_keep_another_device_waiting() {
+    ping_flood_does_not_keep_a_neighbour_waiting(&[]);
+}
+
+/// The same with the device sockets read as data arrives (io_uring) instead of in sweeps (by
+/// default the flooder's socket is ready at every sweep, and the read budget still makes it
+/// yield to its neighbour).
+#[test]
+fn a_ping_flood_from_one_device_does_not_keep_another_device_waiting_with_sockets_read_per_arrival()
+{
+    ping_flood_does_not_keep_a_neighbour_waiting(&["server.socket_sweep_ms=0"]);
+}
+
+fn ping_flood_does_not_keep_a_neighbour_waiting(extra: &[&str]) {
     let mut sets = remote_provider_sets("http://127.0.0.1:9/v1");
+    sets.extend(extra.iter().map(|s| s.to_string()));
     sets.push("runtime.shard_cores=[0]".into());
     // The read budget is what this test is about: lift the inbound rate (which would read the
     // flood at 100 messages a second) out of the way.

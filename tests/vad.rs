@@ -122,6 +122,25 @@ fn english_speech_is_segmented_like_the_offline_model_in_real_time() {
     assert_within_one_chunk(&got, &offline, "real-time English");
 }
 
+/// Sockets read as data arrives (`server.socket_sweep_ms=0`) instead of in sweeps (the
+/// default): when frames are read and when VAD batches go changes, never how the audio is cut.
+#[test]
+fn segmentation_is_the_same_when_device_sockets_are_read_per_arrival() {
+    let frames = opus_frames(&speech_16k(EN, "en-us", 1.0));
+    let offline = offline_segments(&frames);
+    let server = Server::start(&["session.vad_events=true", "server.socket_sweep_ms=0"]);
+    let paced = server_segments(
+        &server,
+        "aa:bb:cc:00:00:11",
+        &frames,
+        Some(Duration::from_millis(60)),
+        offline.len(),
+    );
+    let burst = server_segments(&server, "aa:bb:cc:00:00:12", &frames, None, offline.len());
+    assert_within_one_chunk(&paced, &offline, "paced, sockets read per arrival");
+    assert_eq!(paced, burst, "same audio, same segmentation, swept or not");
+}
+
 #[test]
 fn mandarin_speech_is_segmented_like_the_offline_model() {
     let frames = opus_frames(&speech_16k(ZH, "cmn-latn-pinyin", 1.0));

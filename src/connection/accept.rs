@@ -16,6 +16,7 @@ use tungstenite::Message;
 
 use super::handshake::{read_head_after, write_upgrade, HeadError, RequestHead};
 use super::settings::LetIn;
+use super::stream::DeviceStream;
 use super::{websocket, ConnectionContext, Count, Refusal};
 use crate::front_door::{proxy, write_plain};
 use crate::protocol::identify;
@@ -228,6 +229,13 @@ async fn admit_and_serve(
         leftover,
         ..
     } = head;
+    let stream = match DeviceStream::new(stream, ctx.sweep.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot add the connection to the socket sweep");
+            return;
+        }
+    };
     let mut ws =
         WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config)).await;
 
@@ -284,7 +292,7 @@ async fn admit_and_serve(
 }
 
 /// Sends the reference's plain-text refusal, then a close frame with a clear English reason.
-async fn refuse(ws: &mut WebSocketStream<TcpStream>, reference_text: &str, reason: &str) {
+async fn refuse(ws: &mut WebSocketStream<DeviceStream>, reference_text: &str, reason: &str) {
     let _ = ws.send(Message::text(reference_text)).await;
     let mut reason = reason.to_string();
     reason.truncate(120);

@@ -12,6 +12,7 @@
 //! - [`mqtt`] (with [`udp`]): the MQTT + UDP transport: CONNECT and its credentials, one
 //!   session per hello on a long-lived MQTT connection, PUBLISHes for text, the shard's own
 //!   UDP socket for encrypted audio;
+//! - [`stream`]: the socket under a device's WebSocket (glommio's, or swept by the shard);
 //! - [`read_budget`]: how many ready wake-ups in a row the loop handles before it yields, so
 //!   one flooding device cannot keep the shard to itself;
 //! - [`effects`]: carries out what a session asks for on this shard's [`Providers`] (jobs for
@@ -29,6 +30,7 @@ pub mod handshake;
 pub mod mqtt;
 pub mod read_budget;
 pub mod settings;
+pub mod stream;
 pub mod udp;
 pub mod websocket;
 
@@ -56,6 +58,9 @@ pub struct ConnectionContext {
     pub providers: Rc<Providers>,
     /// Admission, hand-off, counters and histograms: the shard's side.
     pub host: Rc<dyn Host>,
+    /// The shard's socket sweep, when device sockets are read in sweeps
+    /// (`server.socket_sweep_ms`).
+    pub sweep: Option<shards::Sweep>,
 }
 
 /// What a connection asks of its shard.

@@ -9,19 +9,19 @@ use std::time::{Duration, Instant};
 use async_tungstenite::WebSocketStream;
 use futures_lite::StreamExt;
 use futures_util::SinkExt;
-use glommio::net::TcpStream;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 use super::driver::{self, Handled, Link};
+use super::stream::DeviceStream;
 use super::{ConnectionContext, End, Outcome};
 use crate::metrics::Transport;
 use crate::session::{Effects, Outgoing, Session, SessionEvent};
 
 /// Runs `session` over `ws` until it closes.
 pub async fn drive(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut WebSocketStream<DeviceStream>,
     mut session: Session,
     mailbox: &Rc<shards::Mailbox<SessionEvent>>,
     ctx: &ConnectionContext,
@@ -36,7 +36,7 @@ pub async fn drive(
 
 /// A device's WebSocket as the driver sees it.
 struct WsLink<'a> {
-    ws: &'a mut WebSocketStream<TcpStream>,
+    ws: &'a mut WebSocketStream<DeviceStream>,
 }
 
 impl Link for WsLink<'_> {
@@ -156,7 +156,7 @@ fn bad_frame(e: &tungstenite::Error, ctx: &ConnectionContext) -> Option<(u16, St
 
 /// Sends a close frame and waits (bounded) for the peer's close reply.
 pub(super) async fn close_gracefully(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut WebSocketStream<DeviceStream>,
     code: u16,
     reason: String,
     limit: Duration,

@@ -85,8 +85,16 @@ impl Shard {
                 trusted: trusted.clone(),
             },
         ));
+        let sweep = match s.socket_sweep_ms {
+            0 => None,
+            ms => Some(
+                shards::Sweep::new(std::time::Duration::from_millis(ms))
+                    .map_err(|e| format!("cannot create the socket sweep's epoll set: {e}"))?,
+            ),
+        };
         Ok(Rc::new(Shard {
             id,
+            sweep,
             signer,
             vision_signer,
             http_port,

@@ -26,6 +26,7 @@ impl Shard {
             settings: self.connection.clone(),
             providers: self.providers.clone(),
             host: Rc::new(ShardHost(self.clone())),
+            sweep: self.sweep.clone(),
         }
     }
 }

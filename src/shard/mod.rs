@@ -131,6 +131,8 @@ pub struct Shard {
     pub providers: Rc<Providers>,
     /// What every connection on this shard runs with (built once).
     pub connection: Rc<ConnectionSettings>,
+    /// The device sockets read in sweeps (`server.socket_sweep_ms` > 0).
+    pub sweep: Option<shards::Sweep>,
     /// Server-side tools offered to the LLM in every session of this shard.
     pub server_tools: Rc<crate::tools::server::ServerTools>,
     /// The tools of a session before its device announces any (shared by such sessions).
@@ -256,6 +258,12 @@ impl Shard {
         s.log_lines_dropped = crate::log_writer::dropped_lines();
         s.upstream_opened = self.http.opened();
         s.upstream_pooled = self.http.pooled_connections() as u64;
+        if let Some(sweep) = &self.sweep {
+            let st = sweep.stats();
+            s.socket_sweeps = st.sweeps;
+            s.socket_sweep_wakes = st.woken;
+            s.swept_sockets = st.streams as u64;
+        }
         if let Some(mqtt) = self.mqtt.borrow().as_ref() {
             s.mqtt = crate::connection::mqtt::stats::MqttStats::of(mqtt);
         }

@@ -99,6 +99,11 @@ fn start(shard: &Rc<Shard>) -> Result<(Running, BoundAddrs), String> {
     shard.http_port.set(http_addr.port());
 
     let mut rest = spawn_routers(shard);
+    if let Some(sweep) = &shard.sweep {
+        // In the connections' task queue: a sweep yields once after waking them, so it runs
+        // again only after all of them did (see shards::sweep).
+        rest.push(glommio::spawn_local(sweep.clone().run()));
+    }
     let http_ctx = shard.http_context(ws_addr);
     rest.push(glommio::spawn_local(histograms::measure_timer_lateness(
         shard.clone(),

@@ -58,6 +58,15 @@ counters! {
         /// Connections in this shard's upstream pool (gauge).
         upstream_pooled: PerShard Gauge "xiaozhi_upstream_connections_pooled"
             "HTTP connections to remote providers a shard keeps for reuse (in use or idle; at most upstream.max_pooled_per_origin per origin).",
+        /// Socket sweeps this shard ran (`server.socket_sweep_ms`).
+        socket_sweeps: Sum Counter "xiaozhi_socket_sweeps_total"
+            "Socket sweeps run (one epoll pass over a shard's device sockets per server.socket_sweep_ms; 0 when sweeps are off).",
+        /// Tasks woken by this shard's socket sweeps.
+        socket_sweep_wakes: Sum Counter "xiaozhi_socket_sweep_wakes_total"
+            "Connection reads and writes woken by socket sweeps (divided by xiaozhi_socket_sweeps_total: connections served per wake-up of the shard).",
+        /// Device sockets in this shard's sweep (gauge).
+        swept_sockets: PerShard Gauge "xiaozhi_swept_sockets"
+            "Device sockets a shard reads in sweeps.",
         /// Connections that failed before or during the HTTP handshake.
         handshake_errors: Sum Counter "xiaozhi_handshake_errors_total"
             "Connections that failed in the HTTP handshake.",

@@ -14,6 +14,8 @@
 //! The task sleeps while nothing is gathered (an idle shard sends nothing and does not wake),
 //! sends at once when the previous send is a tick or more ago, and otherwise waits out the
 //! rest of the tick: at most one batch per tick, and at most one tick of added latency.
+//! With `server.socket_sweep_ms` set, the batch goes when the shard's socket sweep has been
+//! handled instead (one batch per sweep, holding every chunk its reads produced).
 //! A batch the worker's queue refuses goes back in front of the next one (counted).
 
 use std::rc::Rc;
@@ -28,12 +30,21 @@ pub async fn flush(shard: Rc<Shard>) {
     let pool = shard.queues.vad.clone();
     let key = shard.id as u64;
     let mut last: Option<Instant> = None;
+    let mut swept = 0;
     loop {
         gather.ready().await;
-        if let Some(due) = last.map(|t| t + tick) {
-            let now = Instant::now();
-            if due > now {
-                glommio::timer::sleep(due - now).await;
+        match &shard.sweep {
+            // Device sockets are read in sweeps: send once the sweep's readers have all run,
+            // so one batch holds every chunk the sweep brought in (a job from elsewhere, such
+            // as UDP audio, waits for the next sweep).
+            Some(sweep) if sweep.active() => swept = sweep.processed_since(swept).await,
+            _ => {
+                if let Some(due) = last.map(|t| t + tick) {
+                    let now = Instant::now();
+                    if due > now {
+                        glommio::timer::sleep(due - now).await;
+                    }
+                }
             }
         }
         last = Some(Instant::now());
