@@ -615,6 +615,8 @@ pub struct InferenceConfig {
     pub max_batch: usize,
     /// Period at which a shard sends its sessions' VAD jobs to its worker as one batch, ms
     /// (0: send as soon as a job is there). Adds at most one tick to a chunk's VAD latency.
+    /// With `server.socket_sweep_ms` on, batches go right after sweeps, at most one per tick
+    /// (rounded to the sweep grid).
     pub tick_ms: u64,
     /// Removed (replaced by `tick_ms`): still accepted so a config written for an older
     /// version loads, and a warning at start says it is ignored.

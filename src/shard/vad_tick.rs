@@ -15,7 +15,8 @@
 //! sends at once when the previous send is a tick or more ago, and otherwise waits out the
 //! rest of the tick: at most one batch per tick, and at most one tick of added latency.
 //! With `server.socket_sweep_ms` set, the batch goes when the shard's socket sweep has been
-//! handled instead (one batch per sweep, holding every chunk its reads produced).
+//! handled instead (one batch per sweep, holding every chunk its reads produced; with a tick
+//! longer than the sweep period, one per the first sweep a tick after the last batch).
 //! A batch the worker's queue refuses goes back in front of the next one (counted).
 
 use std::rc::Rc;
@@ -37,7 +38,17 @@ pub async fn flush(shard: Rc<Shard>) {
             // Device sockets are read in sweeps: send once the sweep's readers have all run,
             // so one batch holds every chunk the sweep brought in (a job from elsewhere, such
             // as UDP audio, waits for the next sweep).
-            Some(sweep) if sweep.active() => swept = sweep.processed_since(swept).await,
+            // At most one batch per tick still: a tick longer than the sweep's period skips
+            // sweeps (the tick is rounded to the sweep grid, half a period early at most).
+            Some(sweep) if sweep.active() => {
+                let gap = tick.saturating_sub(sweep.period() / 2);
+                loop {
+                    swept = sweep.processed_since(swept).await;
+                    if last.is_none_or(|t| t.elapsed() >= gap) || !sweep.active() {
+                        break;
+                    }
+                }
+            }
             _ => {
                 if let Some(due) = last.map(|t| t + tick) {
                     let now = Instant::now();
