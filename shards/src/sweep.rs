@@ -77,8 +77,6 @@ struct Slot {
 pub struct SweepStats {
     /// Sweeps done (one `epoll_wait` pass each).
     pub sweeps: u64,
-    /// Readiness events the sweeps found.
-    pub events: u64,
     /// Tasks the sweeps woke (a read and a write waiter of one stream count twice).
     pub woken: u64,
     /// Streams registered now.
@@ -267,7 +265,6 @@ impl Inner {
                 break;
             }
             let n = n as usize;
-            stats.events += n as u64;
             for ev in &events[..n] {
                 let (flags, data) = (ev.events, ev.u64);
                 stats.woken += self.dispatch(flags, data);
@@ -348,10 +345,6 @@ pub struct SweptStream {
 }
 
 impl SweptStream {
-    fn raw(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
     /// One nonblocking syscall, retried on EINTR; parks the task in the sweep on EAGAIN.
     fn io(
         &self,
@@ -379,7 +372,7 @@ impl SweptStream {
 
 impl AsRawFd for SweptStream {
     fn as_raw_fd(&self) -> RawFd {
-        self.raw()
+        self.fd.as_raw_fd()
     }
 }
 
@@ -391,7 +384,7 @@ impl Drop for SweptStream {
             libc::epoll_ctl(
                 self.sweep.epoll.as_raw_fd(),
                 libc::EPOLL_CTL_DEL,
-                self.raw(),
+                self.as_raw_fd(),
                 std::ptr::null_mut(),
             );
         }
@@ -405,7 +398,7 @@ impl AsyncRead for SweptStream {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let fd = self.raw();
+        let fd = self.as_raw_fd();
         self.io(cx, false, || {
             // SAFETY: `buf` is valid for `buf.len()` bytes for the call's duration.
             unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) }
@@ -419,7 +412,7 @@ impl AsyncWrite for SweptStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let fd = self.raw();
+        let fd = self.as_raw_fd();
         self.io(cx, true, || {
             // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_NOSIGNAL: a reset peer gives
             // EPIPE, not SIGPIPE.
@@ -441,7 +434,7 @@ impl AsyncWrite for SweptStream {
 
     fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // SAFETY: plain syscall on an open descriptor.
-        let rc = unsafe { libc::shutdown(self.raw(), libc::SHUT_WR) };
+        let rc = unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_WR) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::NotConnected {

@@ -4,7 +4,7 @@
 //! then the [`Session`](crate::session::Session) and its driver.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::time::Duration;
 
 use async_tungstenite::WebSocketStream;
@@ -164,9 +164,7 @@ enum MayHandOff {
 /// Hands the connection under `stream` to a shard with room; true when a shard took it (then
 /// the caller drops `stream`, closing only its own descriptor).
 fn hand_off(stream: &TcpStream, ctx: &ConnectionContext, upgrade: Upgrade) -> bool {
-    // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-    let Ok(fd) = borrowed.try_clone_to_owned() else {
+    let Ok(fd) = super::stream::duplicate(stream) else {
         return false;
     };
     ctx.host.hand_off(fd, upgrade)

@@ -4,7 +4,7 @@
 //! socket moves to the sweep after the 101 answer.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -27,11 +27,17 @@ impl DeviceStream {
         let Some(sweep) = sweep else {
             return Ok(DeviceStream::Uring(stream));
         };
-        // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned()?;
+        let fd = duplicate(&stream)?;
         drop(stream);
         Ok(DeviceStream::Swept(sweep.register(fd)?))
     }
+}
+
+/// A second descriptor of `stream`'s socket (glommio's stream cannot give its own away): the
+/// socket outlives `stream` in it, for a hand-off to another shard or the move into a sweep.
+pub fn duplicate(stream: &TcpStream) -> io::Result<OwnedFd> {
+    // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
+    unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned()
 }
 
 impl AsyncRead for DeviceStream {

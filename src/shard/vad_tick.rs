@@ -35,28 +35,8 @@ pub async fn flush(shard: Rc<Shard>) {
     loop {
         gather.ready().await;
         match &shard.sweep {
-            // Device sockets are read in sweeps: send once the sweep's readers have all run,
-            // so one batch holds every chunk the sweep brought in (a job from elsewhere, such
-            // as UDP audio, waits for the next sweep).
-            // At most one batch per tick still: a tick longer than the sweep's period skips
-            // sweeps (the tick is rounded to the sweep grid, half a period early at most).
-            Some(sweep) if sweep.active() => {
-                let gap = tick.saturating_sub(sweep.period() / 2);
-                loop {
-                    swept = sweep.processed_since(swept).await;
-                    if last.is_none_or(|t| t.elapsed() >= gap) || !sweep.active() {
-                        break;
-                    }
-                }
-            }
-            _ => {
-                if let Some(due) = last.map(|t| t + tick) {
-                    let now = Instant::now();
-                    if due > now {
-                        glommio::timer::sleep(due - now).await;
-                    }
-                }
-            }
+            Some(sweep) if sweep.active() => swept = after_sweep(sweep, swept, last, tick).await,
+            _ => wait_out_tick(last, tick).await,
         }
         last = Some(Instant::now());
         let Some(batch) = gather.take() else {
@@ -67,6 +47,36 @@ pub async fn flush(shard: Rc<Shard>) {
             shard
                 .vad_batches_unsent
                 .set(shard.vad_batches_unsent.get() + 1);
+        }
+    }
+}
+
+/// Device sockets are read in sweeps: waits until the sweep's readers have all run, so one
+/// batch holds every chunk the sweep brought in (a job from elsewhere, such as UDP audio, waits
+/// for the next sweep), and a tick has passed since `last` (a tick longer than the sweep's
+/// period skips sweeps; rounded to the sweep grid, half a period early at most). Returns the
+/// sweep count to wait from next time.
+async fn after_sweep(
+    sweep: &shards::Sweep,
+    mut swept: u64,
+    last: Option<Instant>,
+    tick: Duration,
+) -> u64 {
+    let gap = tick.saturating_sub(sweep.period() / 2);
+    loop {
+        swept = sweep.processed_since(swept).await;
+        if last.is_none_or(|t| t.elapsed() >= gap) || !sweep.active() {
+            return swept;
+        }
+    }
+}
+
+/// Waits out the rest of the tick that began at `last`.
+async fn wait_out_tick(last: Option<Instant>, tick: Duration) {
+    if let Some(due) = last.map(|t| t + tick) {
+        let now = Instant::now();
+        if due > now {
+            glommio::timer::sleep(due - now).await;
         }
     }
 }
