@@ -67,7 +67,7 @@ base="http://127.0.0.1:$MOCK_PORT/v1"
 SERVER_PID=$!
 pids+=("$SERVER_PID")
 
-healthy() { python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "http://127.0.0.1:$HTTP_PORT/healthz" 2>/dev/null; }
+healthy() { python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "http://127.0.0.1:$HTTP_PORT/readyz" 2>/dev/null; }
 for _ in $(seq 1 200); do
   if healthy; then break; fi
   if ! kill -0 "$SERVER_PID" 2>/dev/null; then

@@ -34,7 +34,7 @@ start_server() {
   SERVER=$!
   PIDS+=("$SERVER")
   for _ in $(seq 100); do
-    curl -fs http://127.0.0.1:28003/healthz >/dev/null && return
+    curl -fs http://127.0.0.1:28003/readyz >/dev/null && return
     sleep 0.1
   done
   echo "server did not start" >&2

@@ -87,7 +87,7 @@ def start(setting, voice):
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(1200):
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{HTTP_PORT}/healthz", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{HTTP_PORT}/readyz", timeout=1) as r:
                 if r.status == 200:
                     return proc
         except OSError:

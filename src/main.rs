@@ -235,6 +235,15 @@ fn serve_logged(mut config: Config) -> ExitCode {
             }
         }
     }
+    // Until now `/readyz` answered 503 "starting": a balancer must not send devices while the
+    // kernel can spread them over only the shards that listen already.
+    let gone = mesh.send_all(|| ShardRequest::AllShardsListening);
+    if !gone.is_empty() {
+        eprintln!("xiaozhi-tpc: shards {gone:?} ended while starting");
+        mesh.drain_all();
+        let _ = handle.join();
+        return ExitCode::from(1);
+    }
     tracing::info!(
         "ready: devices connect to ws://{}:{}/xiaozhi/v1/, OTA at http://{}:{}/xiaozhi/ota/",
         config.server.ip,

@@ -82,6 +82,16 @@ impl<U> ShardMesh<U> {
         }
     }
 
+    /// Sends `msg()` to every shard, waiting while a control channel is full (it is drained by
+    /// the shard continuously), so call it from a plain thread, never from a shard. Returns the
+    /// shards whose channel is gone.
+    pub fn send_all(&self, msg: impl Fn() -> U) -> Vec<usize> {
+        (self.senders.iter().enumerate())
+            .filter(|(_, tx)| tx.send(Control::User(msg())).is_err())
+            .map(|(shard, _)| shard)
+            .collect()
+    }
+
     /// Asks every shard to drain. Blocks only if a control channel is full (it is drained by
     /// the shard continuously), so call it from a plain thread, never from a shard.
     pub fn drain_all(&self) {

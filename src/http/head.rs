@@ -8,6 +8,8 @@
 
 use futures_lite::{AsyncRead, AsyncReadExt};
 
+pub use crate::shard::drain::Readiness;
+
 /// Largest first head read (hyper's own buffer limit on this port is the same).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Most header lines parsed in a first head (hyper's default is 100).
@@ -36,12 +38,13 @@ impl Probe {
         }
     }
 
-    /// The status and body of this probe's answer when the instance is (or is not) `ready`.
-    pub fn answer(self, ready: bool) -> (u16, &'static str) {
-        match self {
-            Probe::Health => (200, "ok\n"),
-            Probe::Ready if ready => (200, "ready\n"),
-            Probe::Ready => (503, "draining\n"),
+    /// The status and body of this probe's answer when the shard is `ready`.
+    pub fn answer(self, ready: Readiness) -> (u16, &'static str) {
+        match (self, ready) {
+            (Probe::Health, _) => (200, "ok\n"),
+            (Probe::Ready, Readiness::Ready) => (200, "ready\n"),
+            (Probe::Ready, Readiness::Starting) => (503, "starting\n"),
+            (Probe::Ready, Readiness::Draining) => (503, "draining\n"),
         }
     }
 }
@@ -130,8 +133,16 @@ mod tests {
         assert_eq!(Probe::of("POST", "/healthz"), None);
         assert_eq!(Probe::of("GET", "/healthzz"), None);
         assert_eq!(Probe::of("GET", "/metrics"), None);
-        assert_eq!(Probe::Ready.answer(false), (503, "draining\n"));
-        assert_eq!(Probe::Health.answer(false), (200, "ok\n"));
+        assert_eq!(
+            Probe::Ready.answer(Readiness::Draining),
+            (503, "draining\n")
+        );
+        assert_eq!(
+            Probe::Ready.answer(Readiness::Starting),
+            (503, "starting\n")
+        );
+        assert_eq!(Probe::Ready.answer(Readiness::Ready), (200, "ready\n"));
+        assert_eq!(Probe::Health.answer(Readiness::Starting), (200, "ok\n"));
     }
 
     #[test]

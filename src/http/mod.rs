@@ -31,7 +31,7 @@ use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 
 pub use admission::{HttpAdmission, HttpCounters};
-use head::{FirstHead, Probe};
+use head::{FirstHead, Probe, Readiness};
 pub use ota::{OtaRequest, OtaSettings};
 
 use crate::front_door::rewind::Rewind;
@@ -56,8 +56,9 @@ pub type HistogramSource = Rc<
 pub struct HttpContext {
     /// OTA answer settings.
     pub ota: OtaSettings,
-    /// False while the instance drains (`/readyz` then answers 503).
-    pub ready: Rc<Cell<bool>>,
+    /// What `/readyz` answers: 503 while the process starts (not every shard listens yet)
+    /// and while it drains.
+    pub ready: Rc<Cell<Readiness>>,
     /// Real client addresses and the port's limits on this shard.
     pub admission: Rc<HttpAdmission>,
     /// `/metrics` text.
@@ -476,7 +477,7 @@ fn header(req: &Request<Incoming>, name: &str) -> Option<String> {
 }
 
 /// The answer to a health or readiness probe (`None`: not one, 404).
-fn probe_response(probe: Option<Probe>, ready: bool) -> Response<Full<Bytes>> {
+fn probe_response(probe: Option<Probe>, ready: Readiness) -> Response<Full<Bytes>> {
     match probe.map(|p| p.answer(ready)) {
         Some((status, body)) => text(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

@@ -20,11 +20,24 @@ use crate::session::SessionEvent;
 /// How long after the grace deadline a shard stops waiting for sessions (close handshakes).
 pub const HARD_STOP_AFTER: Duration = Duration::from_secs(2);
 
+/// What `/readyz` says of a shard: starting until every shard of the process listens (so a
+/// balancer's health check does not pass while the kernel can spread devices over only some of
+/// the shards), ready, then draining from the first drain step on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Not every shard has bound its ports yet.
+    Starting,
+    /// Takes new devices.
+    Ready,
+    /// Draining: the balancer should take the instance out of rotation.
+    Draining,
+}
+
 /// A shard's drain state: readiness for the balancer, the deadline once draining, and the
 /// waker of whoever waits for the last session.
 #[derive(Debug)]
 pub struct Drain {
-    ready: Rc<Cell<bool>>,
+    ready: Rc<Cell<Readiness>>,
     deadline: Cell<Option<Instant>>,
     last_session_gone: RefCell<Option<Waker>>,
 }
@@ -32,7 +45,7 @@ pub struct Drain {
 impl Default for Drain {
     fn default() -> Self {
         Drain {
-            ready: Rc::new(Cell::new(true)),
+            ready: Rc::new(Cell::new(Readiness::Starting)),
             deadline: Cell::new(None),
             last_session_gone: RefCell::new(None),
         }
@@ -40,14 +53,21 @@ impl Default for Drain {
 }
 
 impl Drain {
-    /// The readiness flag `/readyz` reads (false from the first drain step on).
-    pub fn ready_flag(&self) -> Rc<Cell<bool>> {
+    /// The readiness `/readyz` reads.
+    pub fn ready_flag(&self) -> Rc<Cell<Readiness>> {
         self.ready.clone()
+    }
+
+    /// Every shard of the process listens: ready, unless a drain began meanwhile.
+    pub fn all_shards_listening(&self) {
+        if self.ready.get() == Readiness::Starting {
+            self.ready.set(Readiness::Ready);
+        }
     }
 
     /// Step 1: not ready, so the balancer's health check takes the instance out of rotation.
     pub fn not_ready(&self) {
-        self.ready.set(false);
+        self.ready.set(Readiness::Draining);
     }
 
     /// Step 2: from now on no session is admitted, and open ones must finish by `deadline`.
@@ -187,12 +207,27 @@ mod tests {
     }
 
     #[test]
+    fn starting_until_every_shard_listens_and_a_drain_is_never_undone() {
+        let drain = Drain::default();
+        let ready = drain.ready_flag();
+        assert_eq!(ready.get(), Readiness::Starting);
+        drain.all_shards_listening();
+        assert_eq!(ready.get(), Readiness::Ready);
+        // A drain that began before the last shard came up stays a drain.
+        let early = Drain::default();
+        early.not_ready();
+        early.all_shards_listening();
+        assert_eq!(early.ready_flag().get(), Readiness::Draining);
+    }
+
+    #[test]
     fn draining_is_not_ready_then_refuses_after_the_delay() {
         let drain = Drain::default();
         let ready = drain.ready_flag();
-        assert!(ready.get() && drain.deadline().is_none());
+        drain.all_shards_listening();
+        assert!(ready.get() == Readiness::Ready && drain.deadline().is_none());
         drain.not_ready();
-        assert!(!ready.get());
+        assert_eq!(ready.get(), Readiness::Draining);
         assert!(
             drain.deadline().is_none(),
             "still accepting during the delay"

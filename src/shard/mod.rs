@@ -86,6 +86,8 @@ pub enum ShardRequest {
         /// The CONNECT's client id.
         client_id: String,
     },
+    /// (From the main thread) every shard has bound its ports: `/readyz` may answer ready.
+    AllShardsListening,
 }
 
 /// What a shard hands the main thread when it has drained: its histograms and, from shard 0,

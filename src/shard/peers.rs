@@ -148,6 +148,7 @@ pub fn answer(shard: &Rc<Shard>, request: ShardRequest) {
                 }
             }
         }
+        ShardRequest::AllShardsListening => shard.drain.all_shards_listening(),
         ShardRequest::Adopt { fd, upgrade } => {
             shard.stats.borrow_mut().adopted += 1;
             glommio::spawn_local(crate::connection::accept::adopt(

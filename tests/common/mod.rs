@@ -98,7 +98,9 @@ impl Server {
         // on 2 busy cores. Being slow to start is not what these tests are about.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(resp) = http_request(http_port, "GET", "/healthz", &[], "") {
+            // Ready, not just up: every shard listens (with only some, the kernel would send
+            // every connection to those, and tests about spreading would measure start-up).
+            if let Ok(resp) = http_request(http_port, "GET", "/readyz", &[], "") {
                 if resp.status == 200 {
                     break;
                 }
