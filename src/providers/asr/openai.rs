@@ -1,15 +1,14 @@
 //! OpenAI-compatible batch transcription (`POST {base_url}/audio/transcriptions`), as served by
 //! OpenAI, Groq, and self-hosted whisper servers (faster-whisper-server, LocalAI, vLLM).
 //!
-//! The utterance WAV is already in memory, so the multipart body is built by hand and sent
-//! with a `Content-Length`.
+//! The utterance WAV is already in memory, so the multipart body is built in one buffer
+//! ([`super::multipart_form`]) and sent with a `Content-Length`.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde::Deserialize;
 
+use super::multipart_form;
 use crate::providers::error::ProviderError;
 use crate::providers::http_client::{post_for_body, with_timeout, ApiKey, HttpClient};
 
@@ -66,13 +65,15 @@ async fn exchange(
     if let Some(language) = &settings.language {
         fields.push(("language", language));
     }
-    let (content_type, body) = multipart(&fields, "file", "audio.wav", "audio/wav", &wav);
+    let seed = uuid::Uuid::new_v4().as_u128();
+    let (content_type, body) =
+        multipart_form(&fields, "file", "audio.wav", "audio/wav", &wav, seed);
     let body = post_for_body(
         client,
         &url,
         &settings.api_key,
         &content_type,
-        body,
+        bytes::Bytes::from(body),
         MAX_REPLY,
     )
     .await?;
@@ -81,67 +82,4 @@ async fn exchange(
         ProviderError::BadResponse(format!("{e}: {start}"))
     })?;
     Ok(reply.text.trim().to_string())
-}
-
-/// A `multipart/form-data` body with text `fields` and one file; returns (content type, body).
-fn multipart(
-    fields: &[(&str, &str)],
-    file_field: &str,
-    filename: &str,
-    mime: &str,
-    data: &[u8],
-) -> (String, Bytes) {
-    // A random boundary, checked against the file (practically never found).
-    let boundary = loop {
-        let b = format!("----xiaozhi{}", uuid::Uuid::new_v4().simple());
-        if !data.windows(b.len()).any(|w| w == b.as_bytes()) {
-            break b;
-        }
-    };
-    let mut head = String::new();
-    for (name, value) in fields {
-        let _ = write!(
-            head,
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
-        );
-    }
-    let _ = write!(
-        head,
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"{file_field}\"; \
-         filename=\"{filename}\"\r\nContent-Type: {mime}\r\n\r\n"
-    );
-    let tail = format!("\r\n--{boundary}--\r\n");
-    let mut out = Vec::with_capacity(head.len() + data.len() + tail.len());
-    out.extend_from_slice(head.as_bytes());
-    out.extend_from_slice(data);
-    out.extend_from_slice(tail.as_bytes());
-    (
-        format!("multipart/form-data; boundary={boundary}"),
-        out.into(),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn multipart_body_has_fields_then_file() {
-        let (ct, body) = multipart(
-            &[("model", "whisper-1"), ("response_format", "json")],
-            "file",
-            "a.wav",
-            "audio/wav",
-            b"RIFF\x00\x01",
-        );
-        let boundary = ct.strip_prefix("multipart/form-data; boundary=").unwrap();
-        let expected = format!(
-            "--{b}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n\
-             --{b}\r\nContent-Disposition: form-data; name=\"response_format\"\r\n\r\njson\r\n\
-             --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
-             Content-Type: audio/wav\r\n\r\nRIFF\x00\x01\r\n--{b}--\r\n",
-            b = boundary
-        );
-        assert_eq!(body, Bytes::from(expected));
-    }
 }

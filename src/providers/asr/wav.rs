@@ -24,8 +24,10 @@ pub fn wav_bytes(pcm: &[i16], sample_rate: u32) -> Vec<u8> {
     out.extend_from_slice(&16u16.to_le_bytes()); // bits per sample
     out.extend_from_slice(b"data");
     out.extend_from_slice(&data_len.to_le_bytes());
-    for s in pcm {
-        out.extend_from_slice(&s.to_le_bytes());
+    let header = out.len();
+    out.resize(header + pcm.len() * 2, 0);
+    for (bytes, s) in out[header..].chunks_exact_mut(2).zip(pcm) {
+        bytes.copy_from_slice(&s.to_le_bytes());
     }
     out
 }
@@ -87,7 +89,9 @@ pub fn multipart_form(
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    // memchr's SIMD search: a byte-by-byte window compare cost ~2 % of a shard's CPU on a
+    // 1.75 s utterance (56 kB, one compare call per byte).
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// WHATWG form encoding of a quoted parameter: `"` → `%22`, CR → `%0D`, LF → `%0A`.
