@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::Placement;
 use serde_json::json;
 
 use crate::audio::{self, FRAME_MS};
@@ -150,31 +150,28 @@ pub fn run_recorded(args: &FleetArgs) -> Result<(serde_json::Value, Recorder), S
             .collect();
         let cfg = Arc::clone(&cfg);
         let tx = tx.clone();
-        let handle = LocalExecutorBuilder::new(cpu.map_or(Placement::Unbound, Placement::Fixed))
-            .name(&format!("bench-{e}"))
-            .io_memory(512 << 10)
-            .preempt_timer(Duration::from_micros(500))
-            .spawn(move || async move {
-                let tasks: Vec<_> = devices
-                    .into_iter()
-                    .map(|(id, connect_at)| {
-                        let cfg = Arc::clone(&cfg);
-                        let tx = tx.clone();
-                        glommio::spawn_local(async move {
-                            let report = move |r| {
-                                // The collector outlives the devices; a send can only fail if
-                                // it stopped early, and then nobody needs the report.
-                                let _ = tx.send(r);
-                            };
-                            device::run(&cfg, id, connect_at, limit, &report, None).await;
-                        })
+        let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
+        let handle = crate::executor::spawn(placement, &format!("bench-{e}"), move || async move {
+            let tasks: Vec<_> = devices
+                .into_iter()
+                .map(|(id, connect_at)| {
+                    let cfg = Arc::clone(&cfg);
+                    let tx = tx.clone();
+                    glommio::spawn_local(async move {
+                        let report = move |r| {
+                            // The collector outlives the devices; a send can only fail if
+                            // it stopped early, and then nobody needs the report.
+                            let _ = tx.send(r);
+                        };
+                        device::run(&cfg, id, connect_at, limit, &report, None).await;
                     })
-                    .collect();
-                for t in tasks {
-                    t.await;
-                }
-            })
-            .map_err(|e| format!("starting executor {e}"))?;
+                })
+                .collect();
+            for t in tasks {
+                t.await;
+            }
+        })
+        .map_err(|e| format!("starting executor {e}"))?;
         executors.push(handle);
     }
     drop(tx);

@@ -10,6 +10,8 @@
 //! The bench shares only the `xiaozhi-protocol` crate with the server (message types, binary
 //! framing, identity, tokens, and the HdrHistogram file writers) and depends on nothing else of
 //! it, so it measures other servers (the Python reference, say) exactly as it measures ours.
+//! (It also uses the `shards` runtime crate, for one thing only: the guard that wakes a glommio
+//! executor parked before its first task, see `executor.rs`.)
 //! See `bench/README.md`.
 
 mod abuser;
@@ -18,6 +20,7 @@ mod channel;
 mod connect;
 mod device;
 mod device_args;
+mod executor;
 mod fleet;
 mod hold;
 mod inbound;

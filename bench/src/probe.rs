@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::Placement;
 
 use crate::audio;
 use crate::connect::DeviceId;
@@ -35,11 +35,8 @@ pub fn run(args: ProbeArgs) -> Result<(), String> {
         .talk
         .prepare(Duration::from_millis(500), Duration::from_secs(3))?;
     let id = DeviceId::new(args.device, 1);
-    let (trace, reports) = LocalExecutorBuilder::new(Placement::Unbound)
-        .name("probe")
-        .io_memory(512 << 10)
-        .preempt_timer(Duration::from_micros(500))
-        .spawn(move || async move {
+    let (trace, reports) =
+        crate::executor::spawn(Placement::Unbound, "probe", move || async move {
             let trace = RefCell::new(Trace::default());
             let reports = RefCell::new(Vec::new());
             let report = |r: Report| reports.borrow_mut().push(r);

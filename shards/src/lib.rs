@@ -20,6 +20,7 @@ pub mod plan;
 pub mod runtime;
 pub mod signals;
 pub mod sweep;
+pub mod threads;
 pub mod tick_batch;
 pub mod workers;
 

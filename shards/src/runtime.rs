@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::threads;
+
+/// How long [`start_shards`] waits for an executor's first task before it sends the executor's
+/// thread a wake-up signal (and again every such period, until `start_timeout`).
+const POKE_EVERY: Duration = Duration::from_millis(100);
+
 /// A message to one shard from another thread or shard.
 pub enum Control<U> {
     /// Stop accepting, finish what is in flight within the grace period, then return.
@@ -156,6 +162,7 @@ where
     F: Fn(ShardContext<U>) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = ()> + 'static,
 {
+    threads::install_wake_handler();
     let (senders, receivers): (Vec<_>, Vec<_>) = cores
         .iter()
         .map(|_| flume::bounded(settings.control_capacity))
@@ -196,9 +203,22 @@ where
     drop(up_tx);
     let deadline = Instant::now() + settings.start_timeout;
     let mut up = vec![false; cores.len()];
+    let mut pokes = vec![0u32; cores.len()];
+    let glommio_thread = |id: usize| format!("{}{}-", settings.name_prefix, id);
     while up.iter().any(|u| !u) {
-        match up_rx.recv_deadline(deadline) {
-            Ok((id, true)) => up[id] = true,
+        // Wake-up signals to the shards not up yet, every POKE_EVERY until the deadline
+        // (threads::poke_awake says why).
+        match up_rx.recv_deadline((Instant::now() + POKE_EVERY).min(deadline)) {
+            Ok((id, true)) => {
+                up[id] = true;
+                if pokes[id] > 0 {
+                    tracing::warn!(
+                        shard = id,
+                        wake_up_signals = pokes[id],
+                        "shard came up only after wake-up signals (glommio may have parked it before its first task)"
+                    );
+                }
+            }
             Ok((id, false)) => {
                 let why = match joins[id].take().map(|j| j.join()) {
                     Some(Err(e)) => e.to_string(),
@@ -209,12 +229,22 @@ where
                     cores[id]
                 )));
             }
+            Err(_) if Instant::now() < deadline => {
+                for id in (0..cores.len()).filter(|&id| !up[id]) {
+                    if threads::poke_awake(&glommio_thread(id)) {
+                        pokes[id] += 1;
+                    }
+                }
+            }
             Err(_) => {
                 let missing: Vec<String> = (0..cores.len())
                     .filter(|&id| !up[id])
                     .map(|id| {
-                        let name = format!("{}{}", settings.name_prefix, id);
-                        format!("shard {id} on core {} ({})", cores[id], thread_state(&name))
+                        let state = threads::thread_state(&glommio_thread(id));
+                        format!(
+                            "shard {id} on core {} ({state}; {} wake-up signals sent)",
+                            cores[id], pokes[id]
+                        )
                     })
                     .collect();
                 return Err(std::io::Error::other(format!(
@@ -252,41 +282,6 @@ impl Drop for StartGuard {
             let _ = self.tx.try_send((self.id, false));
         }
     }
-}
-
-/// The kernel's view of the thread named `name` in this process (state, wait channel and, when
-/// readable, its kernel stack), for the error of an executor that never came up.
-fn thread_state(name: &str) -> String {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return "no /proc".into();
-    };
-    let comm = &name[..name.len().min(15)];
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-        // glommio names the thread "<name>-<n>"; the kernel keeps 15 bytes of it.
-        if !read("comm").trim_end().starts_with(comm) {
-            continue;
-        }
-        let stat = read("stat");
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split(' ').next())
-            .unwrap_or("?")
-            .to_string();
-        let stack: Vec<String> = read("stack")
-            .lines()
-            .take(8)
-            .map(|l| l.split_whitespace().last().unwrap_or("").to_string())
-            .collect();
-        return format!(
-            "thread {} state {state}, wchan {}, kernel stack [{}]",
-            task.file_name().to_string_lossy(),
-            read("wchan").trim(),
-            stack.join(" < ")
-        );
-    }
-    "its thread is gone".into()
 }
 
 /// Ticks every `period` so the executor never sleeps indefinitely (a lost foreign wake-up then
@@ -338,6 +333,24 @@ mod tests {
     }
 
     #[test]
+    fn executors_come_up_even_when_glommio_parks_before_their_first_task() {
+        // A 20 µs preemption timer makes glommio 0.9 park many executors before their first
+        // task (crate::threads says why); without the wake-up signals a start below fails at
+        // its timeout with the shards asleep in io_cqring_wait.
+        let cores = crate::CorePlan::available_cores();
+        let settings = ShardSettings {
+            preempt_timer: Duration::from_micros(20),
+            start_timeout: Duration::from_secs(10),
+            ..ShardSettings::default()
+        };
+        for _ in 0..20 {
+            let handle = start_shards::<u32, _, _>(&cores, &settings, |_| async {})
+                .expect("every shard came up");
+            handle.join().expect("every shard ended");
+        }
+    }
+
+    #[test]
     fn an_executor_that_cannot_be_built_is_an_error_not_a_hang() {
         let cores = crate::CorePlan::available_cores();
         // 1 TiB of registered io_uring memory cannot be mapped and locked: the executor fails
@@ -357,29 +370,5 @@ mod tests {
             t0.elapsed() < settings.start_timeout,
             "the failure was only noticed at the start timeout: {err}"
         );
-    }
-
-    #[test]
-    fn thread_state_names_the_kernel_state_of_a_thread() {
-        let (tx, rx) = flume::bounded::<()>(0);
-        let t = std::thread::Builder::new()
-            .name("probe-sleeper".into())
-            .spawn(move || {
-                let _ = rx.recv();
-            })
-            .unwrap();
-        let mut state = String::new();
-        for _ in 0..100 {
-            state = thread_state("probe-sleeper");
-            if state.contains("state S") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(state.starts_with("thread "), "{state}");
-        assert!(state.contains("state S"), "{state}");
-        assert_eq!(thread_state("no-such-thread"), "its thread is gone");
-        drop(tx);
-        t.join().unwrap();
     }
 }
