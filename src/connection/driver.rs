@@ -184,6 +184,10 @@ pub async fn drive<L: Link>(
                 let now = Instant::now();
                 if deadline > now {
                     glommio::timer::sleep(deadline - now).await;
+                } else {
+                    // Due already (the rest of a reply's first burst, see
+                    // audio_out::FRAMES_PER_PUMP): let the shard's other tasks run first.
+                    futures_lite::future::yield_now().await;
                 }
                 Wake::Timer
             };

@@ -21,6 +21,14 @@ use crate::metrics::Stage;
 /// Duration of one downlink frame.
 pub const FRAME: Duration = Duration::from_millis(60);
 
+/// Frames encoded per [`Playout::pump`] call. A reply's first burst is `prebuffer_frames + 1`
+/// frames, ~0.15 ms of Opus encoding each: encoded in one call it held the shard for ~1 ms, and
+/// an inference reply arriving meanwhile waited that long (reply wake-up p99 at 100 devices
+/// 1.7 ms with a 6-frame burst against 0.8–0.9 ms with a 2-frame one). With one frame per call
+/// the rest of a burst is due at once ([`Playout::next_due`] is not later than now) and the
+/// caller yields to the executor before pumping again.
+pub const FRAMES_PER_PUMP: usize = 1;
+
 /// What the play-out needs from config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlayoutSettings {
@@ -133,8 +141,10 @@ impl Playout {
             .map(|end| end.checked_sub(prebuffer).unwrap_or(end))
     }
 
-    /// Emits everything due at `now` into `played`, in order, with latency samples
-    /// ([`Stage::FramePacingJitter`], [`Stage::EosToFirstAudio`]) into `samples`.
+    /// Emits what is due at `now` into `played`, in order, with latency samples
+    /// ([`Stage::FramePacingJitter`], [`Stage::EosToFirstAudio`]) into `samples`: at most
+    /// [`FRAMES_PER_PUMP`] frames (and the sentence markers before them); call again at
+    /// [`Playout::next_due`] for the rest.
     pub fn pump(
         &mut self,
         now: Instant,
@@ -143,7 +153,11 @@ impl Playout {
     ) {
         self.last_pump = Some(now);
         let fs = self.frame_samples;
+        let mut encoded = 0;
         loop {
+            if encoded == FRAMES_PER_PUMP {
+                return;
+            }
             let due = self.due();
             let Some(front) = self.queue.front_mut() else {
                 return;
@@ -191,6 +205,7 @@ impl Playout {
                     }
                 },
             };
+            encoded += 1;
             match encoder.encode(&frame) {
                 Ok(packet) => {
                     if let Some(eos) = self.first_audio_from.take() {
@@ -242,11 +257,44 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    /// Pumps at `now`; returns what was played.
+    /// Pumps at `now` until nothing more is due, as the caller does (waking again at
+    /// `next_due` while it is not later than `now`); returns what was played.
     fn pump(p: &mut Playout, now: Instant) -> Vec<Played> {
         let mut played = Vec::new();
-        p.pump(now, &mut played, &mut Vec::new());
+        pump_all(p, now, &mut played, &mut Vec::new());
         played
+    }
+
+    fn pump_all(
+        p: &mut Playout,
+        now: Instant,
+        played: &mut Vec<Played>,
+        samples: &mut Vec<(Stage, u64)>,
+    ) {
+        loop {
+            let before = played.len();
+            p.pump(now, played, samples);
+            if played.len() == before || p.next_due().is_none_or(|due| due > now) {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn one_call_encodes_one_frame_and_the_rest_of_a_burst_is_due_at_once() {
+        let t0 = Instant::now();
+        let mut p = Playout::new(settings(5));
+        p.begin_reply(t0);
+        p.push_sentence("A.".into(), tone(10));
+        let mut played = Vec::new();
+        p.pump(t0, &mut played, &mut Vec::new());
+        assert_eq!(frames(&played), FRAMES_PER_PUMP);
+        assert!(
+            p.next_due().is_some_and(|due| due <= t0),
+            "the burst goes on at once"
+        );
+        assert_eq!(frames(&pump(&mut p, t0)), 6 - FRAMES_PER_PUMP);
+        assert!(p.next_due().is_some_and(|due| due > t0));
     }
 
     fn frames(played: &[Played]) -> usize {
@@ -417,7 +465,7 @@ mod tests {
         p.push_sentence("A.".into(), tone(4));
         let mut samples = Vec::new();
         let t1 = eos + ms(250);
-        p.pump(t1, &mut Vec::new(), &mut samples);
+        pump_all(&mut p, t1, &mut Vec::new(), &mut samples);
         // Two frames at once: the first records end of speech → first audio, the second is on
         // time.
         assert_eq!(
@@ -429,13 +477,13 @@ mod tests {
         );
         samples.clear();
         // The third frame was due at t1 + 60 ms; it goes out 5 ms late.
-        p.pump(t1 + ms(65), &mut Vec::new(), &mut samples);
+        pump_all(&mut p, t1 + ms(65), &mut Vec::new(), &mut samples);
         assert_eq!(samples, vec![(Stage::FramePacingJitter, 5_000)]);
         samples.clear();
         // A new reply records its own first audio, once.
         p.begin_reply(t1 + ms(100));
         p.push_sentence("B.".into(), tone(1));
-        p.pump(t1 + ms(300), &mut Vec::new(), &mut samples);
+        pump_all(&mut p, t1 + ms(300), &mut Vec::new(), &mut samples);
         assert!(
             samples.contains(&(Stage::EosToFirstAudio, 200_000)),
             "{samples:?}"

@@ -797,6 +797,20 @@ mod tests {
             out.extend(fx.send);
             self.requests.extend(fx.requests);
         }
+        /// As the connection driver does after every event: `on_timer` again at once while a
+        /// deadline is already due (the rest of a reply's first burst, one frame per pump).
+        fn settle(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+            for _ in 0..1000 {
+                // A closed session has no driver left to wake it.
+                let closed = out.iter().any(|o| matches!(o, Outgoing::Close { .. }));
+                if closed || self.s.next_deadline() > now {
+                    return;
+                }
+                let fx = self.s.on_timer(now);
+                self.apply(fx, out);
+            }
+            panic!("a deadline stayed due after 1000 timer calls");
+        }
         fn on_text(&mut self, text: &str, now: Instant, out: &mut Vec<Outgoing>) {
             let fx = self.s.on_text(text, now);
             self.apply(fx, out);
@@ -804,6 +818,7 @@ mod tests {
         fn on_timer(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
             let fx = self.s.on_timer(now);
             self.apply(fx, out);
+            self.settle(now, out);
         }
         fn on_drain(&mut self, deadline: Instant, now: Instant, out: &mut Vec<Outgoing>) {
             let fx = self.s.on_drain(deadline, now);
@@ -830,6 +845,7 @@ mod tests {
         ) {
             let fx = self.s.on_tts_result(turn, seq, result, now);
             self.apply(fx, out);
+            self.settle(now, out);
         }
         fn take_requests(&mut self) -> Vec<Request> {
             std::mem::take(&mut self.requests)

@@ -30,6 +30,25 @@ pub(crate) fn settings(offline_llm: bool) -> DialogueSettings {
     }
 }
 
+/// What the connection driver does after every call: `on_timer` again at once while something
+/// is already due (the rest of a reply's first burst: one frame per pump, see
+/// `audio_out::FRAMES_PER_PUMP`).
+trait Settle {
+    fn settle(&mut self, now: Instant, out: &mut Output);
+}
+
+impl Settle for Dialogue {
+    fn settle(&mut self, now: Instant, out: &mut Output) {
+        for _ in 0..1000 {
+            if self.next_deadline().is_none_or(|t| t > now) {
+                return;
+            }
+            self.on_timer(now, out);
+        }
+        panic!("a deadline stayed due after 1000 timer calls");
+    }
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -104,6 +123,7 @@ fn run_timers(d: &mut Dialogue, out: &mut Output, limit: Instant) -> Instant {
             break;
         };
         d.on_timer(at, out);
+        d.settle(at, out);
         last = Some(at);
     }
     last.expect("a deadline before the limit")
@@ -191,10 +211,12 @@ fn llm_text_is_cut_into_sentences_synthesised_one_at_a_time() {
     assert!(tts_requests(&out).is_empty());
     let mut out = Output::default();
     d.on_tts(1, 0, Ok((pcm(2), 24_000)), t0 + ms(200), &mut out);
+    d.settle(t0 + ms(200), &mut out);
     assert_eq!(kinds(&out), ["tts.sentence_start", "#", "#"]);
     assert_eq!(tts_requests(&out), [(1, 1, "How are you?".to_string())]);
     let mut out = Output::default();
     d.on_tts(1, 1, Ok((pcm(1), 24_000)), t0 + ms(300), &mut out);
+    d.settle(t0 + ms(300), &mut out);
     assert_eq!(tts_requests(&out), [(1, 2, "Fine.".to_string())]);
 }
 
@@ -215,6 +237,7 @@ fn tts_stop_follows_the_play_out_end_plus_the_guard() {
     let t1 = t0 + ms(400);
     let mut out = Output::default();
     d.on_tts(1, 0, Ok((audio, 22_050)), t1, &mut out);
+    d.settle(t1, &mut out);
     assert_eq!(kinds(&out)[0], "tts.sentence_start");
     assert_eq!(frames(&out), 6, "the pre-buffer goes out at once");
     let stop = run_timers(&mut d, &mut out, t1 + ms(5000));
@@ -238,16 +261,20 @@ fn the_turn_finishes_only_when_the_last_frame_is_sent() {
     d.on_llm_text(1, "Hello!", t0, &mut out);
     d.on_llm_done(1, Ok(Vec::new()), t0, &mut out);
     d.on_tts(1, 0, Ok((pcm(10), 24_000)), t0, &mut out);
+    d.settle(t0, &mut out);
     assert_eq!(phase(&d), "speaking", "4 frames still queued");
     assert_eq!(d.next_deadline(), Some(t0 + ms(60)), "the next frame");
     let mut out = Output::default();
     d.on_timer(t0 + ms(240), &mut out);
+    d.settle(t0 + ms(240), &mut out);
     assert_eq!(frames(&out), 4);
     assert_eq!(phase(&d), "finishing");
     assert_eq!(d.next_deadline(), Some(t0 + ms(600 + 100)));
     d.on_timer(t0 + ms(699), &mut out);
+    d.settle(t0 + ms(699), &mut out);
     assert!(!kinds(&out).contains(&"tts.stop".to_string()));
     d.on_timer(t0 + ms(700), &mut out);
+    d.settle(t0 + ms(700), &mut out);
     assert_eq!(kinds(&out).last().map(String::as_str), Some("tts.stop"));
 }
 
@@ -258,6 +285,7 @@ fn abort_mid_answer_stops_at_once_and_stale_results_are_ignored() {
     let mut out = Output::default();
     d.on_llm_text(1, "Once upon a time! There was ", t0 + ms(100), &mut out);
     d.on_tts(1, 0, Ok((pcm(30), 24_000)), t0 + ms(200), &mut out);
+    d.settle(t0 + ms(200), &mut out);
     assert_eq!(frames(&out), 6);
     let mut out = Output::default();
     d.abort(t0 + ms(300), &mut out);
@@ -271,8 +299,10 @@ fn abort_mid_answer_stops_at_once_and_stale_results_are_ignored() {
     d.on_llm_text(1, "a dragon.", t0 + ms(310), &mut out);
     d.on_llm_done(1, Ok(Vec::new()), t0 + ms(320), &mut out);
     d.on_tts(1, 1, Ok((pcm(5), 24_000)), t0 + ms(330), &mut out);
+    d.settle(t0 + ms(330), &mut out);
     d.on_asr(1, Ok("again".into()), t0 + ms(340), &mut out);
     d.on_timer(t0 + ms(2000), &mut out);
+    d.settle(t0 + ms(2000), &mut out);
     assert!(out.items.is_empty() && out.requests.is_empty(), "{out:?}");
     // The next turn starts with a fresh pre-buffer, and turn 1's audio is still ignored.
     d.on_utterance(vec![0; 1600], t0 + ms(400), &mut out);
@@ -281,8 +311,10 @@ fn abort_mid_answer_stops_at_once_and_stale_results_are_ignored() {
     d.on_llm_done(2, Ok(Vec::new()), t0 + ms(460), &mut out);
     let mut out = Output::default();
     d.on_tts(1, 0, Ok((pcm(5), 24_000)), t0 + ms(470), &mut out);
+    d.settle(t0 + ms(470), &mut out);
     assert_eq!(frames(&out), 0);
     d.on_tts(2, 0, Ok((pcm(8), 24_000)), t0 + ms(470), &mut out);
+    d.settle(t0 + ms(470), &mut out);
     assert_eq!(frames(&out), 6);
 }
 
@@ -314,8 +346,10 @@ fn asr_timeout_counts_a_failure_and_says_so() {
     d.on_utterance(vec![0; 1600], t0, &mut out);
     let mut out = Output::default();
     d.on_timer(t0 + ms(4999), &mut out);
+    d.settle(t0 + ms(4999), &mut out);
     assert!(out.items.is_empty());
     d.on_timer(t0 + ms(5000), &mut out);
+    d.settle(t0 + ms(5000), &mut out);
     assert_eq!(kinds(&out), ["alert"]);
     assert_eq!(d.counters.asr_failures, 1);
     assert!(!d.busy());
@@ -349,13 +383,16 @@ fn tts_timeout_skips_the_segment_and_the_answer_goes_on() {
     assert_eq!(d.next_deadline(), Some(t0 + ms(5000)));
     let mut out = Output::default();
     d.on_timer(t0 + ms(5000), &mut out);
+    d.settle(t0 + ms(5000), &mut out);
     assert_eq!(d.counters.tts_failures, 1);
     assert_eq!(tts_requests(&out), [(1, 1, "Second one!".to_string())]);
     // The skipped segment's audio, arriving late, is not played.
     let mut out = Output::default();
     d.on_tts(1, 0, Ok((pcm(3), 24_000)), t0 + ms(5100), &mut out);
+    d.settle(t0 + ms(5100), &mut out);
     assert!(out.items.is_empty());
     d.on_tts(1, 1, Ok((pcm(3), 24_000)), t0 + ms(5200), &mut out);
+    d.settle(t0 + ms(5200), &mut out);
     assert_eq!(kinds(&out), ["tts.sentence_start", "#", "#", "#"]);
     let OutItem::Text(sentence) = &out.items[0] else {
         panic!("text")
@@ -459,6 +496,7 @@ fn a_long_echo_of_digits_is_synthesised_in_bounded_segments() {
         texts.push(text);
         out = Output::default();
         d.on_tts(turn, seq, Ok((pcm(1), 24_000)), t0 + ms(step), &mut out);
+        d.settle(t0 + ms(step), &mut out);
     }
     assert!(texts.len() > 1, "{texts:?}");
     for text in &texts {
@@ -546,11 +584,13 @@ fn a_turn_flood_keeps_at_most_the_quota_outstanding_and_cancels_stale_jobs() {
     // Turn 2's job was skipped by the worker: its "cancelled" answer frees the slot.
     let mut out = Output::default();
     d.on_tts(2, 0, Err("cancelled".into()), t0 + ms(50), &mut out);
+    d.settle(t0 + ms(50), &mut out);
     assert!(matches!(&tts_requests(&out)[..], [(3, 0, _)]), "{out:?}");
     assert_eq!(d.counters.tts_failures, 0, "a stale answer is no failure");
     // Turn 1's job ran anyway; its audio is dropped and turn 3 keeps one job in flight.
     let mut out = Output::default();
     d.on_tts(1, 0, Ok((pcm(5), 24_000)), t0 + ms(60), &mut out);
+    d.settle(t0 + ms(60), &mut out);
     assert!(
         tts_requests(&out).is_empty() && frames(&out) == 0,
         "{out:?}"
