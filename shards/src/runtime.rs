@@ -11,11 +11,7 @@ use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::threads;
-
-/// How long [`start_shards`] waits for an executor's first task before it sends the executor's
-/// thread a wake-up signal (and again every such period, until `start_timeout`).
-const POKE_EVERY: Duration = Duration::from_millis(100);
+use crate::threads::{self, POKE_EVERY};
 
 /// A message to one shard from another thread or shard.
 pub enum Control<U> {
@@ -92,18 +88,22 @@ impl<U> ShardMesh<U> {
     /// the shard continuously), so call it from a plain thread, never from a shard. Returns the
     /// shards whose channel is gone.
     pub fn send_all(&self, msg: impl Fn() -> U) -> Vec<usize> {
-        (self.senders.iter().enumerate())
-            .filter(|(_, tx)| tx.send(Control::User(msg())).is_err())
-            .map(|(shard, _)| shard)
-            .collect()
+        self.broadcast(|| Control::User(msg()))
     }
 
     /// Asks every shard to drain. Blocks only if a control channel is full (it is drained by
     /// the shard continuously), so call it from a plain thread, never from a shard.
     pub fn drain_all(&self) {
-        for tx in &self.senders {
-            let _ = tx.send(Control::Drain);
-        }
+        self.broadcast(|| Control::Drain);
+    }
+
+    /// Sends `msg()` to every shard, waiting while a channel is full; the shards whose channel
+    /// is gone.
+    fn broadcast(&self, msg: impl Fn() -> Control<U>) -> Vec<usize> {
+        (self.senders.iter().enumerate())
+            .filter(|(_, tx)| tx.send(msg()).is_err())
+            .map(|(shard, _)| shard)
+            .collect()
     }
 }
 

@@ -19,6 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
+/// How long an executor may take to run its first task before its thread gets a wake-up
+/// signal (and again every such period).
+pub const POKE_EVERY: Duration = Duration::from_millis(100);
+
 /// The wake-up signal: ignored by default, so a stray one never hurts a process.
 const WAKE_SIGNAL: libc::c_int = libc::SIGURG;
 
@@ -58,7 +62,7 @@ pub fn poke_awake(name: &str) -> bool {
 }
 
 /// For executors started outside [`crate::start_shards`] (the bench's): from a plain thread,
-/// pokes the thread whose name starts with `name` every 100 ms until `started` is set (by the
+/// pokes the thread whose name starts with `name` every [`POKE_EVERY`] until `started` is set (by the
 /// executor's first task) or `limit` has passed.
 pub fn wake_until_started(name: String, started: Arc<AtomicBool>, limit: Duration) {
     install_wake_handler();
@@ -67,7 +71,7 @@ pub fn wake_until_started(name: String, started: Arc<AtomicBool>, limit: Duratio
         .spawn(move || {
             let t0 = Instant::now();
             while !started.load(Ordering::Acquire) && t0.elapsed() < limit {
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(POKE_EVERY);
                 if !started.load(Ordering::Acquire) {
                     poke_awake(&name);
                 }

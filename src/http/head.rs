@@ -8,12 +8,23 @@
 
 use futures_lite::{AsyncRead, AsyncReadExt};
 
-pub use crate::shard::drain::Readiness;
-
 /// Largest first head read (hyper's own buffer limit on this port is the same).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Most header lines parsed in a first head (hyper's default is 100).
 const MAX_HEADERS: usize = 100;
+
+/// What `/readyz` says of a shard: starting until every shard of the process listens (so a
+/// balancer's health check does not pass while the kernel can spread devices over only some of
+/// the shards), ready, then draining from the first drain step on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Not every shard has bound its ports yet.
+    Starting,
+    /// Takes new devices.
+    Ready,
+    /// Draining: the balancer should take the instance out of rotation.
+    Draining,
+}
 
 /// A health or readiness probe, answered even when the shard has no place free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,7 +31,8 @@ use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 
 pub use admission::{HttpAdmission, HttpCounters};
-use head::{FirstHead, Probe, Readiness};
+pub use head::Readiness;
+use head::{FirstHead, Probe};
 pub use ota::{OtaRequest, OtaSettings};
 
 use crate::front_door::rewind::Rewind;

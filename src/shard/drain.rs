@@ -15,23 +15,11 @@ use std::time::{Duration, Instant};
 use shards::Control;
 
 use super::{peers, Shard, ShardRequest};
+use crate::http::Readiness;
 use crate::session::SessionEvent;
 
 /// How long after the grace deadline a shard stops waiting for sessions (close handshakes).
 pub const HARD_STOP_AFTER: Duration = Duration::from_secs(2);
-
-/// What `/readyz` says of a shard: starting until every shard of the process listens (so a
-/// balancer's health check does not pass while the kernel can spread devices over only some of
-/// the shards), ready, then draining from the first drain step on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Readiness {
-    /// Not every shard has bound its ports yet.
-    Starting,
-    /// Takes new devices.
-    Ready,
-    /// Draining: the balancer should take the instance out of rotation.
-    Draining,
-}
 
 /// A shard's drain state: readiness for the balancer, the deadline once draining, and the
 /// waker of whoever waits for the last session.
